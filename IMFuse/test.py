@@ -1,0 +1,77 @@
+"""Evaluate an IM-Fuse checkpoint on the test list under all 15 scenarios (upstream ``IMFuse/test.py``).
+
+    python IMFuse/test.py --datapath <preprocessed> --dataname BRATS2023 --savepath <out> \
+        --resume <run>/model_last.pth --mamba_skip --interleaved_tokenization
+
+The architecture comes from the checkpoint (upstream always built ``IMFuse.IMFuse`` and could not load its own
+default training output); for upstream checkpoints it is inferred from the weights, and ``--interleaved_tokenization``
+(which has no weights) from the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from brats_core.cli import add_data_args, add_eval_args, add_runtime_args, check_scenarios, setup_logging
+from brats_core.scripts import model_from_checkpoint, test_from_args
+from brats_core.training import resolve_device
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The architecture of an upstream IM-Fuse state dict (which stores no config).
+
+    ``first_skip``: only ``IMFuse.IMFuse`` has the level-1 region fusion module ``decoder_fuse.RFM1``.
+    ``mamba_skip``: the level-2 RFM's first 1×1 conv reads C₂ channels with Mamba skips, 4·C₂ without.
+    ``patch_size``: the bottleneck fused-token table is (1, (P/16)³, C); widths from the transformer weights.
+    """
+    first_skip = any(k.startswith("decoder_fuse.RFM1.") for k in state_dict)
+    out_ch, in_ch = state_dict["decoder_fuse.RFM2.fusion_layer.0.conv.weight"].shape[:2]
+    mamba_skip = in_ch == out_ch
+    # the bottleneck MFB is the last entry of mamba_fusion_layers
+    last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("mamba_fusion_layers."))
+    tokens = state_dict[f"mamba_fusion_layers.{last}.fused_tokens"].shape[1]
+    side = round(tokens ** (1 / 3))
+    mlp_dim, width = state_dict["flair_transformer.cross_ffn_list.0.fn.fn.net.0.weight"].shape
+    return {
+        "first_skip": first_skip,
+        "mamba_skip": mamba_skip,
+        "patch_size": side * 16,
+        "transformer_dim": width,
+        "mlp_dim": mlp_dim,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="IMFuse/test.py", description=__doc__.splitlines()[0])
+    add_data_args(p, savepath_required=True)
+    p.add_argument("--resume", required=True, help="checkpoint (ours, or upstream's model_last.pth / best.pth)")
+    p.add_argument("--test_file", default=None, help="test list (default: <split_dir>/test15splits.csv)")
+    p.add_argument("--interleaved_tokenization", action="store_true")
+    p.add_argument("--mamba_skip", action="store_true")
+    p.add_argument("--first_skip", action="store_true")
+    p.add_argument("--batch_size", type=int, default=1, help="accepted as the upstream README passes it; unused")
+    p.add_argument("--no_progress", action="store_true")
+    add_eval_args(p)
+    add_runtime_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_scenarios(parser, args)
+    setup_logging(args.savepath, "test.txt")
+    flags = {"interleaved_tokenization": args.interleaved_tokenization}
+    # architecture flags only count when given: the checkpoint (or its weights) decides otherwise
+    flags |= {k: True for k in ("mamba_skip", "first_skip") if getattr(args, k)}
+    model, _ = model_from_checkpoint(args.resume, "imfuse", flags, infer_architecture, resolve_device(args.device))
+    test_from_args(args, model)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

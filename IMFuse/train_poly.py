@@ -1,0 +1,103 @@
+"""Train IM-Fuse (upstream ``IMFuse/train_poly.py``): RAdam, poly learning rate, the §1.5 loss and validation epochs.
+
+    python IMFuse/train_poly.py --datapath <preprocessed> --num_epochs 1000 --dataname BRATS2023 \
+        --savepath <run> --mamba_skip --interleaved_tokenization
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from brats_core.cli import add_data_args, add_runtime_args, add_train_args, setup_logging
+from brats_core.registry import build_method
+from brats_core.scripts import train_from_args
+from brats_core.training import PolyLR, seed_everything
+from brats_core.transforms import rfnet_augmentation
+from IMFuse.losses import IMFuseLoss
+
+log = logging.getLogger("IMFuse.train_poly")
+
+
+def upstream_val_epochs(num_epochs: int) -> list[int]:
+    """Upstream's validation epochs (1-based): every 50 up to 200, every 100 up to 800, 850, 900, every 10 up to 950,
+    then every 5 (50, 100, 150, 200, 300, …, 800, 850, 900, 910, …, 950, 955, …, 1000 for 1000 epochs)."""
+
+    def due(e: int) -> bool:
+        step = 50 if e <= 200 else 100 if e <= 800 else 50 if e <= 900 else 10 if e <= 950 else 5
+        return e % step == 0
+
+    return [e for e in range(1, num_epochs + 1) if due(e)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="IMFuse/train_poly.py", description=__doc__.splitlines()[0])
+    add_data_args(p, savepath_required=True)
+    add_train_args(p, batch_size=1, lr=2e-4, weight_decay=3e-5, num_epochs=1000, seed=999)
+    add_runtime_args(p)
+    g = p.add_argument_group("IM-Fuse")
+    g.add_argument("--mamba_skip", action="store_true", help="fuse the skip connections with Mamba fusion blocks")
+    g.add_argument(
+        "--interleaved_tokenization", action="store_true", help="I-MFB: interleave the 5 tokens per position"
+    )
+    g.add_argument(
+        "--first_skip",
+        action="store_true",
+        help="train upstream's IMFuse.IMFuse (level-1 skip) instead of the default IMFuse_no1skip.Model",
+    )
+    g.add_argument("--region_fusion_start_epoch", type=int, default=0, help="epoch from which the fused loss counts")
+    g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests/demo)")
+    g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
+    g.add_argument("--debug", action="store_true", help="validate after every epoch")
+    g.add_argument("--val_every", type=int, default=None, help="validate every N epochs instead of upstream's schedule")
+    g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.savepath, "train.txt")
+    if args.pretrain:
+        log.warning("--pretrain is accepted for compatibility but unused, as upstream")
+    seed_everything(args.seed)
+    overrides = {
+        "first_skip": args.first_skip,
+        "mamba_skip": args.mamba_skip,
+        "interleaved_tokenization": args.interleaved_tokenization,
+    }
+    if args.patch_size:
+        overrides["patch_size"] = args.patch_size
+    model = build_method("imfuse", args.preset, **overrides)
+    optimizer = torch.optim.RAdam(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay
+    )
+    if args.debug:
+        val_epochs = list(range(1, args.num_epochs + 1))
+    elif args.val_every:
+        val_epochs = list(range(args.val_every, args.num_epochs + 1, args.val_every))
+    else:
+        val_epochs = upstream_val_epochs(args.num_epochs)
+    result = train_from_args(
+        args,
+        model,
+        IMFuseLoss(args.region_fusion_start_epoch, args.reference_quirks),
+        optimizer,
+        transform=rfnet_augmentation(model.patch_size, reference_quirks=args.reference_quirks),
+        scheduler=PolyLR(optimizer, args.num_epochs),
+        val_epochs=val_epochs,
+    )
+    log.info(
+        "done: %d steps, last checkpoint %s, best validation mean Dice %.4f",
+        result.global_step,
+        result.last_checkpoint,
+        result.best_score,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

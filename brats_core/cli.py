@@ -1,0 +1,129 @@
+"""Shared command-line argument groups.
+
+Upstream's snake_case flags (``--datapath --dataname --savepath --resume --batch_size --num_epochs --lr
+--weight_decay --seed --iter_per_epoch``) keep their names and meaning; each method script sets its own defaults.
+Added for every method: ``--device``, ``--workers``, ``--amp``, ``--split_dir``, ``--max_steps`` and
+``--reference-quirks``. Nothing here is a hard-coded path: defaults are relative to ``--datapath``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from .modalities import parse_scenarios
+
+
+def add_data_args(parser: argparse.ArgumentParser, savepath_required: bool = False) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--datapath", required=True, help="preprocessed data folder (vol/, seg/, meta/ from preprocess.py)")
+    g.add_argument(
+        "--dataname",
+        default="BRATS2023",
+        help="data set name, recorded in the checkpoint (upstream needed BRATS2023 to pick its lists)",
+    )
+    g.add_argument(
+        "--split_dir",
+        default=None,
+        help="folder with train.txt, val15splits.csv, test15splits.csv (default: <datapath>/splits)",
+    )
+    g.add_argument("--savepath", required=savepath_required, default=None, help="output folder")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA when available")
+    g.add_argument("--workers", "--num_workers", dest="workers", type=int, default=4, help="data-loader workers")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (Mamba blocks stay fp32)")
+    g.add_argument(
+        "--reference-quirks",
+        "--reference_quirks",
+        dest="reference_quirks",
+        action="store_true",
+        help="reproduce upstream's number-changing quirks (see the method README)",
+    )
+
+
+def add_train_args(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    num_epochs: int,
+    seed: int = 999,
+    iter_per_epoch: int | None = None,
+) -> None:
+    """The training flags, with the method's upstream defaults."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch_size", "-batch_size", type=int, default=batch_size)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight_decay", type=float, default=weight_decay)
+    g.add_argument("--num_epochs", type=int, default=num_epochs)
+    g.add_argument(
+        "--iter_per_epoch",
+        type=int,
+        default=iter_per_epoch,
+        help="optimiser steps per epoch (default: the number of training cases, as upstream)",
+    )
+    g.add_argument("--seed", type=int, default=seed)
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (ours or upstream's)")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation")
+    g.add_argument(
+        "--scenarios",
+        default="all",
+        help="'all' or a comma list of names (flair+t1ce), bit strings (1100) or indices 1-15",
+    )
+    g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (paper: 0.5)")
+    g.add_argument(
+        "--blend", default="uniform", choices=["uniform", "gaussian"], help="window blending (paper: uniform)"
+    )
+    g.add_argument("--tta", action="store_true", help="average over the 8 flips (not in the paper protocol)")
+    g.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass")
+    g.add_argument(
+        "--no_encode_once",
+        action="store_true",
+        help="run 15 independent passes instead of encoding each window once (identical results)",
+    )
+    g.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
+    g.add_argument(
+        "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original image geometry"
+    )
+
+
+def split_dir(args: argparse.Namespace) -> Path:
+    return Path(args.split_dir) if args.split_dir else Path(args.datapath) / "splits"
+
+
+def check_scenarios(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        args.scenario_list = parse_scenarios(args.scenarios)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def args_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """Arguments as plain JSON/``weights_only``-safe values (for checkpoints)."""
+    out: dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if isinstance(v, bool | int | float | str) or v is None:
+            out[k] = v
+        elif isinstance(v, Path):
+            out[k] = str(v)
+    return out
+
+
+def setup_logging(savepath: str | Path | None = None, name: str = "log.txt") -> None:
+    """Log to stderr and, when given, to ``<savepath>/<name>``."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if savepath is not None:
+        Path(savepath).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(savepath) / name))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)

@@ -1,0 +1,253 @@
+"""The paper's evaluation protocol for any registered model (METHODS.md §0.9).
+
+Every test case × every selected scenario: sliding window (window = patch, overlap 0.5, uniform blending), argmax
+(or nested regions for sigmoid methods), per-case Dice WT/TC/ET on the preprocessed crop (ε = 1e-8, empty/empty =
+1), ETpp (ET < 500 voxels dropped), plus HD95. Outputs in ``out_dir``:
+
+- ``per_case_<tag>.csv``: one row per (case, scenario); ``<tag>`` is ``all`` or the selected scenarios' bits, so
+  array jobs over scenario subsets can share a folder; finished rows are skipped when re-run;
+- ``summary.csv`` / ``summary.md`` / ``summary.json``: 15 rows (upstream order) + mean, merged over all shards;
+- optionally ``predictions/<case>_<bits>.nii.gz`` in the original image geometry (from the preprocessing meta).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import check_cases, load_case
+from .inference import outputs_to_labels, predict_scenarios
+from .metrics import case_scores
+from .modalities import SCENARIOS, Mask, Scenario
+from .registry import SegModel
+
+log = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp", "HD95_WT", "HD95_TC", "HD95_ET")
+DICE_KEYS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp")
+
+
+@dataclass
+class EvalOptions:
+    overlap: float = 0.5
+    blend: str = "uniform"
+    tta: bool = False
+    sw_batch_size: int = 1
+    amp: bool = False
+    use_encode: bool = True
+    hd95: bool = True
+    etpp_threshold: int = 500
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: object) -> EvalOptions:
+        """From the flags of ``cli.add_eval_args`` (+ ``--amp``)."""
+        return cls(
+            overlap=args.overlap, blend=args.blend, tta=args.tta, sw_batch_size=args.sw_batch_size,
+            amp=getattr(args, "amp", False), use_encode=not args.no_encode_once, hd95=not args.no_hd95,
+            progress=not getattr(args, "no_progress", False),
+        )  # fmt: skip
+
+
+def segment(
+    model: SegModel, image: torch.Tensor, masks: Sequence[Mask], options: EvalOptions, device: torch.device
+) -> torch.Tensor:
+    """Label maps of one volume under several scenarios.
+
+    Args:
+        model: eval-mode model.
+        image: ``(4, H, W, D)`` float32.
+        masks: canonical masks, one per output.
+
+    Returns:
+        ``(S, H, W, D)`` uint8 BraTS labels on the CPU.
+    """
+    x = image.unsqueeze(0).to(device)
+    blended = predict_scenarios(
+        model, x, masks, overlap=options.overlap, blend=options.blend, sw_batch_size=options.sw_batch_size,
+        tta=options.tta, amp=options.amp, use_encode=options.use_encode,
+    )  # fmt: skip
+    return torch.stack(
+        [outputs_to_labels(b, model.output_kind, model.region_order).to(torch.uint8).cpu() for b in blended]
+    )
+
+
+def validate(
+    model: SegModel, root: str | Path, rows: Sequence[tuple[str, Mask]], options: EvalOptions, device: torch.device
+) -> dict[str, float]:
+    """Mean scores over cases, each under its own split-file mask (upstream's validation during training).
+
+    Returns:
+        ``WT, TC, ET, ETpp`` means and ``mean_dice`` = (WT + TC + ET) / 3, the best-checkpoint criterion.
+    """
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[float]] = {k: [] for k in DICE_KEYS}
+    try:
+        for case, mask in tqdm(rows, desc="validation", disable=not options.progress, leave=False):
+            image, label = load_case(root, case)
+            pred = segment(model, torch.from_numpy(image), [mask], options, device)[0].numpy()
+            s = case_scores(pred, label, etpp_threshold=options.etpp_threshold, hd95=False)
+            for k in DICE_KEYS:
+                scores[k].append(s[k])
+    finally:
+        model.train(was_training)
+    out = {k: float(np.mean(v)) for k, v in scores.items()}
+    out["mean_dice"] = (out["WT"] + out["TC"] + out["ET"]) / 3
+    return out
+
+
+def _tag(scenarios: Sequence[Scenario]) -> str:
+    return "all" if len(scenarios) == len(SCENARIOS) else "-".join(s.bits for s in scenarios)
+
+
+def _atomic_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, object]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(header), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+PER_CASE_HEADER = ("case", "scenario", "bits", *METRICS, "seconds")
+
+
+def evaluate(
+    model: SegModel,
+    root: str | Path,
+    cases: Sequence[str],
+    out_dir: str | Path,
+    scenarios: Sequence[Scenario] = SCENARIOS,
+    options: EvalOptions | None = None,
+    device: torch.device | str = "cpu",
+    save_nifti: bool = False,
+) -> list[dict[str, str]]:
+    """Score ``cases`` under every scenario; resumable and shard-friendly (see the module docstring).
+
+    Returns:
+        The summary rows (also written to ``summary.*``).
+    """
+    options = options or EvalOptions()
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_cases(root, cases)
+    per_case = out / f"per_case_{_tag(scenarios)}.csv"
+    rows = _read_rows(per_case) if per_case.is_file() else []
+    done = {(r["case"], r["scenario"]) for r in rows}
+    model.eval()
+    for case in tqdm(cases, desc="cases", disable=not options.progress):
+        todo = [s for s in scenarios if (case, s.name) not in done]
+        if not todo:
+            continue
+        t0 = time.time()
+        image, label = load_case(root, case)
+        preds = segment(model, torch.from_numpy(image), [s.mask for s in todo], options, device)
+        seconds = (time.time() - t0) / len(todo)
+        for s, pred in zip(todo, preds, strict=True):
+            scores = case_scores(pred.numpy(), label, etpp_threshold=options.etpp_threshold, hd95=options.hd95)
+            rows.append(
+                {
+                    "case": case,
+                    "scenario": s.name,
+                    "bits": s.bits,
+                    "seconds": f"{seconds:.2f}",
+                    **{k: f"{scores[k]:.6f}" for k in METRICS if k in scores},
+                }
+            )
+            if save_nifti:
+                _save_prediction(root, case, s, pred.numpy(), out / "predictions")
+        _atomic_csv(per_case, PER_CASE_HEADER, rows)
+    return summarize(out)
+
+
+def _save_prediction(root: str | Path, case: str, scenario: Scenario, pred: np.ndarray, out: Path) -> None:
+    """Write one label map in the original geometry of the case (uncropped; source affine and header)."""
+    from .preprocessing import write_label_original_geometry
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_label_original_geometry(pred, root, case, out / f"{case}_{scenario.bits}.nii.gz")
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def summarize(out_dir: str | Path) -> list[dict[str, str]]:
+    """Merge every ``per_case_*.csv`` in ``out_dir`` into ``summary.csv``, ``summary.md`` and ``summary.json``.
+
+    Rows: the scenarios present, in upstream order, each the mean over its cases, then ``mean`` over scenarios.
+    """
+    out = Path(out_dir)
+    merged: dict[tuple[str, str], dict[str, str]] = {}
+    for path in sorted(out.glob("per_case_*.csv")):
+        for r in _read_rows(path):
+            merged[(r["case"], r["scenario"])] = r
+    by_scenario: dict[str, list[dict[str, str]]] = {}
+    for r in merged.values():
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    metrics = [m for m in METRICS if any(r.get(m) not in (None, "") for r in merged.values())]
+    summary: list[dict[str, str]] = []
+    for s in SCENARIOS:
+        if s.name not in by_scenario:
+            continue
+        rs = by_scenario[s.name]
+        summary.append(
+            {
+                "scenario": s.name,
+                "display": s.display,
+                "bits": s.bits,
+                "cases": str(len(rs)),
+                **{m: f"{_mean([float(r[m]) for r in rs if r.get(m)]):.4f}" for m in metrics},
+            }
+        )
+    if summary:
+        summary.append(
+            {
+                "scenario": "mean",
+                "display": "Mean",
+                "bits": "",
+                "cases": str(len({c for c, _ in merged})),
+                **{m: f"{_mean([float(r[m]) for r in summary]):.4f}" for m in metrics},
+            }
+        )
+    header = ("scenario", "display", "bits", "cases", *metrics)
+    _atomic_csv(out / "summary.csv", header, summary)
+    md = ["| Scenario | Cases | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+    md += [f"| {r['display']} | {r['cases']} | " + " | ".join(r[m] for m in metrics) + " |" for r in summary]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_table(summary: Sequence[Mapping[str, str]]) -> str:
+    """The summary as a fixed-width text table for the terminal."""
+    if not summary:
+        return "(no results)"
+    metrics = [k for k in METRICS if k in summary[0]]
+    lines = [f"{'scenario':<26}" + "".join(f"{m:>9}" for m in metrics)]
+    lines += [f"{r['display']:<26}" + "".join(f"{float(r[m]):>9.4f}" for m in metrics) for r in summary]
+    return "\n".join(lines)

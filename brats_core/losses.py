@@ -1,0 +1,209 @@
+"""Segmentation losses shared by several methods (METHODS.md §0.7 and the region losses of §6.4, §7.3, §8.3).
+
+The RFNet-family losses (IM-Fuse, mmFormer, RobustSeg, SFusion, U-HVED) take class PROBABILITIES ``(B, C, ...)``
+(after softmax) and a one-hot target of the same shape; they are exactly the formulas of §0.7. An integer label map
+``(B, ...)`` is accepted too and is one-hot encoded with the strict :func:`one_hot`.
+
+Upstream builds its one-hot targets as ``eye(C)[label]``, so the label value −1 that its rotation augmentation writes
+outside the rotated cube becomes the LAST class (ET) — see METHODS.md §0.5. :func:`one_hot_upstream` reproduces that
+for the ``--reference-quirks`` path; :func:`one_hot` rejects such labels.
+
+The region-based methods (M3AE, ShaSpec, MaM) use soft Dice on sigmoid outputs plus binary cross-entropy on region
+targets; :func:`region_dice_bce` covers all three through its options, and each method folder wraps it with its own
+weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Upstream clamps probabilities before the log so that a confidently wrong voxel costs at most −log(0.005).
+PROB_CLAMP_MIN = 0.005
+
+
+def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One-hot encode an integer label map, rejecting values outside ``[0, num_classes)``.
+
+    Args:
+        label: integer labels ``(B, ...)``.
+        num_classes: number of classes C.
+
+    Returns:
+        float32 ``(B, C, ...)``.
+
+    Raises:
+        ValueError: a label is negative or ≥ ``num_classes`` (e.g. upstream's −1 rotation fill; use
+            :func:`one_hot_upstream` to reproduce upstream's handling of it).
+    """
+    _check_integer(label)
+    if label.numel() and (int(label.min()) < 0 or int(label.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in [{int(label.min())}, {int(label.max())}]; "
+            "for upstream's -1 fill use one_hot_upstream()"
+        )
+    return F.one_hot(label.long(), num_classes).movedim(-1, 1).float()
+
+
+def one_hot_upstream(label: torch.Tensor, num_classes: int = 4) -> torch.Tensor:
+    """One-hot encode like upstream's ``eye(num_classes)[label]`` (the ``--reference-quirks`` behaviour).
+
+    Row-indexing an identity matrix wraps negative indices, so −1 (upstream's label fill outside a rotated patch)
+    becomes the LAST class — ET for BraTS — and −k becomes class ``num_classes − k``. Values outside
+    ``[−num_classes, num_classes)`` are rejected, as the indexing would fail upstream too.
+
+    Args:
+        label: integer labels ``(B, ...)``.
+        num_classes: number of classes C.
+
+    Returns:
+        float32 ``(B, C, ...)``.
+    """
+    _check_integer(label)
+    if label.numel() and (int(label.min()) < -num_classes or int(label.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [-{num_classes}, {num_classes}) for eye({num_classes}) indexing, "
+            f"got values in [{int(label.min())}, {int(label.max())}]"
+        )
+    return one_hot(torch.remainder(label.long(), num_classes), num_classes)
+
+
+def softmax_weighted_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Class-balanced cross-entropy on probabilities (upstream ``softmax_weighted_loss``).
+
+    ``w_bc = 1 − Σ_xyz t_bc / (Σ_c Σ_xyz t_bc + eps)`` and
+    ``L = mean_{b,xyz} Σ_c −w_bc · t_bc · log(clamp(p_bc, 0.005, 1))``.
+
+    Args:
+        probs: class probabilities ``(B, C, ...)``.
+        target: one-hot target ``(B, C, ...)`` or integer labels ``(B, ...)``.
+        eps: added to the weight's denominator; 0 for IM-Fuse/mmFormer, 1e-8 for RobustSeg/SFusion/U-HVED.
+
+    Returns:
+        scalar loss.
+    """
+    probs, target = _probs_and_target(probs, target)
+    space = tuple(range(2, probs.dim()))
+    per_class = target.sum(dim=space)  # (B, C)
+    weight = 1.0 - per_class / (per_class.sum(dim=1, keepdim=True) + eps)
+    weight = weight.reshape(*weight.shape, *([1] * len(space)))
+    return _cross_entropy(probs, target, weight)
+
+
+def softmax_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unweighted cross-entropy on probabilities (upstream ``softmax_loss``, used by U-HVED).
+
+    ``L = mean_{b,xyz} Σ_c −t_bc · log(clamp(p_bc, 0.005, 1))``.
+
+    Args:
+        probs: class probabilities ``(B, C, ...)``.
+        target: one-hot target ``(B, C, ...)`` or integer labels ``(B, ...)``.
+
+    Returns:
+        scalar loss.
+    """
+    probs, target = _probs_and_target(probs, target)
+    return _cross_entropy(probs, target, None)
+
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Soft Dice on probabilities over the whole batch and space, background included (upstream ``dice_loss``).
+
+    ``L = 1 − (1/C) Σ_c 2 Σ(p_c t_c) / (Σ p_c + Σ t_c + eps)``, sums over batch and space.
+
+    Args:
+        probs: class probabilities ``(B, C, ...)``.
+        target: one-hot target ``(B, C, ...)`` or integer labels ``(B, ...)``.
+        eps: added to each class's denominator.
+
+    Returns:
+        scalar loss.
+    """
+    probs, target = _probs_and_target(probs, target)
+    dims = (0, *range(2, probs.dim()))
+    intersection = (probs * target).sum(dim=dims)
+    denominator = probs.sum(dim=dims) + target.sum(dim=dims) + eps
+    return 1.0 - (2.0 * intersection / denominator).mean()
+
+
+def region_dice_bce(
+    logits: torch.Tensor,
+    region_target: torch.Tensor,
+    *,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    smooth: float = 1.0,
+    smooth_numerator: bool = True,
+    squared: bool = False,
+    batch_dice: bool = True,
+) -> torch.Tensor:
+    """Soft Dice on sigmoid outputs plus binary cross-entropy with logits, for region (WT/TC/ET) heads.
+
+    With ``s = sigmoid(logits)``, target ``y`` and ``q = 2`` if ``squared`` else ``1``, per region channel r::
+
+        D_r = (2 Σ s·y + smooth·[smooth_numerator]) / (Σ s^q + Σ y^q + smooth)
+        L   = dice_weight · (1 − mean D) + bce_weight · mean_{b,r,xyz} BCEWithLogits(logits, y)
+
+    The sums run over batch and space when ``batch_dice`` (one D per region, then the mean over regions), otherwise
+    over space only (one D per sample and region, then the mean over both). The defaults (smooth 1 in numerator and
+    denominator, not squared, batch Dice, weights 1/1) are this project's generic choice. Method folders wrap this
+    function with their upstream settings:
+
+    - M3AE EDice (§6.4): ``dice_weight=0.7, bce_weight=0.3, squared=True``; upstream applies ``BCELoss`` to
+      ``sigmoid(logits)``, which equals BCE with logits apart from ``BCELoss``'s log clamp at −100.
+    - ShaSpec (§7.3): ``smooth_numerator=False, batch_dice=False, bce_weight=3.0`` (upstream SUMS the per-channel
+      mean BCE over the 3 regions).
+    - MaM / nnU-Net DC+BCE (§8.3): ``smooth=1e-5, batch_dice=False``; nnU-Net adds ``−D`` instead of ``1 − D``,
+      a constant offset that leaves the gradients unchanged.
+
+    Args:
+        logits: region logits ``(B, R, ...)``.
+        region_target: binary region masks ``(B, R, ...)`` (bool or float) in the channel order of ``logits``.
+        dice_weight: weight of the Dice term.
+        bce_weight: weight of the BCE term.
+        smooth: smoothing added to the Dice denominator (and numerator, see ``smooth_numerator``).
+        smooth_numerator: also add ``smooth`` to the Dice numerator.
+        squared: square ``s`` and ``y`` in the Dice denominator.
+        batch_dice: sum over the batch too (one Dice per region) instead of one Dice per sample and region.
+
+    Returns:
+        scalar loss.
+    """
+    if logits.shape != region_target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and region_target {tuple(region_target.shape)} differ")
+    logits = logits.float()
+    target = region_target.float()
+    probs = torch.sigmoid(logits)
+    dims = (0, *range(2, logits.dim())) if batch_dice else tuple(range(2, logits.dim()))
+    power = 2 if squared else 1
+    numerator = 2.0 * (probs * target).sum(dim=dims) + (smooth if smooth_numerator else 0.0)
+    denominator = probs.pow(power).sum(dim=dims) + target.pow(power).sum(dim=dims) + smooth
+    dice_term = 1.0 - (numerator / denominator).mean()
+    bce_term = F.binary_cross_entropy_with_logits(logits, target)
+    return dice_weight * dice_term + bce_weight * bce_term
+
+
+def _check_integer(label: torch.Tensor) -> None:
+    if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {label.dtype}")
+
+
+def _probs_and_target(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes, one-hot encode an integer ``target`` and compute in float32 (AMP outputs may be fp16)."""
+    if probs.dim() < 3:
+        raise ValueError(f"probs must be (B, C, ...), got shape {tuple(probs.shape)}")
+    if not target.is_floating_point() and target.dim() == probs.dim() - 1:
+        target = one_hot(target, probs.shape[1])
+    if target.shape != probs.shape:
+        raise ValueError(
+            f"target {tuple(target.shape)} must be one-hot like probs {tuple(probs.shape)} or labels (B, ...)"
+        )
+    return probs.float(), target.float()
+
+
+def _cross_entropy(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``mean_{b,xyz} Σ_c −[w] t log(clamp(p))`` shared by the weighted and unweighted losses."""
+    loss = -target * torch.log(probs.clamp(PROB_CLAMP_MIN, 1.0))
+    if weight is not None:
+        loss = weight * loss
+    return loss.sum(dim=1).mean()

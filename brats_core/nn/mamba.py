@@ -1,0 +1,992 @@
+"""Mamba-1 block, parameter- and state-dict-compatible with ``mamba_ssm.Mamba`` (mamba-ssm 2.3), with CPU/GPU scans.
+
+IM-Fuse fuses modality tokens with ``mamba_ssm.Mamba``, whose selective scan only exists as a CUDA extension that
+cannot be installed on CPU machines (and rarely on an offline GPU box). This module re-implements the block exactly
+(``shared/spec/MAMBA.md`` §1.3: same constructor, parameter names, shapes, registration order, initialisation and
+forward semantics) and routes the selective scan through one entry point, :func:`selective_scan`, with backends:
+
+* ``"mamba_ssm"`` – mamba-ssm's fused CUDA kernels, used only when the package imports *and* the tensors are on CUDA;
+  any failure falls back (with one warning) to the next backend.
+* ``"chunked"`` – pure PyTorch, exact, memory-bounded: a chunked reduce-then-scan forward that keeps only per-chunk
+  carry states, and a block-recompute backward (:class:`ChunkedSelectiveScanFn`). CPU default and CUDA fallback.
+* ``"reference"`` – a plain sequential loop under autograd, dtype-generic (fp64 ground truth for tests; slow).
+
+Backends live in a registry (:func:`register_backend`), so a Triton kernel can be added later under the same entry
+point. Selection: explicit ``backend`` argument > environment variable ``BRATS_MAMBA_BACKEND`` > ``"auto"`` (the
+usable registered backend with the lowest ``auto_priority``: mamba_ssm on CUDA tensors, else chunked).
+
+Scan layout (mamba-ssm's ``selective_scan_fn``): ``u, delta, z: (b, d, L)``; ``A: (d, n)``; ``B, C: (b, n, L)``;
+``D, delta_bias: (d,)``; output ``(b, d, L)``; optional last state ``(b, d, n)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ENV_BACKEND",
+    "ChunkedSelectiveScanFn",
+    "Mamba",
+    "ScanBackend",
+    "available_backends",
+    "register_backend",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_BACKEND = "BRATS_MAMBA_BACKEND"
+
+# mamba-ssm's kernel softplus: x <= 20 ? log1p(exp(x)) : x, i.e. F.softplus's default threshold.
+_SOFTPLUS_THRESHOLD = 20.0
+
+# State elements advanced per Python step by the chunked scan: large enough that per-op dispatch overhead is
+# negligible, small enough that a (b, chunks, d, n) state stays cache-resident. MAMBA.md §3.1 swept 2^14…2^22 on CPU
+# (2^18–2^20 best); on GPU larger steps amortise kernel launches.
+_STEP_ELEMS_CPU = 1 << 18
+_STEP_ELEMS_CUDA = 1 << 22
+_LOG2E = math.log2(math.e)
+# Chunks shorter than this make the per-chunk reduction and carry pass dominate; only tests ask for less.
+_MIN_AUTO_CHUNK_LEN = 16
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend registry and the single entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+ScanFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ScanBackend:
+    """A selective-scan implementation behind :func:`selective_scan`.
+
+    Attributes:
+        name: Registry key (the value of ``backend=`` / ``BRATS_MAMBA_BACKEND``).
+        fn: Callable with the signature ``fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+            chunk_size)`` and the layout described in the module docstring; returns ``out`` or ``(out, last_state)``.
+        is_usable: ``is_usable(device) -> bool``; whether the backend can run on tensors of that device right now
+            (e.g. its package imports). Must be cheap after the first call (cache probes).
+        auto_priority: Order for ``"auto"`` (lower first); ``None`` = only used when named explicitly.
+    """
+
+    name: str
+    fn: ScanFn
+    is_usable: Callable[[torch.device], bool]
+    auto_priority: int | None = None
+
+
+_BACKENDS: dict[str, ScanBackend] = {}
+
+
+def register_backend(
+    name: str,
+    fn: ScanFn,
+    is_usable: Callable[[torch.device], bool],
+    auto_priority: int | None = None,
+) -> None:
+    """Register (or replace) a selective-scan backend; see :class:`ScanBackend` for the contract.
+
+    A future Triton backend would register itself with an ``auto_priority`` between ``mamba_ssm`` (0) and ``chunked``
+    (100) and an ``is_usable`` that checks for CUDA tensors and a cached one-time probe compile.
+    """
+    if name == "auto":
+        raise ValueError("'auto' is reserved for automatic selection")
+    _BACKENDS[name] = ScanBackend(name, fn, is_usable, auto_priority)
+
+
+def available_backends() -> list[str]:
+    """Names of all registered backends (usable or not), in registration order."""
+    return list(_BACKENDS)
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    Args:
+        backend: Explicit choice; ``None`` or ``"auto"`` defers to ``BRATS_MAMBA_BACKEND``, then to automatic
+            selection.
+        device: Device of the scan inputs.
+
+    Returns:
+        The registry name of a backend usable on ``device``. A named backend that is not usable there (e.g.
+        ``mamba_ssm`` on CPU) falls back to automatic selection with a one-time warning.
+
+    Raises:
+        ValueError: Unknown backend name.
+    """
+    device = torch.device(device)
+    requested = backend if backend not in (None, "auto") else os.environ.get(ENV_BACKEND, "").strip() or "auto"
+    if requested != "auto":
+        if requested not in _BACKENDS:
+            raise ValueError(f"unknown Mamba scan backend {requested!r}; registered: {available_backends()}")
+        if _BACKENDS[requested].is_usable(device):
+            return requested
+        _warn_once(
+            f"unusable:{requested}:{device.type}",
+            f"Mamba scan backend {requested!r} is not usable on {device.type} tensors; falling back to 'auto'",
+        )
+    candidates = sorted(
+        (b for b in _BACKENDS.values() if b.auto_priority is not None), key=lambda b: b.auto_priority or 0
+    )
+    for cand in candidates:
+        if cand.is_usable(device):
+            return cand.name
+    raise RuntimeError(f"no Mamba scan backend is usable on {device}")
+
+
+def _check_scan_shapes(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (b, d, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, d, L = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (d={d}, n); got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (b, n, L):
+            raise ValueError(
+                f"{name} must be (b, n, L) = {(b, n, L)} (input-dependent, one group); got {tuple(t.shape)}"
+            )
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must be (b, d, L) like u; got {tuple(z.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (d,):
+            raise ValueError(f"{name} must be (d,) = ({d},); got {tuple(t.shape)}")
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    return_last_state: bool = False,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1 selective scan (``selective_scan_fn`` semantics), dispatched to a backend.
+
+    Per batch ``b``, channel ``d`` and state ``n`` (``h_{-1} = 0``)::
+
+        dt_t = softplus(delta_t + delta_bias)        (threshold 20; skipped when delta_softplus is False)
+        h_t  = exp(dt_t · A) ⊙ h_{t-1} + dt_t · B_t · u_t
+        y_t  = Σ_n C_t[n] · h_t[n] + D · u_t
+        out  = y ⊙ silu(z)                            (when z is given)
+
+    Note: unlike mamba-ssm's ``selective_scan_fn`` (default ``False``), ``delta_softplus`` defaults to ``True`` here,
+    which is what every Mamba block passes.
+
+    Args:
+        u: (b, d, L) input.
+        delta: (b, d, L) time-step pre-activation (``dt_proj.weight @ dt``, bias not yet added).
+        A: (d, n) state matrix (negative real, ``-exp(A_log)``).
+        B: (b, n, L) input-dependent input matrix.
+        C: (b, n, L) input-dependent output matrix.
+        D: (d,) skip connection, or None.
+        z: (b, d, L) gate, or None.
+        delta_bias: (d,) added to ``delta`` before the softplus, or None.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+        return_last_state: Also return ``h_{L-1}``.
+        backend: Backend name; ``None``/``"auto"`` → ``BRATS_MAMBA_BACKEND`` → automatic (see :func:`resolve_backend`).
+        chunk_size: Chunk length of the chunked backend (``None`` = automatic); ignored by the other backends.
+
+    Returns:
+        ``out`` (b, d, L) in ``u``'s dtype, or ``(out, last_state)`` with ``last_state`` (b, d, n) in the compute
+        dtype (fp32 for half inputs, else the promoted input dtype).
+    """
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    return _BACKENDS[name].fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    # The scan state is kept in at least fp32 (as the CUDA kernel does); fp64 inputs stay fp64 for exact tests.
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "reference": sequential loop under autograd
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    return_last_state: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sequential selective scan under plain autograd; the ground truth for tests (use fp64 inputs).
+
+    Same arguments, shapes and semantics as :func:`selective_scan` (``chunk_size`` is ignored). Stores one
+    (b, d, n) state per step for backward, i.e. O(L·d·n) memory: tiny shapes only.
+    """
+    del chunk_size
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    uc, dc, Ac, Bc, Cc = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        dc = dc + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dc = F.softplus(dc, threshold=_SOFTPLUS_THRESHOLD)
+    b, d, L = u.shape
+    h = uc.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(L):
+        dt = dc[:, :, t, None]
+        h = torch.exp(dt * Ac) * h + (dt * uc[:, :, t, None]) * Bc[:, None, :, t]
+        ys.append((h * Cc[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + uc * D.to(dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "chunked": memory-bounded exact scan as an autograd Function
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the chunked scan cuts the sequence: ``nc`` chunks of ``T`` steps (``nc·T ≥ L``, zero-padded at the end),
+    backward recompute blocks of ``K`` steps (``ceil(T/K)`` checkpoints per chunk)."""
+
+    nc: int
+    T: int
+    K: int
+
+
+def _plan(b: int, d: int, n: int, L: int, device: torch.device, chunk_size: int | None) -> _Plan:
+    if chunk_size is None:
+        step_elems = _STEP_ELEMS_CUDA if device.type == "cuda" else _STEP_ELEMS_CPU
+        nc = max(1, min(step_elems // (b * d * n), L // _MIN_AUTO_CHUNK_LEN))
+        T = math.ceil(L / nc)
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        T = min(chunk_size, L)
+    nc = math.ceil(L / T)
+    # √T-sized recompute blocks minimise the backward's (T/K checkpoints + K block states) working set.
+    K = max(1, math.isqrt(T))
+    return _Plan(nc, T, K)
+
+
+def _to_chunks(x: Tensor, T: int, nc: int, dtype: torch.dtype) -> Tensor:
+    """(b, c, L) with any strides → contiguous time-major (T, b, nc, c), chunk k = positions [k·T, (k+1)·T),
+    zero-padded after L. Time-major makes every step's slice one contiguous (b, nc, c) block."""
+    b, c, L = x.shape
+    out = torch.empty(T, b, nc, c, dtype=dtype, device=x.device)
+    view = out.permute(1, 2, 0, 3)  # (b, nc, T, c) view into out
+    xt = x.transpose(1, 2)  # (b, L, c)
+    full = L // T
+    if full:
+        view[:, :full].copy_(xt[:, : full * T].reshape(b, full, T, c))
+    rem = L - full * T
+    if rem:
+        view[:, full, :rem].copy_(xt[:, full * T :])
+        view[:, full, rem:].zero_()
+    return out
+
+
+def _zero_padding(xc: Tensor, L: int) -> None:
+    """Zero the padded tail positions (≥ L) of a time-major (T, b, nc, c) buffer in place."""
+    T, _, nc, _ = xc.shape
+    rem = L - (nc - 1) * T
+    if rem < T:
+        xc[rem:, :, nc - 1].zero_()
+
+
+def _from_chunks(xc: Tensor, L: int) -> Tensor:
+    """Time-major (T, b, nc, c) → contiguous (b, L, c)."""
+    T, b, nc, c = xc.shape
+    return xc.permute(1, 2, 0, 3).reshape(b, nc * T, c)[:, :L].contiguous()
+
+
+def _rowdot(h: Tensor, v: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """``out[..., i] = Σ_j h[..., i, j] · v[..., j]`` for h (b, nc, i, j), v (b, nc, j), out (b, nc, i).
+
+    A single matrix-vector product is fastest for one batch; for many small ones CPU batched GEMV is ~3× slower than
+    a broadcast multiply (into ``scratch``, shaped like h) and a reduction."""
+    if h.shape[0] * h.shape[1] == 1:
+        return torch.matmul(h, v.unsqueeze(-1), out=out.unsqueeze(-1))
+    return torch.sum(torch.mul(h, v.unsqueeze(-2), out=scratch), dim=-1, out=out)
+
+
+def _vecmat(v: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """``out[..., j] = Σ_i v[..., i] · h[..., i, j]`` for v (b, nc, i), h (b, nc, i, j), out (b, nc, j)."""
+    return torch.matmul(v.unsqueeze(-2), h, out=out.unsqueeze(-2))
+
+
+def _dt_from_delta(delta_c: Tensor, delta_bias: Tensor | None, softplus: bool, L: int) -> Tensor:
+    """dt = softplus(delta + bias) in the time-major layout, with padded steps forced to dt = 0 (identity step)."""
+    if delta_bias is not None:
+        delta_c.add_(delta_bias.to(delta_c.dtype))
+    dt = F.softplus(delta_c, threshold=_SOFTPLUS_THRESHOLD) if softplus else delta_c
+    _zero_padding(dt, L)
+    return dt
+
+
+def _step(h: Tensor, dt_t: Tensor, dtu_t: Tensor, B_t: Tensor, A2t: Tensor, a: Tensor) -> Tensor:
+    """One recurrence step on all chunks at once, in place: ``h ← a ⊙ h + B_t ⊗ (dt_t·u_t)`` with
+    ``a = 2^(dt_t · A·log2 e) = exp(dt_t · A)`` written into ``a`` and returned.
+
+    Shapes: h, a (b, nc, n, d); dt_t, dtu_t (b, nc, d); B_t (b, nc, n); A2t (n, d). exp2 of a pre-scaled A is what
+    the CUDA kernel does, and torch's CPU exp2 is ~2.7× faster than exp (the exponential dominates the scan's cost).
+    """
+    torch.mul(dt_t.unsqueeze(-2), A2t, out=a).exp2_()
+    h.mul_(a).addcmul_(B_t.unsqueeze(-1), dtu_t.unsqueeze(-2))
+    return a
+
+
+def _chunk_decay(dt: Tensor, A: Tensor) -> Tensor:
+    """Total decay of every chunk, ``P = exp(A · Σ_t dt_t)`` as (b, nc, n, d) from dt (T, b, nc, d).
+
+    Summed and exponentiated in fp64: an fp32 sum over thousands of steps would put a relative error of
+    ~|A·Σdt|·√T·eps on the carries."""
+    total = dt.sum(0, dtype=torch.float64)  # (b, nc, d)
+    return torch.exp(total.unsqueeze(-2) * A.t().to(torch.float64)).to(dt.dtype)
+
+
+class ChunkedSelectiveScanFn(torch.autograd.Function):
+    """Exact selective scan with O(b·nc·d·n) saved state (no (L, d, n) tensor), for CPU and CUDA, fp32 and fp64.
+
+    Forward ("reduce-then-scan", MAMBA.md §3.1): the sequence is cut into ``nc`` chunks of ``T`` steps that are all
+    advanced together on one (b, nc, n, d) state. (1) each chunk's end state from zero, (2) the exact carry-in of
+    every chunk by a short sequential pass over chunks (a chunk's total decay is ``exp(A · Σ dt)``), (3) every chunk
+    re-run from its carry-in, emitting y. Only the carries are saved.
+
+    Backward: the adjoint ``G_t = ∂loss/∂h_t = gy_t·C_t + a_{t+1}·G_{t+1}`` is a reverse scan of the same form. One
+    forward recompute pass from the carries stores a checkpoint every K ≈ √T steps and yields the adjoint's per-chunk
+    reductions (hence its carries), y (for the gate gradient) and dC. Then each K-block is recomputed (``a_t`` and
+    ``a_t ⊙ h_{t-1}``) and walked backwards, so ``∂loss/∂(dt_t·A) = G_t ⊙ a_t ⊙ h_{t-1}`` is formed directly. No
+    cumulative-sum closed form (overflows for d_state ≥ 32) and no telescoping of the decay gradient (loses ~1e-3
+    in fp32) is used, which keeps every gradient at the input precision.
+
+    The state is laid out (n, d) so that the reductions over n (y, ∂/∂u) are one vector-matrix product per step.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        z: Tensor | None,
+        delta_bias: Tensor | None,
+        delta_softplus: bool,
+        return_last_state: bool,
+        chunk_size: int | None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        b, d, L = u.shape
+        n = A.shape[1]
+        plan = _plan(b, d, n, L, u.device, chunk_size)
+        nc, T = plan.nc, plan.T
+        state_shape = (b, nc, n, d)
+
+        with torch.no_grad():
+            A2t = (A.to(dtype) * _LOG2E).t().contiguous()
+            dt = _dt_from_delta(_to_chunks(delta, T, nc, dtype), delta_bias, delta_softplus, L)
+            dtu = _to_chunks(u, T, nc, dtype).mul_(dt)  # dt·u, the per-step coefficient of B
+            Bc = _to_chunks(B, T, nc, dtype)
+            Cc = _to_chunks(C, T, nc, dtype)
+
+            a = torch.empty(state_shape, dtype=dtype, device=u.device)
+            carry = torch.zeros(state_shape, dtype=dtype, device=u.device)
+            if nc > 1:
+                # (1) end state of every chunk started from zero.
+                h = torch.zeros(state_shape, dtype=dtype, device=u.device)
+                for t in range(T):
+                    _step(h, dt[t], dtu[t], Bc[t], A2t, a)
+                # (2) carry-ins: H0[c] = P[c-1] ⊙ H0[c-1] + E[c-1].
+                P = _chunk_decay(dt, A)
+                for c in range(1, nc):
+                    torch.addcmul(h[:, c - 1], P[:, c - 1], carry[:, c - 1], out=carry[:, c])
+                del P
+                h.copy_(carry)
+            else:
+                h = carry.clone()
+            # (3) re-run every chunk from its exact carry-in and emit y (before D and the gate).
+            y = torch.empty(T, b, nc, d, dtype=dtype, device=u.device)
+            for t in range(T):
+                _step(h, dt[t], dtu[t], Bc[t], A2t, a)
+                _vecmat(Cc[t], h, y[t])
+            last_state = h[:, nc - 1].transpose(-1, -2).contiguous()  # padded steps are identities: h_{L-1}
+            del dt, dtu, Bc, Cc, a, h
+
+            out = _from_chunks(y, L)  # (b, L, d)
+            del y
+            if D is not None:
+                out.addcmul_(u.transpose(1, 2), D.to(dtype))
+            if z is not None:
+                out.mul_(F.silu(z.transpose(1, 2).to(dtype)))
+
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, carry)
+        ctx.plan = plan
+        ctx.dtype = dtype
+        ctx.delta_softplus = delta_softplus
+        ctx.return_last_state = return_last_state
+        out = out.to(u.dtype).transpose(1, 2)
+        return (out, last_state) if return_last_state else out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        u, delta, A, B, C, D, z, delta_bias, carry = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dtype: torch.dtype = ctx.dtype
+        nc, T, K = plan.nc, plan.T, plan.K
+        b, d, L = u.shape
+        n = A.shape[1]
+        dev = u.device
+        state_shape = (b, nc, n, d)
+        gout = grads[0]
+        glast = grads[1] if ctx.return_last_state else None
+
+        def new_state() -> Tensor:
+            return torch.empty(state_shape, dtype=dtype, device=dev)
+
+        ut = u.transpose(1, 2).to(dtype)  # (b, L, d), the token-major layout of all (b, d, L) inputs' storage
+        silu_z = F.silu(z.transpose(1, 2).to(dtype)) if z is not None else None
+        # Gradient reaching y (before the gate): gy = gout ⊙ silu(z).
+        if gout is None:
+            gy = torch.zeros(b, L, d, dtype=dtype, device=dev)
+        else:
+            gy = gout.transpose(1, 2).to(dtype)
+            if silu_z is not None:
+                gy = gy * silu_z
+        del silu_z
+        gy_c = _to_chunks(gy.transpose(1, 2), T, nc, dtype)
+        dD = (gy * ut).sum((0, 1)) if D is not None and ctx.needs_input_grad[5] else None
+
+        A2t = (A.to(dtype) * _LOG2E).t().contiguous()
+        At = A.to(dtype).t().contiguous()
+        dt = _dt_from_delta(_to_chunks(delta, T, nc, dtype), delta_bias, ctx.delta_softplus, L)
+        dtu = _to_chunks(u, T, nc, dtype).mul_(dt)
+        Bc = _to_chunks(B, T, nc, dtype)
+        Cc = _to_chunks(C, T, nc, dtype)
+
+        # Pass 1, forward in time from the carries: checkpoints every K steps; y_t (only for the gate gradient);
+        # dC_t = Σ_d gy_t[d]·h_t[:, d]; and each chunk's adjoint reduction E'_c = Σ_{t∈c} (Π_{s..t} a) ⊙ (C_t ⊗ gy_t),
+        # i.e. a_s ⊙ (adjoint at the chunk start s when started from zero at the chunk end).
+        nblk = math.ceil(T / K)
+        ckpt = torch.empty((nblk, *state_shape), dtype=dtype, device=dev)
+        need_dz = z is not None and gout is not None and ctx.needs_input_grad[6]
+        y_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev) if need_dz else None
+        dC_c = torch.empty(T, b, nc, n, dtype=dtype, device=dev)
+        a, scratch = new_state(), new_state()
+        h = carry.clone()
+        gin = torch.zeros(state_shape, dtype=dtype, device=dev)  # adjoint entering each chunk from its right
+        if glast is not None:
+            gin[:, nc - 1].copy_(glast.transpose(-1, -2))
+        if nc > 1:
+            cum = torch.ones(state_shape, dtype=dtype, device=dev)
+            red = torch.zeros(state_shape, dtype=dtype, device=dev)
+        for t in range(T):
+            if t % K == 0:
+                ckpt[t // K].copy_(h)
+            _step(h, dt[t], dtu[t], Bc[t], A2t, a)
+            if y_c is not None:
+                _vecmat(Cc[t], h, y_c[t])
+            _rowdot(h, gy_c[t], dC_c[t], scratch)
+            if nc > 1:
+                cum.mul_(a)
+                red.addcmul_(cum, torch.mul(Cc[t].unsqueeze(-1), gy_c[t].unsqueeze(-2), out=scratch))
+        if nc > 1:
+            # Adjoint carries, right to left: Gin[c-1] = E'_c + P_c ⊙ Gin[c].
+            P = _chunk_decay(dt, A)
+            for c in range(nc - 1, 0, -1):
+                torch.addcmul(red[:, c], P[:, c], gin[:, c], out=gin[:, c - 1])
+            del cum, red, P
+
+        # Pass 2, backwards block by block: recompute a_t and a_t ⊙ h_{t-1} for K steps, then walk them in reverse.
+        a_blk = torch.empty((K, *state_shape), dtype=dtype, device=dev)
+        ah_blk = torch.empty((K, *state_shape), dtype=dtype, device=dev)
+        dA_acc = torch.zeros(state_shape, dtype=dtype, device=dev)
+        s1_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev)  # Σ_n B_t·G_t  (→ du, ddt)
+        s2_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev)  # Σ_n A ⊙ G_t ⊙ a_t ⊙ h_{t-1}  (→ ddt)
+        dB_c = torch.empty(T, b, nc, n, dtype=dtype, device=dev)
+        G = gin
+        for blk in range(nblk - 1, -1, -1):
+            t0 = blk * K
+            t1 = min(T, t0 + K)
+            h.copy_(ckpt[blk])
+            for t in range(t0, t1):
+                k = t - t0
+                torch.mul(dt[t].unsqueeze(-2), A2t, out=a_blk[k]).exp2_()
+                torch.mul(h, a_blk[k], out=ah_blk[k])
+                torch.addcmul(ah_blk[k], Bc[t].unsqueeze(-1), dtu[t].unsqueeze(-2), out=h)
+            for t in range(t1 - 1, t0 - 1, -1):
+                k = t - t0
+                G.addcmul_(Cc[t].unsqueeze(-1), gy_c[t].unsqueeze(-2))  # now G = G_t
+                _vecmat(Bc[t], G, s1_c[t])
+                _rowdot(G, dtu[t], dB_c[t], scratch)
+                q = ah_blk[k].mul_(G)  # ∂loss/∂(dt_t·A) = G_t ⊙ a_t ⊙ h_{t-1}
+                dA_acc.addcmul_(q, dt[t].unsqueeze(-2))
+                torch.sum(q.mul_(At), dim=-2, out=s2_c[t])
+                if t > 0:
+                    G.mul_(a_blk[k])  # a_t ⊙ G_t, the part of G_{t-1} coming from the future
+        del a_blk, ah_blk, ckpt, h, a, scratch, gin, G, gy_c, Cc, Bc, dtu
+
+        dA = dA_acc.sum((0, 1)).t()
+        del dA_acc
+        # x_t = dt_t·u_t·B_t: ∂/∂u = dt·s1 (+ D·gy), ∂/∂dt = u·s1 + s2.
+        s1 = _from_chunks(s1_c, L)
+        del s1_c
+        ddt = _from_chunks(s2_c, L)
+        del s2_c
+        ddt.addcmul_(s1, ut)
+        du = s1.mul_(_from_chunks(dt, L))
+        del s1, dt
+        if D is not None:
+            du.addcmul_(gy, D.to(dtype))
+        del gy
+        if ctx.delta_softplus:
+            pre = delta.transpose(1, 2).to(dtype)
+            if delta_bias is not None:
+                pre = pre + delta_bias.to(dtype)
+            # softplus'(x) = σ(x) below the threshold; 1 above, where the kernel returns x itself.
+            ddt.mul_(torch.where(pre > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(pre)))
+            del pre
+        ddelta_bias = ddt.sum((0, 1)) if delta_bias is not None and ctx.needs_input_grad[7] else None
+
+        dz = None
+        if y_c is not None:
+            y = _from_chunks(y_c, L)
+            del y_c
+            if D is not None:
+                y.addcmul_(ut, D.to(dtype))
+            zt = z.transpose(1, 2).to(dtype)
+            sz = torch.sigmoid(zt)
+            # d silu(z)/dz = σ(z)·(1 + z·(1 − σ(z)))
+            dz = y.mul_(gout.transpose(1, 2).to(dtype)).mul_(sz.mul_(zt * (1 - sz) + 1))
+            del zt, sz
+
+        def _grad(g: Tensor | None, ref: Tensor | None, idx: int, transpose: bool = True) -> Tensor | None:
+            if g is None or ref is None or not ctx.needs_input_grad[idx]:
+                return None
+            return (g.transpose(1, 2) if transpose else g).to(ref.dtype)
+
+        return (
+            _grad(du, u, 0),
+            _grad(ddt, delta, 1),
+            _grad(dA, A, 2, transpose=False),
+            _grad(_from_chunks(dB_c, L), B, 3),
+            _grad(_from_chunks(dC_c, L), C, 4),
+            _grad(dD, D, 5, transpose=False),
+            _grad(dz, z, 6),
+            _grad(ddelta_bias, delta_bias, 7, transpose=False),
+            None,
+            None,
+            None,
+        )
+
+
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    return_last_state: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked backend (:class:`ChunkedSelectiveScanFn`); arguments as :func:`selective_scan`.
+
+    ``chunk_size`` is the chunk length T (``None``: about 2^18 state elements per step on CPU, 2^22 on CUDA).
+    """
+    return ChunkedSelectiveScanFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "mamba_ssm": the upstream CUDA kernels, if they import
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _MambaSsmLib:
+    selective_scan_fn: ScanFn
+    mamba_inner_fn: ScanFn
+    causal_conv1d_fn: ScanFn | None
+    broken: bool = False
+
+
+_mamba_ssm_cache: list[_MambaSsmLib | None] = []
+
+
+def _mamba_ssm_lib() -> _MambaSsmLib | None:
+    """Import mamba-ssm's kernels once. Any exception counts as "not usable": a mismatched build fails with
+    ImportError (undefined symbol), OSError or RuntimeError rather than a clean ModuleNotFoundError."""
+    if not _mamba_ssm_cache:
+        lib: _MambaSsmLib | None
+        try:
+            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+
+            try:
+                from causal_conv1d import causal_conv1d_fn
+            except Exception:
+                causal_conv1d_fn = None
+            lib = _MambaSsmLib(selective_scan_fn, mamba_inner_fn, causal_conv1d_fn)
+        except Exception as exc:
+            _warn_once(
+                "import:mamba_ssm",
+                f"mamba_ssm is not usable ({type(exc).__name__}: {exc}); CUDA tensors use the 'chunked' scan instead",
+            )
+            lib = None
+        _mamba_ssm_cache.append(lib)
+    lib = _mamba_ssm_cache[0]
+    return None if lib is None or lib.broken else lib
+
+
+def _mark_mamba_ssm_broken(exc: Exception) -> None:
+    lib = _mamba_ssm_cache[0] if _mamba_ssm_cache else None
+    if lib is not None:
+        lib.broken = True
+    _warn_once(
+        "call:mamba_ssm",
+        f"mamba_ssm kernel call failed ({type(exc).__name__}: {exc}); using the 'chunked' scan from now on",
+    )
+
+
+def _mamba_ssm_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and _mamba_ssm_lib() is not None
+
+
+def _selective_scan_mamba_ssm(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+    chunk_size: int | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    lib = _mamba_ssm_lib()
+    if lib is not None and u.is_cuda:
+        try:
+            return lib.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        except Exception as exc:
+            _mark_mamba_ssm_broken(exc)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
+register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_usable, auto_priority=0)
+register_backend("chunked", selective_scan_chunked, lambda device: True, auto_priority=100)
+register_backend("reference", selective_scan_reference, lambda device: True, auto_priority=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Mamba block
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _CausalConv1dSiLU(torch.autograd.Function):
+    """``silu(causal depthwise conv1d(x))`` in the token-major (b, L, d) layout.
+
+    Equals ``silu(nn.Conv1d(d, d, K, groups=d, padding=K-1)(x.transpose(1, 2))[..., :L]).transpose(1, 2)``, but
+    works on the ``in_proj`` output layout without transposed copies, and saves only its input (a view of ``xz``
+    that is alive anyway): the pre-activation is recomputed in backward instead of being stored.
+    """
+
+    @staticmethod
+    def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        L, K = x.shape[1], weight.shape[-1]
+        w = weight[:, 0, :].to(dtype)  # (d, K); tap k sees x[t + k − (K − 1)]
+        pre = x.to(dtype) * w[:, K - 1]
+        for k in range(K - 1):
+            shift = K - 1 - k
+            if shift < L:
+                pre[:, shift:].addcmul_(x[:, : L - shift], w[:, k])
+        if bias is not None:
+            pre.add_(bias.to(dtype))
+        return pre
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        dtype = _compute_dtype(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.dtype = dtype
+        pre = _CausalConv1dSiLU._conv(x, weight, bias, dtype)
+        return F.silu(pre, inplace=True).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        L, K = x.shape[1], weight.shape[-1]
+        pre = _CausalConv1dSiLU._conv(x, weight, bias, dtype)
+        sig = torch.sigmoid(pre)
+        # d silu/dx = σ(x)·(1 + x·(1 − σ(x))), formed in place in `pre`.
+        dpre = pre.mul_(1 - sig).add_(1).mul_(sig).mul_(grad.to(dtype))
+        del sig
+        xw = x.to(dtype)
+        w = weight[:, 0, :].to(dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dpre * w[:, K - 1]
+            for k in range(K - 1):
+                shift = K - 1 - k
+                if shift < L:
+                    dx[:, : L - shift].addcmul_(dpre[:, shift:], w[:, k])
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.zeros_like(w)
+            for k in range(K):
+                shift = K - 1 - k
+                if shift < L:
+                    dw[:, k] = torch.linalg.vecdot(dpre[:, shift:], xw[:, : L - shift], dim=-2).sum(0)
+            dw = dw.unsqueeze(1).to(weight.dtype)
+        dbias = dpre.sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, dbias
+
+
+def _fp32_or_wider(p: Tensor) -> Tensor:
+    """mamba-ssm computes A, D and the dt bias in fp32 (``.float()``); keep fp64 parameters fp64 for exact tests."""
+    return p if p.dtype == torch.float64 else p.float()
+
+
+class Mamba(nn.Module):
+    """Mamba-1 block with mamba-ssm 2.3's ``Mamba`` parameters, initialisation and forward semantics.
+
+    Parameters are registered in upstream order, so ``state_dict()`` yields ``A_log (d, n)``, ``D (d)``,
+    ``in_proj.weight (2d, d_model)``, ``conv1d.weight (d, 1, d_conv)``, ``conv1d.bias (d)``,
+    ``x_proj.weight (r + 2n, d)``, ``dt_proj.weight (d, r)``, ``dt_proj.bias (d)``, ``out_proj.weight (d_model, d)``
+    (``d = expand·d_model``, ``r = dt_rank``, ``n = d_state``), and a ``mamba_ssm.Mamba`` state dict loads with
+    ``strict=True``. With the same RNG seed the initial parameters equal upstream's (same draw order).
+    ``A_log`` and ``D`` carry ``_no_weight_decay``; ``dt_proj.bias`` carries ``_no_reinit``.
+
+    Args:
+        d_model: Model width C.
+        d_state: State size n (≤ 256 for mamba-ssm's kernel; any size for the other backends).
+        d_conv: Causal depthwise convolution width.
+        expand: d_inner = expand · d_model.
+        dt_rank: Rank of the Δ projection; ``"auto"`` = ceil(d_model / 16).
+        dt_min: Lower end of the initial Δ range (softplus of the dt bias).
+        dt_max: Upper end of the initial Δ range.
+        dt_init: ``"random"`` (uniform ±r^-0.5·dt_scale) or ``"constant"`` for ``dt_proj.weight``.
+        dt_scale: Scale of the ``dt_proj.weight`` init.
+        dt_init_floor: Minimum initial Δ.
+        conv_bias: Bias in the depthwise convolution.
+        bias: Bias in ``in_proj`` / ``out_proj``.
+        use_fast_path: With the ``mamba_ssm`` backend, use the fused ``mamba_inner_fn`` when causal-conv1d imports.
+        layer_idx: Accepted for signature compatibility (upstream uses it for inference caches; not supported here).
+        device: Parameter device.
+        dtype: Parameter dtype (``A_log`` and ``D`` stay fp32, as upstream).
+        backend: Scan backend (see :func:`selective_scan`): ``"auto"``, ``"mamba_ssm"``, ``"chunked"``,
+            ``"reference"`` or any registered name.
+        chunk_size: Chunk length of the chunked backend (``None`` = automatic).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+        # Construction order = upstream's, so a seeded init draws the same random numbers.
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(
+            in_channels=self.d_inner,
+            out_channels=self.d_inner,
+            bias=conv_bias,
+            kernel_size=d_conv,
+            groups=self.d_inner,
+            padding=d_conv - 1,
+            **factory_kwargs,
+        )
+        self.activation = "silu"
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + d_state * 2, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # Δ projection init that preserves variance at initialisation.
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise NotImplementedError(f"dt_init={dt_init!r}")
+
+        # dt bias such that softplus(bias) is log-uniform in [dt_min, dt_max]: bias = softplus⁻¹(dt).
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        # Generic "zero all Linear biases" initialisers must skip this one.
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+
+        # S4D-real initialisation A = -(1..n) per channel, stored as log in fp32.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1).contiguous()
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+            f"dt_rank={self.dt_rank}, backend={self.backend!r}"
+        )
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """Apply the block.
+
+        Args:
+            hidden_states: (b, L, d_model).
+
+        Returns:
+            (b, L, d_model), same dtype as the parameters' computation (fp32 in, fp32 out).
+        """
+        backend = resolve_backend(self.backend, hidden_states.device)
+        if backend == "mamba_ssm" and self.use_fast_path:
+            out = self._forward_mamba_inner(hidden_states)
+            if out is not None:
+                return out
+
+        xz = self.in_proj(hidden_states)  # (b, L, 2d): first d channels are x, last d are z
+        x, z = xz.chunk(2, dim=-1)
+        x = _CausalConv1dSiLU.apply(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, d)
+        x_dbl = self.x_proj(x)  # (b, L, r + 2n), split in the order [dt, B, C]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj without its bias: the bias is added inside the scan, before the softplus (as mamba-ssm does).
+        delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d)
+        A = -torch.exp(_fp32_or_wider(self.A_log))
+        y = selective_scan(
+            x.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            _fp32_or_wider(self.D),
+            z=z.transpose(1, 2),
+            delta_bias=_fp32_or_wider(self.dt_proj.bias),
+            delta_softplus=True,
+            backend=backend,
+            chunk_size=self.chunk_size,
+        )
+        assert isinstance(y, Tensor)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _forward_mamba_inner(self, hidden_states: Tensor) -> Tensor | None:
+        """mamba-ssm's fused path (conv + scan + gate + out_proj), exactly as ``mamba_simple`` calls it; None when
+        unavailable or failing, so the caller takes the generic path."""
+        lib = _mamba_ssm_lib()
+        if lib is None or lib.causal_conv1d_fn is None or not hidden_states.is_cuda:
+            return None
+        try:
+            b, L, _ = hidden_states.shape
+            # "b l d -> d (b l)", project, "d (b l) -> b d l": the (b, 2d, L) layout mamba_inner_fn expects.
+            xz = (self.in_proj.weight @ hidden_states.reshape(b * L, -1).t()).view(-1, b, L).permute(1, 0, 2)
+            if self.in_proj.bias is not None:
+                xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+            A = -torch.exp(self.A_log.float())
+            return lib.mamba_inner_fn(
+                xz,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                self.x_proj.weight,
+                self.dt_proj.weight,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                A,
+                None,
+                None,
+                self.D.float(),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+        except Exception as exc:
+            _mark_mamba_ssm_broken(exc)
+            return None

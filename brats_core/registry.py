@@ -1,0 +1,162 @@
+"""The model contract shared by all eight methods, and the registry that builds them by name.
+
+Every method's ``model.py`` defines a config dataclass (paper defaults, with at least ``patch_size``) and a model
+class derived from :class:`SegModel`, registered with :func:`register`::
+
+    @register("imfuse", config=IMFuseConfig, presets={"tiny": {"patch_size": 32, ...}}, display="IM-Fuse")
+    class IMFuse(SegModel): ...
+
+``model(x, mask)`` takes ``x`` ``(B, 4, D, H, W)`` float32 in canonical channel order and ``mask`` ``(B, 4)`` bool.
+In eval mode it returns what the method's upstream blends in its sliding window, declared by ``output_kind``; in
+train mode it returns whatever its own loss needs. A model may also implement ``encode(x)`` / ``decode(features,
+mask)`` (with ``decode(encode(x), mask) == model(x, mask)`` in eval mode), which lets the evaluator encode each
+window once and decode all 15 scenarios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+# Method name → module that registers it. A method appears in list_methods() as soon as its module exists.
+METHOD_MODULES: dict[str, str] = {
+    "imfuse": "IMFuse.model",
+    "mmformer": "mmFormer.model",
+    "robustseg": "RobustSeg.model",
+    "sfusion": "SFusion.model",
+    "uhved": "UHVED.model",
+    "m3ae": "m3ae.model",
+    "shaspec": "ShaSpec.model",
+    "mam": "MaM.model",
+}
+
+
+class OutputKind(str, Enum):
+    """What a model returns in eval mode, i.e. what the sliding window blends."""
+
+    PROBABILITIES = "probabilities"  # (B, 4, ...) softmax over BraTS labels 0..3
+    LOGITS = "logits"  # (B, 4, ...) class logits (blended as logits, then argmax)
+    REGION_LOGITS = "region_logits"  # (B, 3, ...) sigmoid logits of regions, channel order = model.region_order
+
+
+class SegModel(nn.Module):
+    """Base class of every method's network: holds its config and declares its eval output."""
+
+    output_kind: ClassVar[OutputKind] = OutputKind.PROBABILITIES
+    region_order: ClassVar[tuple[str, ...]] = ("WT", "TC", "ET")
+    method_name: ClassVar[str] = ""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the cubic training patch, which is also the sliding-window size."""
+        return int(self.config.patch_size)
+
+    @property
+    def supports_encode(self) -> bool:
+        """True when the model implements ``encode``/``decode`` (encode-once, decode-15 evaluation)."""
+        return callable(getattr(self, "encode", None)) and callable(getattr(self, "decode", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    model_cls: type[SegModel]
+    config_cls: type
+    presets: dict[str, dict[str, Any]]
+    display: str
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(
+    name: str, *, config: type, presets: dict[str, dict[str, Any]] | None = None, display: str | None = None
+) -> Callable[[type[SegModel]], type[SegModel]]:
+    """Class decorator that registers a model under ``name`` (presets: ``"paper"`` = config defaults, plus extras)."""
+
+    def deco(cls: type[SegModel]) -> type[SegModel]:
+        if not dataclasses.is_dataclass(config) or "patch_size" not in {f.name for f in dataclasses.fields(config)}:
+            raise TypeError(f"{name}: config {config.__name__} must be a dataclass with a patch_size field")
+        cls.method_name = name
+        _REGISTRY[name] = MethodInfo(name, cls, config, {"paper": {}, **(presets or {})}, display or name)
+        return cls
+
+    return deco
+
+
+def _import_method(name: str) -> None:
+    module = METHOD_MODULES.get(name)
+    if module is not None and name not in _REGISTRY and importlib.util.find_spec(module.split(".")[0]) is not None:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a real missing dependency inside an existing module must surface
+                raise
+
+
+def list_methods() -> list[str]:
+    """Names of all methods whose module exists, in the order of :data:`METHOD_MODULES`."""
+    for name in METHOD_MODULES:
+        _import_method(name)
+    return [n for n in METHOD_MODULES if n in _REGISTRY] + sorted(set(_REGISTRY) - set(METHOD_MODULES))
+
+
+def method_info(name: str) -> MethodInfo:
+    key = name.lower()
+    _import_method(key)
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(list_methods()) or 'none'}")
+    return _REGISTRY[key]
+
+
+def make_config(name: str, preset: str = "paper", **overrides: Any) -> Any:
+    """The config dataclass of ``name`` with a preset and keyword overrides applied (unknown keys rejected)."""
+    info = method_info(name)
+    if preset not in info.presets:
+        raise KeyError(f"{name}: unknown preset {preset!r}; available: {', '.join(info.presets)}")
+    values = {**info.presets[preset], **overrides}
+    known = {f.name for f in dataclasses.fields(info.config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{name}: unknown config field(s) {unknown}; known: {sorted(known)}")
+    return info.config_cls(**values)
+
+
+def build_method(name: str, preset: str = "paper", **overrides: Any) -> SegModel:
+    """Build a registered model, e.g. ``build_method("imfuse", "tiny", mamba_skip=True)``."""
+    info = method_info(name)
+    return info.model_cls(make_config(name, preset, **overrides))
+
+
+def build_from_config(name: str, config: dict[str, Any]) -> SegModel:
+    """Rebuild a model from the config dict stored in a checkpoint (see ``brats_core.checkpoint``)."""
+    info = method_info(name)
+    known = {f.name for f in dataclasses.fields(info.config_cls)}
+    return info.model_cls(info.config_cls(**{k: v for k, v in config.items() if k in known}))
+
+
+def config_dict(model: SegModel) -> dict[str, Any]:
+    """The model's config as a plain dict (stored in checkpoints)."""
+    return dataclasses.asdict(model.config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+@torch.no_grad()
+def state_dict_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of every state-dict entry in order, as listed in ``spec/state_dicts``."""
+    return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]

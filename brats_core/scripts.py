@@ -1,0 +1,135 @@
+"""Plumbing shared by every method's train and test scripts, so that a method's script only states what is its own
+(architecture flags, loss, optimiser, schedule, validation epochs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, load_state_dict_strict
+from .cli import args_dict, split_dir
+from .data import MaskSampler, TrainDataset, uniform_scenario
+from .evaluation import EvalOptions, evaluate, format_table, validate
+from .registry import SegModel, build_from_config, config_dict
+from .splits import Split, load_split, read_case_list
+from .training import FitConfig, FitResult, LossFn, fit, resolve_device
+from .transforms import Transform
+
+log = logging.getLogger(__name__)
+
+
+def train_from_args(
+    args: argparse.Namespace,
+    model: SegModel,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    *,
+    transform: Transform,
+    scheduler: Any | None = None,
+    val_epochs: Collection[int] = (),
+    mask_sampler: MaskSampler = uniform_scenario,
+    split: Split | None = None,
+    extra_validation: Callable[[SegModel, Split], Mapping[str, float]] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``<split_dir>/train.txt`` with validation on ``val15splits.csv`` after ``val_epochs``.
+
+    The checkpoint records the method, its resolved config and the arguments, so the test script rebuilds the
+    exact architecture. ``extra_validation(model, split)`` adds method-specific validation scores (e.g. U-HVED's
+    ``val_loss`` for its plateau scheduler) to the standard Dice scores.
+    """
+    split = split or load_split(split_dir(args))
+    device = resolve_device(args.device)
+    options = EvalOptions(progress=not args.no_progress)
+    train_set = TrainDataset(args.datapath, split.train, transform, mask_sampler)
+    config = FitConfig(
+        savepath=Path(args.savepath), num_epochs=args.num_epochs, batch_size=args.batch_size,
+        iter_per_epoch=args.iter_per_epoch, seed=args.seed, workers=args.workers, device=args.device, amp=args.amp,
+        max_steps=args.max_steps, val_epochs=set(val_epochs), resume=args.resume, progress=not args.no_progress,
+        extra={"method": model.method_name, "config": config_dict(model), "args": args_dict(args)},
+    )  # fmt: skip
+    log.info(
+        "training %s on %d cases (%d val) → %s", model.method_name, len(split.train), len(split.val), args.savepath
+    )
+
+    def run_validation(m: torch.nn.Module, epoch: int) -> Mapping[str, float]:
+        scores = dict(validate(m, args.datapath, split.val, options, device))  # type: ignore[arg-type]
+        if extra_validation is not None:
+            scores |= extra_validation(m, split)  # type: ignore[arg-type]
+        return scores
+
+    return fit(
+        model,
+        train_set,
+        loss_fn,
+        optimizer,
+        config,
+        scheduler=scheduler,
+        validate=run_validation if val_epochs else None,
+    )
+
+
+def model_from_checkpoint(
+    path: str | Path,
+    method: str,
+    flags: Mapping[str, Any],
+    infer_config: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[SegModel, dict[str, Any]]:
+    """Build the architecture a checkpoint was trained with and load it strictly.
+
+    Our checkpoints store the method and config; for upstream checkpoints ``infer_config`` (from the state-dict
+    shapes) and then ``flags`` decide. Command-line ``flags`` that disagree with the checkpoint produce a warning
+    and are ignored, because the weights only fit the architecture they were trained with.
+
+    Returns:
+        the model in eval mode on ``device`` and the checkpoint dict.
+    """
+    ckpt = load_checkpoint(path)
+    stored_method = ckpt.get("method", method)
+    if stored_method != method:
+        raise ValueError(f"{path} holds a {stored_method!r} model, not {method!r}: use {stored_method}'s test script")
+    if "config" in ckpt:
+        config = dict(ckpt["config"])
+    else:
+        config = {**flags, **(infer_config(ckpt["state_dict"]) if infer_config else {})}
+        log.info("%s is an upstream checkpoint: architecture %s", path, config)
+    for key, value in flags.items():
+        if key in config and config[key] != value:
+            log.warning(
+                "--%s %s on the command line disagrees with the checkpoint (%s); using the checkpoint's",
+                key,
+                value,
+                config[key],
+            )
+    model = build_from_config(method, config)
+    load_state_dict_strict(model, ckpt["state_dict"], str(path))
+    return model.to(device).eval(), ckpt
+
+
+def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, str]]:
+    """Evaluate on the test list (``--test_file`` or ``<split_dir>/test15splits.csv``) over the chosen scenarios."""
+    test_file = Path(args.test_file) if args.test_file else split_dir(args) / "test15splits.csv"
+    if not test_file.is_file():
+        raise FileNotFoundError(
+            f"test list {test_file} not found: pass --test_file or --split_dir (see `python -m brats_core.splits`)"
+        )
+    cases = read_case_list(test_file)
+    device = resolve_device(args.device)
+    summary = evaluate(
+        model.to(device).eval(),
+        args.datapath,
+        cases,
+        args.savepath,
+        args.scenario_list,
+        EvalOptions.from_args(args),
+        device,
+        save_nifti=args.save_nifti,
+    )
+    print(format_table(summary))
+    print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath}")
+    return summary

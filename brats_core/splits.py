@@ -1,0 +1,284 @@
+"""Train/val/test splits: read upstream's split files, download them verified, or generate a split by the same rules.
+
+Upstream formats (METHODS.md §0.2): ``train.txt`` (one case id per line), ``val15splits.csv`` / ``test15splits.csv``
+(header ``case,mask``; ``mask`` a Python-literal list of four booleans, True = available, in the file's modality
+order), ShaSpec's ``BraTS23_*.csv`` (single ``case`` column holding absolute paths). Masks are returned canonical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_REPO = "AImageLab-zip/IM-Fuse"
+UPSTREAM_COMMIT = "fbbd48e"
+UPSTREAM_URL = f"https://github.com/{UPSTREAM_REPO}/raw/{UPSTREAM_COMMIT}"
+
+# file name → (path in the upstream repository, sha256 of the published file)
+REFERENCE_FILES: dict[str, tuple[str, str]] = {
+    "train.txt": ("IMFuse/datalist/train.txt", "1bf95a2c6c9983bac79e428df0c817a6c3cf8b19f6d13ca13d568ea4f6c2ee68"),
+    "val15splits.csv": (
+        "IMFuse/datalist/val15splits.csv",
+        "36572f11746985d79ef1c4bc8cade194b5b5b6b252a198ee6c7e399082ba8ac2",
+    ),
+    "test15splits.csv": (
+        "IMFuse/datalist/test15splits.csv",
+        "51777261e5e3ea2e9858334333b7af67f64ca911813d010b441426b2934c56fb",
+    ),
+    "val.txt": ("templates/datalist/val.txt", "b291844da11834fa1e0ec104025dcacab265a85e8da0c72d9dddb2c13eade34d"),
+    "test.txt": ("templates/datalist/test.txt", "02403f8f23b4a9aff2aa290290f9cd87a935c6cd71f6ae27292b77c689f5646a"),
+}
+
+# The order in which upstream's val/test CSVs cycle through the 15 subsets (canonical bits), read off the files.
+CSV_CYCLE: tuple[str, ...] = (
+    "0001", "0010", "0100", "1000", "0011", "0110", "1100", "0101",
+    "1001", "1010", "1110", "1101", "1011", "0111", "1111",
+)  # fmt: skip
+
+_CASE_RE = re.compile(r"^(?P<patient>.+)-(?P<scan>\d{3})$")
+
+
+@dataclass
+class Split:
+    """A train/val/test split; val and test cases carry the one scenario mask used for validation."""
+
+    train: list[str]
+    val: list[tuple[str, Mask]]
+    test: list[tuple[str, Mask]]
+
+    def check_disjoint(self) -> None:
+        """Raise if a case appears twice within or across the three parts."""
+        seen: dict[str, str] = {}
+        for part, cases in (
+            ("train", self.train),
+            ("val", [c for c, _ in self.val]),
+            ("test", [c for c, _ in self.test]),
+        ):
+            for c in cases:
+                if c in seen:
+                    raise ValueError(f"case {c} appears in both {seen[c]} and {part}")
+                seen[c] = part
+
+    def write(self, out_dir: str | Path) -> None:
+        """Write the split in upstream's formats (``train.txt``, ``val15splits.csv``, ``test15splits.csv``)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "train.txt", "".join(f"{c}\n" for c in self.train))
+        for name, rows in (("val15splits.csv", self.val), ("test15splits.csv", self.test)):
+            lines = ["case,mask\n"] + [f'{c},"{format_bool_list(m)}"\n' for c, m in rows]
+            _atomic_write(out / name, "".join(lines))
+
+
+def _case_id(value: str) -> str:
+    """Strip ShaSpec-style absolute paths (and a trailing slash) down to the case id."""
+    return os.path.basename(value.strip().rstrip("/"))
+
+
+def read_case_list(path: str | Path) -> list[str]:
+    """Read case ids from a ``.txt`` list (one per line) or a CSV with a ``case`` column (paths allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "case" not in reader.fieldnames:
+                raise ValueError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
+            return [_case_id(row["case"]) for row in reader if row["case"].strip()]
+    return [_case_id(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_mask_csv(path: str | Path, order: Sequence[str] = MODALITIES) -> list[tuple[str, Mask]]:
+    """Read a ``case,mask`` CSV (``val15splits.csv`` / ``test15splits.csv``) into (case, canonical mask) rows.
+
+    Args:
+        path: the CSV.
+        order: modality order of the file's boolean lists (canonical for IM-Fuse's files; SFusion, U-HVED and M3AE
+            ship re-ordered copies, see ``modalities.METHOD_ORDERS``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    rows = []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"case", "mask"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected header 'case,mask', got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows.append((_case_id(row["case"]), parse_bool_list(row["mask"], order)))
+            except ValueError as err:
+                raise ValueError(f"{path}, line {line}: {err}") from err
+    return rows
+
+
+def load_split(split_dir: str | Path, test_file: str | Path | None = None) -> Split:
+    """Load ``train.txt``, ``val15splits.csv`` and ``test15splits.csv`` (or ``test_file``) from a folder."""
+    d = Path(split_dir)
+    missing = [n for n in ("train.txt", "val15splits.csv") if not (d / n).is_file()]
+    test_path = Path(test_file) if test_file else d / "test15splits.csv"
+    if not test_path.is_absolute() and test_file and not test_path.is_file():
+        test_path = d / test_path
+    if not test_path.is_file():
+        missing.append(str(test_path.name))
+    if missing:
+        raise FileNotFoundError(
+            f"split folder {d} lacks {', '.join(missing)}; run `python -m brats_core.splits download --out {d}` "
+            f"for the paper's split or `python -m brats_core.splits generate` for a new one"
+        )
+    split = Split(read_case_list(d / "train.txt"), read_mask_csv(d / "val15splits.csv"), read_mask_csv(test_path))
+    split.check_disjoint()
+    return split
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(out_dir: str | Path, base_url: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Download the paper's split files from the upstream repository and verify their sha256 checksums.
+
+    Args:
+        out_dir: destination folder.
+        base_url: alternative location holding the five files side by side (e.g. a mirror or ``file://`` folder);
+            default: the upstream repository at commit ``fbbd48e``.
+        overwrite: re-download files that are already present and valid.
+
+    Returns:
+        The five file paths. A file whose checksum does not match is deleted and a ``ValueError`` raised.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (upstream_path, digest) in REFERENCE_FILES.items():
+        dest = out / name
+        paths.append(dest)
+        if dest.is_file() and not overwrite and sha256(dest) == digest:
+            continue
+        url = f"{base_url.rstrip('/')}/{name}" if base_url else f"{UPSTREAM_URL}/{upstream_path}"
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                f.write(response.read())
+            got = sha256(tmp)
+            if got != digest:
+                raise ValueError(f"{url}: sha256 {got} does not match the expected {digest}; file not kept")
+            os.replace(tmp, dest)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        log.info("downloaded %s", dest)
+    return paths
+
+
+def verify(split_dir: str | Path) -> dict[str, bool]:
+    """Which of the reference files in ``split_dir`` are present with the published checksum."""
+    d = Path(split_dir)
+    return {n: (d / n).is_file() and sha256(d / n) == digest for n, (_, digest) in REFERENCE_FILES.items()}
+
+
+def generate(case_ids: Sequence[str], seed: int = 42, fractions: tuple[float, float] = (0.7, 0.1)) -> Split:
+    """A new split by upstream's rules (``ShaSpec/create_BraTS23.py``, METHODS.md §0.2).
+
+    Every patient with several scans (same ``BraTS-GLI-XXXXX`` prefix) goes to train; single-scan cases are shuffled
+    with ``random.Random(seed)`` and fill train up to ``int(0.7·N)``, then val ``int(0.1·N)``, test the rest. Val and
+    test cases get one scenario each, cycling through the 15 subsets in upstream's CSV order.
+    The result cannot reproduce the paper's split (upstream shuffled in unrecorded file-system order): use
+    :func:`download` for that.
+    """
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("duplicate case ids")
+    patients: dict[str, list[str]] = {}
+    for c in ids:
+        m = _CASE_RE.match(c)
+        patients.setdefault(m.group("patient") if m else c, []).append(c)
+    multi = [c for cs in patients.values() if len(cs) > 1 for c in cs]
+    single = [cs[0] for cs in patients.values() if len(cs) == 1]
+    random.Random(seed).shuffle(single)
+    n = len(ids)
+    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    if len(multi) > n_train:
+        log.warning("%d multi-scan cases exceed the train quota %d; all go to train", len(multi), n_train)
+    fill = max(0, n_train - len(multi))
+    train = sorted(multi + single[:fill])
+    val = sorted(single[fill : fill + n_val])
+    test = sorted(single[fill + n_val :])
+
+    def cycle(cases: list[str]) -> list[tuple[str, Mask]]:
+        return [(c, tuple(b == "1" for b in CSV_CYCLE[i % 15])) for i, c in enumerate(cases)]  # type: ignore[misc]
+
+    split = Split(train, cycle(val), cycle(test))
+    split.check_disjoint()
+    return split
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m brats_core.splits", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("download", help="download the paper's split files (checksums verified)")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--base_url", default=None, help="mirror holding the five files (default: upstream repository)")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("verify", help="check split files against the published checksums")
+    p.add_argument("--split_dir", required=True)
+    p = sub.add_parser("generate", help="generate a seeded 70/10/20 split from a preprocessed or raw data folder")
+    p.add_argument("--datapath", required=True, help="preprocessed folder (vol/*.npy) or BraTS folder (case dirs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "download":
+        for path in download(args.out, args.base_url, args.overwrite):
+            print(f"{path}  OK")
+        return 0
+    if args.command == "verify":
+        status = verify(args.split_dir)
+        for name, ok in status.items():
+            print(f"{name}: {'OK' if ok else 'missing or different'}")
+        return 0 if all(status.values()) else 1
+    root = Path(args.datapath)
+    vol = root / "vol"
+    if vol.is_dir():
+        cases = [p.name[: -len("_vol.npy")] for p in vol.glob("*_vol.npy")]
+    else:
+        cases = [p.name for p in root.iterdir() if p.is_dir()]
+    if not cases:
+        parser.error(f"no cases found in {root} (expected vol/<case>_vol.npy or case folders)")
+    split = generate(cases, args.seed)
+    split.write(args.out)
+    print(f"{len(split.train)} train / {len(split.val)} val / {len(split.test)} test cases written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

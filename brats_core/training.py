@@ -1,0 +1,305 @@
+"""The training engine shared by all methods: ``fit(model, train_set, loss_fn, optimizer, config)``.
+
+Upstream semantics by default (METHODS.md §0.8): one epoch = N_train optimiser steps of ``batch_size`` samples
+(``--iter_per_epoch`` overrides), the learning rate is set per epoch by a scheduler (poly for the RFNet family),
+``model_last.pth`` is written after every epoch and ``best.pth`` when the validation score improves. Added: AMP on
+CUDA, DDP through ``torchrun``, TensorBoard scalars, a progress bar, ``--max_steps`` for smoke runs, and resume that
+reproduces an uninterrupted run exactly on CPU (every sample is a function of (seed, epoch, position); model,
+optimiser, scheduler, scaler and RNG states are checkpointed, also mid-epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Collection, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state, unwrap
+from .data import EpochSampler, seed_worker
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Mapping[str, Any], int], tuple[torch.Tensor, Mapping[str, float]]]
+"""``loss_fn(model, batch, epoch) -> (loss, scalars to log)``; the batch tensors are already on the device."""
+
+ValidateFn = Callable[[nn.Module, int], Mapping[str, float]]
+"""``validate(model, epoch) -> scores`` on the unwrapped model in eval mode."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA); deterministic cuDNN as upstream."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def amp_context(device: torch.device, enabled: bool) -> Any:
+    """Autocast for CUDA (bf16 where supported, else fp16); a no-op on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """Upstream's poly schedule, stepped once per epoch: ``lr_e = round(lr0 · (1 − e/E)^0.9, 8)`` (§0.8)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, num_epochs: int, power: float = 0.9, last_epoch: int = -1):
+        self.num_epochs, self.power = num_epochs, power
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        e = min(self.last_epoch, self.num_epochs)
+        return [round(base * (1 - e / self.num_epochs) ** self.power, 8) for base in self.base_lrs]
+
+
+@dataclass
+class FitConfig:
+    """What ``fit`` needs beyond the model, data, loss and optimiser.
+
+    ``val_epochs`` are 1-based epoch numbers after which ``validate`` runs (upstream's convention).
+    """
+
+    savepath: Path
+    num_epochs: int
+    batch_size: int = 1
+    iter_per_epoch: int | None = None
+    seed: int = 999
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = False
+    max_steps: int | None = None
+    val_epochs: Collection[int] = ()
+    best_key: str = "mean_dice"
+    resume: str | Path | None = None
+    log_every: int = 10
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint: method, config, args
+
+
+@dataclass
+class FitResult:
+    global_step: int
+    next_epoch: int
+    best_score: float
+    last_checkpoint: Path
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    config: FitConfig,
+    scheduler: Any | None = None,
+    validate: ValidateFn | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_set`` (a dataset indexed by ``(case index, seed)``, see ``data.TrainDataset``).
+
+    Args:
+        model: the bare model (DDP wrapping is done here when launched by ``torchrun``).
+        train_set: training dataset; its length is N_train.
+        loss_fn: see :data:`LossFn`.
+        optimizer: over ``model``'s parameters.
+        config: see :class:`FitConfig`.
+        scheduler: stepped once per epoch (``step()``; ``step(val_loss)`` for ``ReduceLROnPlateau``, which then
+            needs ``"val_loss"`` from ``validate`` at every epoch).
+        validate: run after the epochs listed in ``config.val_epochs``; ``config.best_key`` of its result selects
+            ``best.pth`` (higher is better).
+    """
+    rank, world, local_rank = _distributed()
+    device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if config.amp and device.type != "cuda":
+        log.warning("--amp has no effect on %s: training in fp32", device)
+    if config.batch_size % world:
+        raise ValueError(f"--batch_size {config.batch_size} is not divisible by the {world} processes")
+    savepath = Path(config.savepath)
+    is_main = rank == 0
+    if is_main:
+        savepath.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    steps_per_epoch = config.iter_per_epoch or len(train_set)
+    per_rank_batch = config.batch_size // world
+    sampler = EpochSampler(len(train_set), steps_per_epoch * per_rank_batch, config.seed, rank, world)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=config.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+
+    next_epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
+    if config.resume:
+        ckpt = load_checkpoint(config.resume, map_location=device)
+        load_state_dict_strict(model, ckpt["state_dict"], str(config.resume))
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        next_epoch = int(ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1))
+        step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+        global_step = int(ckpt.get("global_step", next_epoch * steps_per_epoch + step_in_epoch))
+        best = float(ckpt.get("best_score", -math.inf))
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d, step %d", config.resume, next_epoch, step_in_epoch)
+
+    train_model: nn.Module = model
+    if world > 1:
+        # upstream IM-Fuse keeps dead parameters for state-dict compatibility: they never receive gradients
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(savepath / "tensorboard"))
+        (savepath / "config.json").write_text(json.dumps(config.extra, indent=2, default=str))
+    text_log = (savepath / "train.log").open("a") if is_main else None
+
+    def checkpoint(name: str, resume_epoch: int, in_epoch: int) -> Path:
+        # `epoch` keeps upstream's meaning (last finished epoch, 0-based); resume uses next_epoch/step_in_epoch
+        path = savepath / name
+        if is_main:
+            save_checkpoint(
+                path, model,
+                epoch=resume_epoch - 1, next_epoch=resume_epoch, step_in_epoch=in_epoch,
+                global_step=global_step, best_score=best,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                rng=rng_state(), **config.extra,
+            )  # fmt: skip
+        return path
+
+    last = savepath / "model_last.pth"
+    stop = False
+    for epoch in range(next_epoch, config.num_epochs):
+        next_epoch = epoch
+        sampler.set_epoch(epoch, skip=step_in_epoch * per_rank_batch)
+        loader = DataLoader(
+            train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=config.workers,
+            pin_memory=device.type == "cuda", worker_init_fn=seed_worker, drop_last=True,
+            generator=torch.Generator().manual_seed(config.seed + epoch),
+        )  # fmt: skip
+        train_model.train()
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            disable=not (is_main and config.progress),
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            dynamic_ncols=True,
+        )
+        t0, running = time.time(), 0.0
+        for batch in bar:
+            batch = _to_device(batch, device)
+            with amp_context(device, config.amp):
+                loss, scalars = loss_fn(train_model, batch, epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step_in_epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            step_in_epoch += 1
+            value = float(loss.detach())
+            running += value
+            if is_main:
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if global_step % config.log_every == 0 and writer is not None:
+                    writer.add_scalar("train/loss", value, global_step)
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", float(v), global_step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+            if config.max_steps is not None and global_step >= config.max_steps:
+                stop = True
+                break
+        bar.close()
+        if stop and step_in_epoch < steps_per_epoch:
+            last = checkpoint("model_last.pth", epoch, step_in_epoch)
+            break
+        step_in_epoch, next_epoch = 0, epoch + 1
+        metrics: Mapping[str, float] = {}
+        if validate is not None and (epoch + 1) in config.val_epochs:
+            metrics = validate(unwrap(model), epoch) if is_main else {}
+            train_model.train()
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if "val_loss" in metrics:
+                    scheduler.step(metrics["val_loss"])
+            else:
+                scheduler.step()
+        if is_main:
+            msg = f"epoch {epoch + 1}: loss {running / max(1, steps_per_epoch):.4f}, {time.time() - t0:.1f}s" + "".join(
+                f", {k} {v:.4f}" for k, v in metrics.items()
+            )
+            log.info(msg)
+            assert text_log is not None
+            text_log.write(msg + "\n")
+            text_log.flush()
+            for k, v in metrics.items():
+                assert writer is not None
+                writer.add_scalar(f"val/{k}", float(v), epoch + 1)
+        improved = config.best_key in metrics and metrics[config.best_key] > best
+        if improved:
+            best = float(metrics[config.best_key])
+        last = checkpoint("model_last.pth", epoch + 1, 0)
+        if improved:
+            checkpoint("best.pth", epoch + 1, 0)
+        if stop:
+            break
+    if writer is not None:
+        writer.close()
+    if text_log is not None:
+        text_log.close()
+    return FitResult(global_step, next_epoch, best, last)

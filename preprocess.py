@@ -1,0 +1,11 @@
+"""Preprocess a BraTS folder into ``<out>/vol``, ``<out>/seg``, ``<out>/meta`` (see ``brats_core.preprocessing``).
+
+Usage: ``python preprocess.py --input-path RAW --output-path OUT [--workers 4] [--reference-quirks]``.
+"""
+
+import sys
+
+from brats_core.preprocessing import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The model contract, checked for every registered method at its tiny preset (new methods inherit these tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brats_core.checkpoint import save_checkpoint
+from brats_core.registry import OutputKind, build_method, config_dict, list_methods
+from brats_core.scripts import model_from_checkpoint
+
+METHODS = list_methods()
+MASKS = [
+    (False, False, True, False),  # 1 modality
+    (True, False, False, True),  # 2
+    (True, True, False, True),  # 3
+    (True, True, True, True),  # 4
+]
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _tensors(o)] if isinstance(out, list | tuple) else []
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def method(request):
+    return request.param
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    return build_method(name, "tiny")
+
+
+def _input(model, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    p = model.patch_size
+    return torch.randn(batch, 4, p, p, p, generator=g)
+
+
+def _expected_channels(model):
+    return len(model.region_order) if model.output_kind == OutputKind.REGION_LOGITS else model.config.num_cls
+
+
+def test_methods_are_registered():
+    assert "imfuse" in METHODS
+
+
+def test_train_forward_backward(method):
+    model = _model(method).train()
+    x = _input(model, 2)
+    for m in MASKS:
+        mask = torch.tensor([m, MASKS[-1]])
+        outputs = _tensors(model(x, mask))
+        assert outputs and all(torch.isfinite(t).all() for t in outputs)
+    loss = sum(t.float().mean() for t in outputs)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_eval_output_shape_and_kind(method):
+    model = _model(method).eval()
+    x = _input(model, len(MASKS))
+    with torch.no_grad():
+        out = model(x, torch.tensor(MASKS))
+    p = model.patch_size
+    assert out.shape == (len(MASKS), _expected_channels(model), p, p, p) and out.dtype == torch.float32
+    if model.output_kind == OutputKind.PROBABILITIES:
+        assert torch.allclose(out.sum(1), torch.ones(()), atol=1e-5) and out.min() >= 0
+
+
+def test_missing_channel_content_is_ignored(method):
+    model = _model(method).eval()
+    if getattr(model, "missing_content_invariant", True) is not True:
+        pytest.xfail(str(model.missing_content_invariant))
+    x = _input(model, 1)
+    for m in MASKS[:-1]:
+        mask = torch.tensor([m])
+        noisy = x.clone()
+        absent = [i for i, on in enumerate(m) if not on]
+        noisy[:, absent] = torch.randn_like(noisy[:, absent]) * 5
+        with torch.no_grad():
+            a, b = model(x, mask), model(noisy, mask)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{method}: mask {m}")
+
+
+def test_checkpoint_round_trip(method, tmp_path):
+    model = _model(method, seed=3).eval()
+    save_checkpoint(tmp_path / "m.pth", model, method=method, config=config_dict(model))
+    loaded, ckpt = model_from_checkpoint(tmp_path / "m.pth", method, {})
+    assert ckpt["method"] == method and not loaded.training
+    x = _input(model, 1)
+    mask = torch.tensor([MASKS[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, mask), model(x, mask), atol=0, rtol=0)

@@ -1,0 +1,92 @@
+"""The 15-scenario evaluator: per-case rows, summary, resume, shards merging, encode-once equivalence, validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from toy import ToyModel, write_preprocessed
+
+from brats_core.data import load_case
+from brats_core.evaluation import EvalOptions, evaluate, format_table, segment, summarize, validate
+from brats_core.metrics import case_scores
+from brats_core.modalities import SCENARIOS
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    return ToyModel().eval(), root, cases
+
+
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_all_scenarios_and_summary(setup, tmp_path):
+    model, root, cases = setup
+    opts = EvalOptions(progress=False)
+    summary = evaluate(model, root, cases, tmp_path / "out", options=opts)
+    rows = _rows(tmp_path / "out" / "per_case_all.csv")
+    assert len(rows) == 2 * 15 and {r["scenario"] for r in rows} == {s.name for s in SCENARIOS}
+    assert [r["scenario"] for r in summary] == [s.name for s in SCENARIOS] + ["mean"]
+    # each row equals a direct computation; the summary is the mean over cases, and the mean row over scenarios
+    image, label = load_case(root, cases[1])
+    pred = segment(model, torch.from_numpy(image), [SCENARIOS[4].mask], opts, torch.device("cpu"))[0].numpy()
+    direct = case_scores(pred, label)
+    row = next(r for r in rows if r["case"] == cases[1] and r["scenario"] == SCENARIOS[4].name)
+    for k in ("WT", "TC", "ET", "ETpp", "HD95_WT"):
+        assert float(row[k]) == pytest.approx(direct[k], abs=1e-6)
+    s4 = summary[4]
+    assert float(s4["WT"]) == pytest.approx(np.mean([float(r["WT"]) for r in rows if r["scenario"] == s4["scenario"]]),
+                                            abs=1e-4)
+    assert float(summary[-1]["ET"]) == pytest.approx(np.mean([float(r["ET"]) for r in summary[:-1]]), abs=1e-4)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())[-1]["scenario"] == "mean"
+    assert "| FLAIR + T1ce |" in (tmp_path / "out" / "summary.md").read_text()
+    assert "Mean" in format_table(summary)
+
+
+def test_encode_once_equals_independent_passes(setup, tmp_path):
+    model, root, cases = setup
+    a = evaluate(model, root, cases[:1], tmp_path / "a", options=EvalOptions(progress=False, hd95=False))
+    b = evaluate(model, root, cases[:1], tmp_path / "b", options=EvalOptions(progress=False, hd95=False,
+                                                                                use_encode=False))
+    assert a == b
+
+
+def test_resume_and_shards(setup, tmp_path, monkeypatch):
+    model, root, cases = setup
+    out = tmp_path / "out"
+    opts = EvalOptions(progress=False, hd95=False)
+    evaluate(model, root, cases, out, scenarios=SCENARIOS[:5], options=opts)
+    evaluate(model, root, cases, out, scenarios=SCENARIOS[5:], options=opts)
+    merged = summarize(out)
+    assert len(merged) == 16 and merged[-1]["cases"] == "2"
+    # a re-run finds every row done and calls the model no more
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a: calls.append(1))
+    monkeypatch.setattr(model, "decode", lambda *a: calls.append(1))
+    again = evaluate(model, root, cases, out, scenarios=SCENARIOS[:5], options=opts)
+    assert calls == [] and again == merged
+
+
+def test_validate_uses_each_case_mask(setup):
+    model, root, cases = setup
+    rows = [(cases[0], SCENARIOS[0].mask), (cases[1], SCENARIOS[14].mask)]
+    model.train()
+    scores = validate(model, root, rows, EvalOptions(progress=False), torch.device("cpu"))
+    assert model.training  # mode restored
+    assert scores["mean_dice"] == pytest.approx((scores["WT"] + scores["TC"] + scores["ET"]) / 3)
+    model.eval()
+    expected = []
+    for case, mask in rows:
+        image, label = load_case(root, case)
+        pred = segment(model, torch.from_numpy(image), [mask], EvalOptions(), torch.device("cpu"))[0].numpy()
+        expected.append(case_scores(pred, label, hd95=False)["WT"])
+    assert scores["WT"] == pytest.approx(np.mean(expected))

@@ -1,0 +1,70 @@
+"""Split files: the paper's files parse into 875/125/251 disjoint cases; download with checksums; generation rules."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import shared_path
+
+from brats_core import splits
+from brats_core.modalities import SCENARIOS
+
+
+def test_reference_splits_parse_and_match_checksums():
+    d = shared_path("data", "reference_splits")
+    assert all(splits.verify(d).values())
+    split = splits.load_split(d)
+    assert (len(split.train), len(split.val), len(split.test)) == (875, 125, 251)
+    split.check_disjoint()
+    assert splits.read_case_list(d / "val.txt") == [c for c, _ in split.val]
+    assert splits.read_case_list(d / "test.txt") == [c for c, _ in split.test]
+    # each case one scenario, cycling through all 15 (test: 16 or 17 per subset)
+    counts = {s.mask: 0 for s in SCENARIOS}
+    for _, m in split.test:
+        counts[m] += 1
+    assert set(counts.values()) == {16, 17}
+    assert [m for _, m in split.test[:15]] == [tuple(b == "1" for b in bits) for bits in splits.CSV_CYCLE]
+
+
+def test_download_verifies_checksums(tmp_path):
+    src = shared_path("data", "reference_splits")
+    mirror = tmp_path / "mirror"
+    shutil.copytree(src, mirror)
+    out = tmp_path / "out"
+    paths = splits.download(out, base_url=mirror.as_uri())
+    assert [p.name for p in paths] == list(splits.REFERENCE_FILES)
+    assert all(splits.verify(out).values())
+    # a tampered file is rejected and nothing is kept
+    (mirror / "train.txt").write_text("BraTS-GLI-99999-000\n")
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match="sha256"):
+        splits.download(bad, base_url=mirror.as_uri())
+    assert list(bad.iterdir()) == []
+
+
+def test_shaspec_style_paths_and_bad_files(tmp_path):
+    f = tmp_path / "BraTS23_test.csv"
+    f.write_text("case\n/cluster/grana_neuro/data/BraTS-GLI-00001-000\n/x/BraTS-GLI-00002-000/\n")
+    assert splits.read_case_list(f) == ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    g = tmp_path / "v.csv"
+    g.write_text('case,mask\nA,"[True, False, False, False]"\nB,"[False, False, False, False]"\n')
+    with pytest.raises(ValueError, match="line 3"):
+        splits.read_mask_csv(g)
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        splits.load_split(tmp_path)
+
+
+def test_generate_follows_upstream_rules(tmp_path):
+    ids = [f"BraTS-GLI-{i:05d}-000" for i in range(100)] + ["BraTS-GLI-00003-001", "BraTS-GLI-00007-001"]
+    split = splits.generate(ids, seed=42)
+    n = len(ids)
+    assert len(split.train) == int(0.7 * n) and len(split.val) == int(0.1 * n)
+    assert len(split.train) + len(split.val) + len(split.test) == n
+    multi = {"BraTS-GLI-00003-000", "BraTS-GLI-00003-001", "BraTS-GLI-00007-000", "BraTS-GLI-00007-001"}
+    assert multi <= set(split.train)
+    assert [m for _, m in split.test[:15]] == [tuple(b == "1" for b in bits) for bits in splits.CSV_CYCLE]
+    assert splits.generate(ids, seed=42) == split
+    assert splits.generate(ids, seed=1) != split
+    split.write(tmp_path)
+    assert splits.load_split(tmp_path) == split

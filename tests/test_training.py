@@ -1,0 +1,145 @@
+"""fit(): upstream epoch semantics, poly LR, validation/best checkpoint, exact resume; checkpoints round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from toy import ToyModel, write_preprocessed
+
+from brats_core import checkpoint as C
+from brats_core.data import TrainDataset
+from brats_core.training import FitConfig, PolyLR, fit, seed_everything
+from brats_core.transforms import rfnet_augmentation
+
+
+def _loss(model, batch, epoch):
+    probs = model(batch["image"], batch["mask"])
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-6)), batch["label"].clamp_min(0))
+    return loss, {"nll": float(loss.detach())}
+
+
+def _run(tmp_path, name, cases, root, **kw):
+    seed_everything(7)
+    model = ToyModel()
+    opt = torch.optim.RAdam(model.parameters(), lr=1e-2, weight_decay=3e-5)
+    sched = PolyLR(opt, num_epochs=3)
+    calls = []
+
+    def validate(m, epoch):
+        calls.append(epoch)
+        return {"mean_dice": [0.2, 0.5, 0.4][epoch]}
+
+    cfg = FitConfig(
+        savepath=tmp_path / name,
+        num_epochs=3,
+        batch_size=2,
+        iter_per_epoch=3,
+        seed=11,
+        val_epochs={1, 2, 3},
+        progress=False,
+        extra={"method": "toy"},
+        **kw,
+    )
+    ds = TrainDataset(root, cases, rfnet_augmentation(16))
+    result = fit(model, ds, _loss, opt, cfg, scheduler=sched, validate=validate)
+    return model, opt, result, calls
+
+
+def test_poly_lr_matches_upstream_formula():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = PolyLR(opt, num_epochs=1000)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 2e-4
+    for e in (1, 17, 500, 999):
+        assert lrs[e] == round(2e-4 * (1 - e / 1000) ** 0.9, 8)
+
+
+def test_fit_epoch_semantics_validation_and_best(tmp_path):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=4)
+    _, opt, result, calls = _run(tmp_path, "a", cases, root)
+    assert result.global_step == 9 and result.next_epoch == 3
+    assert calls == [0, 1, 2] and math.isclose(result.best_score, 0.5)
+    last = C.load_checkpoint(tmp_path / "a" / "model_last.pth")
+    best = C.load_checkpoint(tmp_path / "a" / "best.pth")
+    assert last["epoch"] == 2 and last["next_epoch"] == 3 and last["method"] == "toy"
+    assert best["epoch"] == 1 and math.isclose(best["best_score"], 0.5)
+    assert opt.param_groups[0]["lr"] == 0.0  # poly reached (1 − 3/3)
+    assert (tmp_path / "a" / "train.log").read_text().count("epoch") == 3
+    assert list((tmp_path / "a" / "tensorboard").iterdir())
+    # without iter_per_epoch an epoch is N_train optimiser steps (upstream's MultiEpochsDataLoader semantics)
+    seed_everything(0)
+    m = ToyModel()
+    cfg = FitConfig(savepath=tmp_path / "b", num_epochs=1, batch_size=2, progress=False)
+    r = fit(m, TrainDataset(root, cases, rfnet_augmentation(16)), _loss, torch.optim.SGD(m.parameters(), 0.1), cfg)
+    assert r.global_step == len(cases)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch and at an epoch boundary
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, stop_at):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=4)
+    full, full_opt, _, _ = _run(tmp_path, "full", cases, root)
+    _run(tmp_path, "part", cases, root, max_steps=stop_at)
+    ckpt = C.load_checkpoint(tmp_path / "part" / "model_last.pth")
+    assert ckpt["global_step"] == stop_at
+    # resume in a "new process": different global RNG state before fit
+    torch.manual_seed(12345)
+    resumed, res_opt, result, _ = _run(tmp_path, "part", cases, root, resume=tmp_path / "part" / "model_last.pth")
+    assert result.global_step == 9
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert res_opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = ToyModel()
+    C.save_checkpoint(tmp_path / "m.pth", model, method="toy", config={"patch_size": 16}, epoch=3, rng=C.rng_state())
+    raw = torch.load(tmp_path / "m.pth", weights_only=True)  # no pickled code
+    assert raw["format"] == C.FORMAT
+    ckpt = C.load_checkpoint(tmp_path / "m.pth")
+    other = ToyModel()
+    C.load_state_dict_strict(other, ckpt["state_dict"])
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    C.set_rng_state(ckpt["rng"])
+    # safetensors export keeps weights and metadata
+    C.export_safetensors(tmp_path / "m.pth", tmp_path / "m.safetensors")
+    st = C.load_checkpoint(tmp_path / "m.safetensors")
+    assert st["method"] == "toy" and st["config"] == {"patch_size": 16}
+    assert torch.equal(st["state_dict"]["head.weight"], model.head.weight)
+
+
+def test_upstream_dataparallel_checkpoint_and_mismatch_errors(tmp_path):
+    model = ToyModel()
+    upstream = {
+        "epoch": 9,
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "optim_dict": {},
+        "val_Dice_best": 0.8,
+    }
+    torch.save(upstream, tmp_path / "up.pth")
+    ckpt = C.load_checkpoint(tmp_path / "up.pth")
+    assert ckpt["best_score"] == 0.8 and "optimizer" in ckpt and ckpt["format"] == "upstream"
+    C.load_state_dict_strict(ToyModel(), ckpt["state_dict"])
+    bad = dict(ckpt["state_dict"])
+    bad.pop("enc.bias")
+    bad["extra.weight"] = torch.zeros(1)
+    bad["head.weight"] = torch.zeros(4, 8, 1, 1, 1)
+    with pytest.raises(C.StateDictMismatchError) as err:
+        C.load_state_dict_strict(ToyModel(), bad, "up.pth")
+    text = str(err.value)
+    assert "missing keys (1)" in text and "enc.bias" in text and "extra.weight" in text
+    assert "head.weight: checkpoint (4, 8, 1, 1, 1) vs model (4, 8, 3, 3, 3)" in text
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="junk.pth"):
+        C.load_checkpoint(tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        C.load_checkpoint(tmp_path / "nope.pth")
