@@ -35,4 +35,8 @@ class IMFuseLoss:
         sep_loss = sum(rfnet_term(p, target) for p in separate)
         prm_loss = sum(rfnet_term(p, target) for p in deep)
         loss = fuse_loss + sep_loss + prm_loss
-        return loss, {"fuse": float(fuse_loss), "sep": float(sep_loss), "prm": float(prm_loss)}
+        return loss, {
+            "fuse": float(fuse_loss.detach()),
+            "sep": float(sep_loss.detach()),
+            "prm": float(prm_loss.detach()),
+        }

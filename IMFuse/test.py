@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import add_data_args, add_eval_args, add_runtime_args, check_scenarios, setup_logging
-from brats_core.scripts import model_from_checkpoint, test_from_args
+from brats_core.cli import check_scenarios, setup_logging
+from brats_core.scripts import build_test_parser, model_from_checkpoint, test_from_args
 from brats_core.training import resolve_device
 
 
@@ -42,21 +42,15 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
         "patch_size": side * 16,
         "transformer_dim": width,
         "mlp_dim": mlp_dim,
+        "basic_dims": state_dict["flair_encoder.e1_c1.weight"].shape[0],
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="IMFuse/test.py", description=__doc__.splitlines()[0])
-    add_data_args(p, savepath_required=True)
-    p.add_argument("--resume", required=True, help="checkpoint (ours, or upstream's model_last.pth / best.pth)")
-    p.add_argument("--test_file", default=None, help="test list (default: <split_dir>/test15splits.csv)")
-    p.add_argument("--interleaved_tokenization", action="store_true")
-    p.add_argument("--mamba_skip", action="store_true")
-    p.add_argument("--first_skip", action="store_true")
-    p.add_argument("--batch_size", type=int, default=1, help="accepted as the upstream README passes it; unused")
-    p.add_argument("--no_progress", action="store_true")
-    add_eval_args(p)
-    add_runtime_args(p)
+    p = build_test_parser("IMFuse/test.py", __doc__.splitlines()[0])
+    # default None: only flags the user gave are compared with the checkpoint's architecture
+    for flag in ("--interleaved_tokenization", "--mamba_skip", "--first_skip"):
+        p.add_argument(flag, action="store_true", default=None)
     return p
 
 
@@ -65,9 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_scenarios(parser, args)
     setup_logging(args.savepath, "test.txt")
-    flags = {"interleaved_tokenization": args.interleaved_tokenization}
-    # architecture flags only count when given: the checkpoint (or its weights) decides otherwise
-    flags |= {k: True for k in ("mamba_skip", "first_skip") if getattr(args, k)}
+    flags = {k: True for k in ("interleaved_tokenization", "mamba_skip", "first_skip") if getattr(args, k)}
     model, _ = model_from_checkpoint(args.resume, "imfuse", flags, infer_architecture, resolve_device(args.device))
     test_from_args(args, model)
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from brats_core.cli import add_data_args, add_runtime_args, add_train_args, setup_logging
 from brats_core.registry import build_method
-from brats_core.scripts import train_from_args
+from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
 from brats_core.training import PolyLR, seed_everything
 from brats_core.transforms import rfnet_augmentation
 from IMFuse.losses import IMFuseLoss
@@ -51,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region_fusion_start_epoch", type=int, default=0, help="epoch from which the fused loss counts")
     g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests/demo)")
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
-    g.add_argument("--debug", action="store_true", help="validate after every epoch")
-    g.add_argument("--val_every", type=int, default=None, help="validate every N epochs instead of upstream's schedule")
+    add_val_args(g)
     g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream
     return p
 
@@ -75,12 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = torch.optim.RAdam(
         model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay
     )
-    if args.debug:
-        val_epochs = list(range(1, args.num_epochs + 1))
-    elif args.val_every:
-        val_epochs = list(range(args.val_every, args.num_epochs + 1, args.val_every))
-    else:
-        val_epochs = upstream_val_epochs(args.num_epochs)
+    val_epochs = select_val_epochs(upstream_val_epochs(args.num_epochs), args.num_epochs, args.debug, args.val_every)
     result = train_from_args(
         args,
         model,

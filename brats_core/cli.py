@@ -16,6 +16,14 @@ from typing import Any
 from .modalities import parse_scenarios
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser, savepath_required: bool = False) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--datapath", required=True, help="preprocessed data folder (vol/, seg/, meta/ from preprocess.py)")

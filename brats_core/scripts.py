@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .cli import args_dict, split_dir
+from .cli import add_data_args, add_eval_args, add_runtime_args, args_dict, positive_int, split_dir
 from .data import MaskSampler, TrainDataset, uniform_scenario
 from .evaluation import EvalOptions, evaluate, format_table, validate
 from .registry import SegModel, build_from_config, config_dict
@@ -133,3 +133,41 @@ def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, 
     print(format_table(summary))
     print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath}")
     return summary
+
+
+def add_val_args(group: argparse._ArgumentGroup) -> None:
+    """``--debug`` (validate after every epoch, as upstream) and ``--val_every N``; see :func:`select_val_epochs`."""
+    group.add_argument("--debug", action="store_true", help="validate after every epoch")
+    group.add_argument(
+        "--val_every", type=positive_int, default=None, help="validate every N epochs instead of upstream's list"
+    )
+
+
+def select_val_epochs(
+    upstream: Sequence[int], num_epochs: int, debug: bool = False, val_every: int | None = None
+) -> list[int]:
+    """Validation epochs (1-based): every epoch with ``--debug`` (as upstream), every ``val_every`` epochs when
+    given, otherwise the method's upstream list, continued every 10 epochs past its end (a run longer than upstream's
+    would otherwise never update ``best.pth`` again; nothing changes within upstream's length)."""
+    if debug:
+        return list(range(1, num_epochs + 1))
+    if val_every:
+        return list(range(val_every, num_epochs + 1, val_every))
+    beyond = range(max(upstream) + 10, num_epochs + 1, 10)
+    return [e for e in upstream if e <= num_epochs] + list(beyond)
+
+
+def build_test_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags every test script shares: upstream's ``--datapath``, ``--resume``, ``--savepath`` (default ``eval``),
+    ``--test_file`` and ``--batch_size`` (accepted as upstream READMEs pass it; windows are batched with
+    ``--sw_batch_size``), plus the shared evaluation and runtime flags."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_data_args(p)
+    p.set_defaults(savepath="eval")
+    p.add_argument("--resume", required=True, help="checkpoint (ours, or upstream's model_last.pth / best.pth)")
+    p.add_argument("--test_file", default=None, help="test list (default: <split_dir>/test15splits.csv)")
+    p.add_argument("--batch_size", type=int, default=1, help="accepted for compatibility; unused")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_eval_args(p)
+    add_runtime_args(p)
+    return p

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# The tests run many tiny 3-D convolutions, for which intra-op threads cost more than they gain (10-20x slower on a
+# loaded 2-core machine); one thread keeps the suite fast and its timing stable.
+torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:

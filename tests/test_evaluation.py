@@ -44,8 +44,9 @@ def test_evaluate_all_scenarios_and_summary(setup, tmp_path):
     for k in ("WT", "TC", "ET", "ETpp", "HD95_WT"):
         assert float(row[k]) == pytest.approx(direct[k], abs=1e-6)
     s4 = summary[4]
-    assert float(s4["WT"]) == pytest.approx(np.mean([float(r["WT"]) for r in rows if r["scenario"] == s4["scenario"]]),
-                                            abs=1e-4)
+    assert float(s4["WT"]) == pytest.approx(
+        np.mean([float(r["WT"]) for r in rows if r["scenario"] == s4["scenario"]]), abs=1e-4
+    )
     assert float(summary[-1]["ET"]) == pytest.approx(np.mean([float(r["ET"]) for r in summary[:-1]]), abs=1e-4)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())[-1]["scenario"] == "mean"
     assert "| FLAIR + T1ce |" in (tmp_path / "out" / "summary.md").read_text()
@@ -55,8 +56,9 @@ def test_evaluate_all_scenarios_and_summary(setup, tmp_path):
 def test_encode_once_equals_independent_passes(setup, tmp_path):
     model, root, cases = setup
     a = evaluate(model, root, cases[:1], tmp_path / "a", options=EvalOptions(progress=False, hd95=False))
-    b = evaluate(model, root, cases[:1], tmp_path / "b", options=EvalOptions(progress=False, hd95=False,
-                                                                                use_encode=False))
+    b = evaluate(
+        model, root, cases[:1], tmp_path / "b", options=EvalOptions(progress=False, hd95=False, use_encode=False)
+    )
     assert a == b
 
 

@@ -52,12 +52,15 @@ ENV_BACKEND = "BRATS_MAMBA_BACKEND"
 # mamba-ssm's kernel softplus: x <= 20 ? log1p(exp(x)) : x, i.e. F.softplus's default threshold.
 _SOFTPLUS_THRESHOLD = 20.0
 
-# State elements advanced per Python step by the chunked scan: large enough that per-op dispatch overhead is
-# negligible, small enough that a (b, chunks, d, n) state stays cache-resident. MAMBA.md §3.1 swept 2^14…2^22 on CPU
-# (2^18–2^20 best); on GPU larger steps amortise kernel launches.
+# State elements advanced per Python step by the chunked scan (b·nc·n·d): large enough that per-op dispatch overhead
+# is small, small enough that the step's few state-sized tensors stay in cache. MAMBA.md §3.1 swept 2^14…2^22 on CPU
+# (2^18–2^20 best; here 2^16–2^18 measured within 15 %); on GPU larger steps amortise kernel launches.
 _STEP_ELEMS_CPU = 1 << 18
 _STEP_ELEMS_CUDA = 1 << 22
+# exp(x) = exp2(x·log2 e): the scan pre-scales A once (see _step).
 _LOG2E = math.log2(math.e)
+# Up to this many chunks the carries are propagated by a loop, beyond by a log-depth scan (see _carry_scan).
+_SEQUENTIAL_CARRY_MAX = 64
 # Chunks shorter than this make the per-chunk reduction and carry pass dominate; only tests ask for less.
 _MIN_AUTO_CHUNK_LEN = 16
 
@@ -68,6 +71,14 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
+
+
+def _log_choice_once(name: str, device: torch.device) -> str:
+    key = f"choice:{name}:{device.type}"
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("Mamba selective scan on %s tensors: backend %r", device.type, name)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,17 +152,17 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
         if requested not in _BACKENDS:
             raise ValueError(f"unknown Mamba scan backend {requested!r}; registered: {available_backends()}")
         if _BACKENDS[requested].is_usable(device):
-            return requested
+            return _log_choice_once(requested, device)
         _warn_once(
             f"unusable:{requested}:{device.type}",
             f"Mamba scan backend {requested!r} is not usable on {device.type} tensors; falling back to 'auto'",
         )
     candidates = sorted(
-        (b for b in _BACKENDS.values() if b.auto_priority is not None), key=lambda b: b.auto_priority or 0
+        (b for b in _BACKENDS.values() if b.auto_priority is not None), key=lambda b: (b.auto_priority, b.name)
     )
     for cand in candidates:
         if cand.is_usable(device):
-            return cand.name
+            return _log_choice_once(cand.name, device)
     raise RuntimeError(f"no Mamba scan backend is usable on {device}")
 
 
@@ -295,58 +306,50 @@ def selective_scan_reference(
 
 @dataclass(frozen=True)
 class _Plan:
-    """How the chunked scan cuts the sequence: ``nc`` chunks of ``T`` steps (``nc·T ≥ L``, zero-padded at the end),
-    backward recompute blocks of ``K`` steps (``ceil(T/K)`` checkpoints per chunk)."""
+    """How the chunked scan cuts the sequence: ``nc`` chunks of ``T`` steps (``Lp = nc·T ≥ L``; positions ≥ L are
+    zero-padded identity steps), and backward recompute blocks of ``K`` steps (``ceil(T/K)`` checkpoints)."""
 
     nc: int
     T: int
     K: int
 
+    @property
+    def padded_len(self) -> int:
+        return self.nc * self.T
+
 
 def _plan(b: int, d: int, n: int, L: int, device: torch.device, chunk_size: int | None) -> _Plan:
-    if chunk_size is None:
-        step_elems = _STEP_ELEMS_CUDA if device.type == "cuda" else _STEP_ELEMS_CPU
-        nc = max(1, min(step_elems // (b * d * n), L // _MIN_AUTO_CHUNK_LEN))
-        T = math.ceil(L / nc)
-    else:
+    if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         T = min(chunk_size, L)
+    else:
+        step_elems = _STEP_ELEMS_CUDA if device.type == "cuda" else _STEP_ELEMS_CPU
+        target = max(1, min(step_elems // (b * d * n), L // _MIN_AUTO_CHUNK_LEN))
+        # A chunk count that divides L avoids zero-padded copies of every input (IM-Fuse's L = 5·N³ has many
+        # divisors); accept one down to half the target, else pad.
+        nc = next((c for c in range(target, max(1, target // 2) - 1, -1) if L % c == 0), target)
+        T = math.ceil(L / nc)
     nc = math.ceil(L / T)
-    # √T-sized recompute blocks minimise the backward's (T/K checkpoints + K block states) working set.
+    # √T-sized recompute blocks minimise the backward's working set (T/K checkpoints + 2K block states).
     K = max(1, math.isqrt(T))
     return _Plan(nc, T, K)
 
 
-def _to_chunks(x: Tensor, T: int, nc: int, dtype: torch.dtype) -> Tensor:
-    """(b, c, L) with any strides → contiguous time-major (T, b, nc, c), chunk k = positions [k·T, (k+1)·T),
-    zero-padded after L. Time-major makes every step's slice one contiguous (b, nc, c) block."""
+def _tokens(x: Tensor, Lp: int, dtype: torch.dtype) -> Tensor:
+    """(b, c, L) API layout → token-major (b, Lp, c) with unit stride along c.
+
+    The module's tensors are already token-major underneath (``in_proj`` / ``x_proj`` outputs), so this is a free
+    view unless a dtype cast, zero padding up to Lp, or a gather from a genuinely (b, c, L)-contiguous input is
+    needed. Per-step slices ``view(b, nc, T, c)[:, :, t]`` are then (b, nc, c) blocks of contiguous rows."""
     b, c, L = x.shape
-    out = torch.empty(T, b, nc, c, dtype=dtype, device=x.device)
-    view = out.permute(1, 2, 0, 3)  # (b, nc, T, c) view into out
-    xt = x.transpose(1, 2)  # (b, L, c)
-    full = L // T
-    if full:
-        view[:, :full].copy_(xt[:, : full * T].reshape(b, full, T, c))
-    rem = L - full * T
-    if rem:
-        view[:, full, :rem].copy_(xt[:, full * T :])
-        view[:, full, rem:].zero_()
+    xt = x.transpose(1, 2)
+    if Lp == L and xt.dtype == dtype and xt.stride(-1) == 1:
+        return xt
+    out = torch.empty(b, Lp, c, dtype=dtype, device=x.device)
+    out[:, :L].copy_(xt)
+    out[:, L:].zero_()
     return out
-
-
-def _zero_padding(xc: Tensor, L: int) -> None:
-    """Zero the padded tail positions (≥ L) of a time-major (T, b, nc, c) buffer in place."""
-    T, _, nc, _ = xc.shape
-    rem = L - (nc - 1) * T
-    if rem < T:
-        xc[rem:, :, nc - 1].zero_()
-
-
-def _from_chunks(xc: Tensor, L: int) -> Tensor:
-    """Time-major (T, b, nc, c) → contiguous (b, L, c)."""
-    T, b, nc, c = xc.shape
-    return xc.permute(1, 2, 0, 3).reshape(b, nc * T, c)[:, :L].contiguous()
 
 
 def _rowdot(h: Tensor, v: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
@@ -355,21 +358,26 @@ def _rowdot(h: Tensor, v: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
     A single matrix-vector product is fastest for one batch; for many small ones CPU batched GEMV is ~3× slower than
     a broadcast multiply (into ``scratch``, shaped like h) and a reduction."""
     if h.shape[0] * h.shape[1] == 1:
-        return torch.matmul(h, v.unsqueeze(-1), out=out.unsqueeze(-1))
+        out.copy_(torch.matmul(h, v.unsqueeze(-1)).squeeze(-1))
+        return out
     return torch.sum(torch.mul(h, v.unsqueeze(-2), out=scratch), dim=-1, out=out)
 
 
 def _vecmat(v: Tensor, h: Tensor, out: Tensor) -> Tensor:
-    """``out[..., j] = Σ_i v[..., i] · h[..., i, j]`` for v (b, nc, i), h (b, nc, i, j), out (b, nc, j)."""
-    return torch.matmul(v.unsqueeze(-2), h, out=out.unsqueeze(-2))
+    """``out[..., j] = Σ_i v[..., i] · h[..., i, j]`` for v (b, nc, i), h (b, nc, i, j), out (b, nc, j) (any strides;
+    matmul into a strided ``out`` is ~10× slower than a copy of its small result)."""
+    out.copy_(torch.matmul(v.unsqueeze(-2), h).squeeze(-2))
+    return out
 
 
-def _dt_from_delta(delta_c: Tensor, delta_bias: Tensor | None, softplus: bool, L: int) -> Tensor:
-    """dt = softplus(delta + bias) in the time-major layout, with padded steps forced to dt = 0 (identity step)."""
-    if delta_bias is not None:
-        delta_c.add_(delta_bias.to(delta_c.dtype))
-    dt = F.softplus(delta_c, threshold=_SOFTPLUS_THRESHOLD) if softplus else delta_c
-    _zero_padding(dt, L)
+def _softplus_dt(delta_t: Tensor, delta_bias: Tensor | None, softplus: bool, L: int, Lp: int) -> Tensor:
+    """dt = softplus(delta + bias) as (b, Lp, d), with padded steps dt = 0 (identity steps: decay 1, no input)."""
+    b, _, d = delta_t.shape
+    pre = delta_t + delta_bias.to(delta_t.dtype) if delta_bias is not None else delta_t
+    if Lp == L:
+        return F.softplus(pre, threshold=_SOFTPLUS_THRESHOLD) if softplus else pre  # only ever read
+    dt = torch.zeros(b, Lp, d, dtype=delta_t.dtype, device=delta_t.device)
+    dt[:, :L] = F.softplus(pre, threshold=_SOFTPLUS_THRESHOLD) if softplus else pre
     return dt
 
 
@@ -386,12 +394,38 @@ def _step(h: Tensor, dt_t: Tensor, dtu_t: Tensor, B_t: Tensor, A2t: Tensor, a: T
 
 
 def _chunk_decay(dt: Tensor, A: Tensor) -> Tensor:
-    """Total decay of every chunk, ``P = exp(A · Σ_t dt_t)`` as (b, nc, n, d) from dt (T, b, nc, d).
+    """Total decay of every chunk, ``P = exp(A · Σ_t dt_t)`` as (b, nc, n, d) from dt viewed (b, nc, T, d).
 
     Summed and exponentiated in fp64: an fp32 sum over thousands of steps would put a relative error of
     ~|A·Σdt|·√T·eps on the carries."""
-    total = dt.sum(0, dtype=torch.float64)  # (b, nc, d)
+    total = dt.sum(2, dtype=torch.float64)  # (b, nc, d)
     return torch.exp(total.unsqueeze(-2) * A.t().to(torch.float64)).to(dt.dtype)
+
+
+def _carry_scan(P: Tensor, E: Tensor) -> Tensor:
+    """Inclusive scan over chunks of the affine maps ``x ↦ P[c] ⊙ x + E[c]``: returns S with
+    ``S[:, c] = P[:, c] ⊙ S[:, c-1] + E[:, c]`` (``S[:, -1] = 0``), for P, E (b, nc, ...).
+
+    Few chunks: a sequential loop. Many chunks (the GPU step size gives thousands; one kernel launch each would
+    dominate): a Hillis–Steele doubling scan, log2(nc) levels of whole-tensor ops; it only re-associates sums of
+    decayed states, so it is as accurate as the loop.
+    """
+    nc = E.shape[1]
+    S = E.clone()
+    if nc <= _SEQUENTIAL_CARRY_MAX:
+        for c in range(1, nc):
+            S[:, c].addcmul_(P[:, c], S[:, c - 1])
+        return S
+    P = P.clone()
+    offset = 1
+    while offset < nc:
+        # Right-hand sides read the previous level only (they are evaluated before the slice assignments).
+        new_s = torch.addcmul(S[:, offset:], P[:, offset:], S[:, :-offset])
+        new_p = P[:, offset:] * P[:, :-offset]
+        S[:, offset:] = new_s
+        P[:, offset:] = new_p
+        offset *= 2
+    return S
 
 
 class ChunkedSelectiveScanFn(torch.autograd.Function):
@@ -400,7 +434,7 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
     Forward ("reduce-then-scan", MAMBA.md §3.1): the sequence is cut into ``nc`` chunks of ``T`` steps that are all
     advanced together on one (b, nc, n, d) state. (1) each chunk's end state from zero, (2) the exact carry-in of
     every chunk by a short sequential pass over chunks (a chunk's total decay is ``exp(A · Σ dt)``), (3) every chunk
-    re-run from its carry-in, emitting y. Only the carries are saved.
+    re-run from its carry-in, emitting y. Only the carries are saved (besides the inputs).
 
     Backward: the adjoint ``G_t = ∂loss/∂h_t = gy_t·C_t + a_{t+1}·G_{t+1}`` is a reverse scan of the same form. One
     forward recompute pass from the carries stores a checkpoint every K ≈ √T steps and yields the adjoint's per-chunk
@@ -409,7 +443,9 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
     cumulative-sum closed form (overflows for d_state ≥ 32) and no telescoping of the decay gradient (loses ~1e-3
     in fp32) is used, which keeps every gradient at the input precision.
 
-    The state is laid out (n, d) so that the reductions over n (y, ∂/∂u) are one vector-matrix product per step.
+    Layout: per-token inputs stay token-major (b, L, c) (the layout ``in_proj``/``x_proj`` produce; no permuted
+    copies), each step reading strided (b, nc, c) slices; the state is (n, d) so that the reductions over n (y,
+    ∂/∂u) are one vector-matrix product per step.
     """
 
     @staticmethod
@@ -431,15 +467,18 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
         b, d, L = u.shape
         n = A.shape[1]
         plan = _plan(b, d, n, L, u.device, chunk_size)
-        nc, T = plan.nc, plan.T
+        nc, T, Lp = plan.nc, plan.T, plan.padded_len
         state_shape = (b, nc, n, d)
 
         with torch.no_grad():
             A2t = (A.to(dtype) * _LOG2E).t().contiguous()
-            dt = _dt_from_delta(_to_chunks(delta, T, nc, dtype), delta_bias, delta_softplus, L)
-            dtu = _to_chunks(u, T, nc, dtype).mul_(dt)  # dt·u, the per-step coefficient of B
-            Bc = _to_chunks(B, T, nc, dtype)
-            Cc = _to_chunks(C, T, nc, dtype)
+            ut = _tokens(u, L, dtype)  # (b, L, d)
+            dt = _softplus_dt(_tokens(delta, L, dtype), delta_bias, delta_softplus, L, Lp)  # (b, Lp, d)
+            dtu = dt.clone()  # dt·u, the per-step coefficient of B (zero on padding)
+            dtu[:, :L].mul_(ut)
+            dt_v, dtu_v = dt.view(b, nc, T, d), dtu.view(b, nc, T, d)
+            B_v = _tokens(B, Lp, dtype).unflatten(1, (nc, T))
+            C_v = _tokens(C, Lp, dtype).unflatten(1, (nc, T))
 
             a = torch.empty(state_shape, dtype=dtype, device=u.device)
             carry = torch.zeros(state_shape, dtype=dtype, device=u.device)
@@ -447,27 +486,24 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
                 # (1) end state of every chunk started from zero.
                 h = torch.zeros(state_shape, dtype=dtype, device=u.device)
                 for t in range(T):
-                    _step(h, dt[t], dtu[t], Bc[t], A2t, a)
-                # (2) carry-ins: H0[c] = P[c-1] ⊙ H0[c-1] + E[c-1].
-                P = _chunk_decay(dt, A)
-                for c in range(1, nc):
-                    torch.addcmul(h[:, c - 1], P[:, c - 1], carry[:, c - 1], out=carry[:, c])
-                del P
+                    _step(h, dt_v[:, :, t], dtu_v[:, :, t], B_v[:, :, t], A2t, a)
+                # (2) carry-ins: H0[c] = P[c-1] ⊙ H0[c-1] + E[c-1], i.e. the shifted inclusive carry scan.
+                carry[:, 1:] = _carry_scan(_chunk_decay(dt_v, A), h)[:, :-1]
                 h.copy_(carry)
             else:
                 h = carry.clone()
             # (3) re-run every chunk from its exact carry-in and emit y (before D and the gate).
-            y = torch.empty(T, b, nc, d, dtype=dtype, device=u.device)
+            y = torch.empty(b, Lp, d, dtype=dtype, device=u.device)
+            y_v = y.view(b, nc, T, d)
             for t in range(T):
-                _step(h, dt[t], dtu[t], Bc[t], A2t, a)
-                _vecmat(Cc[t], h, y[t])
+                _step(h, dt_v[:, :, t], dtu_v[:, :, t], B_v[:, :, t], A2t, a)
+                _vecmat(C_v[:, :, t], h, y_v[:, :, t])
             last_state = h[:, nc - 1].transpose(-1, -2).contiguous()  # padded steps are identities: h_{L-1}
-            del dt, dtu, Bc, Cc, a, h
+            del dt, dtu, dt_v, dtu_v, B_v, C_v, a, h
 
-            out = _from_chunks(y, L)  # (b, L, d)
-            del y
+            out = y[:, :L]
             if D is not None:
-                out.addcmul_(u.transpose(1, 2), D.to(dtype))
+                out.addcmul_(ut, D.to(dtype))
             if z is not None:
                 out.mul_(F.silu(z.transpose(1, 2).to(dtype)))
 
@@ -484,7 +520,7 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, carry = ctx.saved_tensors
         plan: _Plan = ctx.plan
         dtype: torch.dtype = ctx.dtype
-        nc, T, K = plan.nc, plan.T, plan.K
+        nc, T, K, Lp = plan.nc, plan.T, plan.K, plan.padded_len
         b, d, L = u.shape
         n = A.shape[1]
         dev = u.device
@@ -492,38 +528,38 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
         gout = grads[0]
         glast = grads[1] if ctx.return_last_state else None
 
-        def new_state() -> Tensor:
-            return torch.empty(state_shape, dtype=dtype, device=dev)
+        def new(*shape: int) -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=dev)
 
-        ut = u.transpose(1, 2).to(dtype)  # (b, L, d), the token-major layout of all (b, d, L) inputs' storage
-        silu_z = F.silu(z.transpose(1, 2).to(dtype)) if z is not None else None
-        # Gradient reaching y (before the gate): gy = gout ⊙ silu(z).
-        if gout is None:
-            gy = torch.zeros(b, L, d, dtype=dtype, device=dev)
-        else:
-            gy = gout.transpose(1, 2).to(dtype)
-            if silu_z is not None:
-                gy = gy * silu_z
-        del silu_z
-        gy_c = _to_chunks(gy.transpose(1, 2), T, nc, dtype)
-        dD = (gy * ut).sum((0, 1)) if D is not None and ctx.needs_input_grad[5] else None
+        ut = _tokens(u, L, dtype)  # (b, L, d)
+        # Gradient reaching y (before the gate): gy = gout ⊙ silu(z), zero on the padding.
+        gy = torch.zeros(b, Lp, d, dtype=dtype, device=dev)
+        if gout is not None:
+            gy[:, :L] = gout.transpose(1, 2)
+            if z is not None:
+                gy[:, :L].mul_(F.silu(z.transpose(1, 2).to(dtype)))
+        dD = (gy[:, :L] * ut).sum((0, 1)) if D is not None and ctx.needs_input_grad[5] else None
 
         A2t = (A.to(dtype) * _LOG2E).t().contiguous()
         At = A.to(dtype).t().contiguous()
-        dt = _dt_from_delta(_to_chunks(delta, T, nc, dtype), delta_bias, ctx.delta_softplus, L)
-        dtu = _to_chunks(u, T, nc, dtype).mul_(dt)
-        Bc = _to_chunks(B, T, nc, dtype)
-        Cc = _to_chunks(C, T, nc, dtype)
+        dt = _softplus_dt(_tokens(delta, L, dtype), delta_bias, ctx.delta_softplus, L, Lp)
+        dtu = dt.clone()
+        dtu[:, :L].mul_(ut)
+        dt_v, dtu_v, gy_v = dt.view(b, nc, T, d), dtu.view(b, nc, T, d), gy.view(b, nc, T, d)
+        B_v = _tokens(B, Lp, dtype).unflatten(1, (nc, T))
+        C_v = _tokens(C, Lp, dtype).unflatten(1, (nc, T))
 
         # Pass 1, forward in time from the carries: checkpoints every K steps; y_t (only for the gate gradient);
         # dC_t = Σ_d gy_t[d]·h_t[:, d]; and each chunk's adjoint reduction E'_c = Σ_{t∈c} (Π_{s..t} a) ⊙ (C_t ⊗ gy_t),
         # i.e. a_s ⊙ (adjoint at the chunk start s when started from zero at the chunk end).
         nblk = math.ceil(T / K)
-        ckpt = torch.empty((nblk, *state_shape), dtype=dtype, device=dev)
+        ckpt = new(nblk, *state_shape)
         need_dz = z is not None and gout is not None and ctx.needs_input_grad[6]
-        y_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev) if need_dz else None
-        dC_c = torch.empty(T, b, nc, n, dtype=dtype, device=dev)
-        a, scratch = new_state(), new_state()
+        y = new(b, Lp, d) if need_dz else None
+        y_v = y.view(b, nc, T, d) if y is not None else None
+        dC = new(b, Lp, n)
+        dC_v = dC.view(b, nc, T, n)
+        a, scratch = new(*state_shape), new(*state_shape)
         h = carry.clone()
         gin = torch.zeros(state_shape, dtype=dtype, device=dev)  # adjoint entering each chunk from its right
         if glast is not None:
@@ -534,27 +570,28 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
         for t in range(T):
             if t % K == 0:
                 ckpt[t // K].copy_(h)
-            _step(h, dt[t], dtu[t], Bc[t], A2t, a)
-            if y_c is not None:
-                _vecmat(Cc[t], h, y_c[t])
-            _rowdot(h, gy_c[t], dC_c[t], scratch)
+            _step(h, dt_v[:, :, t], dtu_v[:, :, t], B_v[:, :, t], A2t, a)
+            if y_v is not None:
+                _vecmat(C_v[:, :, t], h, y_v[:, :, t])
+            _rowdot(h, gy_v[:, :, t], dC_v[:, :, t], scratch)
             if nc > 1:
                 cum.mul_(a)
-                red.addcmul_(cum, torch.mul(Cc[t].unsqueeze(-1), gy_c[t].unsqueeze(-2), out=scratch))
+                red.addcmul_(cum, torch.mul(C_v[:, :, t].unsqueeze(-1), gy_v[:, :, t].unsqueeze(-2), out=scratch))
         if nc > 1:
-            # Adjoint carries, right to left: Gin[c-1] = E'_c + P_c ⊙ Gin[c].
-            P = _chunk_decay(dt, A)
-            for c in range(nc - 1, 0, -1):
-                torch.addcmul(red[:, c], P[:, c], gin[:, c], out=gin[:, c - 1])
+            # Adjoint carries, right to left: Gin[c-1] = E'_c + P_c ⊙ Gin[c] (Gin[nc-1] = last-state gradient),
+            # i.e. the carry scan on the chunk-reversed sequence, with Gin[nc-1] folded into the last reduction.
+            P = _chunk_decay(dt_v, A)
+            red[:, nc - 1].addcmul_(P[:, nc - 1], gin[:, nc - 1])
+            gin[:, :-1] = _carry_scan(P.flip(1), red.flip(1)).flip(1)[:, 1:]
             del cum, red, P
 
         # Pass 2, backwards block by block: recompute a_t and a_t ⊙ h_{t-1} for K steps, then walk them in reverse.
-        a_blk = torch.empty((K, *state_shape), dtype=dtype, device=dev)
-        ah_blk = torch.empty((K, *state_shape), dtype=dtype, device=dev)
+        a_blk, ah_blk = new(K, *state_shape), new(K, *state_shape)
         dA_acc = torch.zeros(state_shape, dtype=dtype, device=dev)
-        s1_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev)  # Σ_n B_t·G_t  (→ du, ddt)
-        s2_c = torch.empty(T, b, nc, d, dtype=dtype, device=dev)  # Σ_n A ⊙ G_t ⊙ a_t ⊙ h_{t-1}  (→ ddt)
-        dB_c = torch.empty(T, b, nc, n, dtype=dtype, device=dev)
+        s1 = new(b, Lp, d)  # Σ_n B_t ⊙ G_t  (→ du, ddt)
+        s2 = new(b, Lp, d)  # Σ_n A ⊙ G_t ⊙ a_t ⊙ h_{t-1}  (→ ddt)
+        dB = new(b, Lp, n)
+        s1_v, s2_v, dB_v = s1.view(b, nc, T, d), s2.view(b, nc, T, d), dB.view(b, nc, T, n)
         G = gin
         for blk in range(nblk - 1, -1, -1):
             t0 = blk * K
@@ -562,33 +599,29 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
             h.copy_(ckpt[blk])
             for t in range(t0, t1):
                 k = t - t0
-                torch.mul(dt[t].unsqueeze(-2), A2t, out=a_blk[k]).exp2_()
+                torch.mul(dt_v[:, :, t].unsqueeze(-2), A2t, out=a_blk[k]).exp2_()
                 torch.mul(h, a_blk[k], out=ah_blk[k])
-                torch.addcmul(ah_blk[k], Bc[t].unsqueeze(-1), dtu[t].unsqueeze(-2), out=h)
+                torch.addcmul(ah_blk[k], B_v[:, :, t].unsqueeze(-1), dtu_v[:, :, t].unsqueeze(-2), out=h)
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
-                G.addcmul_(Cc[t].unsqueeze(-1), gy_c[t].unsqueeze(-2))  # now G = G_t
-                _vecmat(Bc[t], G, s1_c[t])
-                _rowdot(G, dtu[t], dB_c[t], scratch)
+                G.addcmul_(C_v[:, :, t].unsqueeze(-1), gy_v[:, :, t].unsqueeze(-2))  # now G = G_t
+                _vecmat(B_v[:, :, t], G, s1_v[:, :, t])
+                _rowdot(G, dtu_v[:, :, t], dB_v[:, :, t], scratch)
                 q = ah_blk[k].mul_(G)  # ∂loss/∂(dt_t·A) = G_t ⊙ a_t ⊙ h_{t-1}
-                dA_acc.addcmul_(q, dt[t].unsqueeze(-2))
-                torch.sum(q.mul_(At), dim=-2, out=s2_c[t])
+                dA_acc.addcmul_(q, dt_v[:, :, t].unsqueeze(-2))
+                torch.sum(q.mul_(At), dim=-2, out=s2_v[:, :, t])
                 if t > 0:
                     G.mul_(a_blk[k])  # a_t ⊙ G_t, the part of G_{t-1} coming from the future
-        del a_blk, ah_blk, ckpt, h, a, scratch, gin, G, gy_c, Cc, Bc, dtu
+        del a_blk, ah_blk, ckpt, h, a, scratch, gin, G, dtu, dtu_v, B_v, C_v, gy_v, s1_v, s2_v, dB_v, dC_v, dt_v
 
         dA = dA_acc.sum((0, 1)).t()
         del dA_acc
         # x_t = dt_t·u_t·B_t: ∂/∂u = dt·s1 (+ D·gy), ∂/∂dt = u·s1 + s2.
-        s1 = _from_chunks(s1_c, L)
-        del s1_c
-        ddt = _from_chunks(s2_c, L)
-        del s2_c
-        ddt.addcmul_(s1, ut)
-        du = s1.mul_(_from_chunks(dt, L))
-        del s1, dt
+        ddt = s2[:, :L].addcmul_(s1[:, :L], ut)
+        du = s1[:, :L].mul_(dt[:, :L])
+        del dt
         if D is not None:
-            du.addcmul_(gy, D.to(dtype))
+            du.addcmul_(gy[:, :L], D.to(dtype))
         del gy
         if ctx.delta_softplus:
             pre = delta.transpose(1, 2).to(dtype)
@@ -600,15 +633,15 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
         ddelta_bias = ddt.sum((0, 1)) if delta_bias is not None and ctx.needs_input_grad[7] else None
 
         dz = None
-        if y_c is not None:
-            y = _from_chunks(y_c, L)
-            del y_c
+        if y is not None:
+            assert z is not None and gout is not None
+            dz = y[:, :L]
             if D is not None:
-                y.addcmul_(ut, D.to(dtype))
+                dz.addcmul_(ut, D.to(dtype))
             zt = z.transpose(1, 2).to(dtype)
             sz = torch.sigmoid(zt)
             # d silu(z)/dz = σ(z)·(1 + z·(1 − σ(z)))
-            dz = y.mul_(gout.transpose(1, 2).to(dtype)).mul_(sz.mul_(zt * (1 - sz) + 1))
+            dz.mul_(gout.transpose(1, 2)).mul_(sz.mul_(zt * (1 - sz) + 1))
             del zt, sz
 
         def _grad(g: Tensor | None, ref: Tensor | None, idx: int, transpose: bool = True) -> Tensor | None:
@@ -620,8 +653,8 @@ class ChunkedSelectiveScanFn(torch.autograd.Function):
             _grad(du, u, 0),
             _grad(ddt, delta, 1),
             _grad(dA, A, 2, transpose=False),
-            _grad(_from_chunks(dB_c, L), B, 3),
-            _grad(_from_chunks(dC_c, L), C, 4),
+            _grad(dB[:, :L], B, 3),
+            _grad(dC[:, :L], C, 4),
             _grad(dD, D, 5, transpose=False),
             _grad(dz, z, 6),
             _grad(ddelta_bias, delta_bias, 7, transpose=False),
