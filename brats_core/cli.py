@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,16 @@ def args_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def setup_logging(savepath: str | Path | None = None, name: str = "log.txt") -> None:
-    """Log to stderr and, when given, to ``<savepath>/<name>``."""
+    """Log to stderr and, when given, to ``<savepath>/<name>``; under ``torchrun`` only rank 0 logs below WARNING
+    and writes the file."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
     handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if savepath is not None:
+    if savepath is not None and main_process:
         Path(savepath).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(savepath) / name))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        handlers=handlers,
+        force=True,
+    )

@@ -153,7 +153,7 @@ def select_val_epochs(
         return list(range(1, num_epochs + 1))
     if val_every:
         return list(range(val_every, num_epochs + 1, val_every))
-    beyond = range(max(upstream) + 10, num_epochs + 1, 10)
+    beyond = range(max(upstream) + 10, num_epochs + 1, 10) if upstream else range(0)
     return [e for e in upstream if e <= num_epochs] + list(beyond)
 
 

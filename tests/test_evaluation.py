@@ -92,3 +92,29 @@ def test_validate_uses_each_case_mask(setup):
         pred = segment(model, torch.from_numpy(image), [mask], EvalOptions(), torch.device("cpu"))[0].numpy()
         expected.append(case_scores(pred, label, hd95=False)["WT"])
     assert scores["WT"] == pytest.approx(np.mean(expected))
+
+
+def test_predictions_written_in_original_geometry(tmp_path):
+    import nibabel as nib
+
+    from brats_core.preprocessing import main as preprocess
+    from brats_core.synthetic import write_synthetic_dataset
+
+    (case,) = write_synthetic_dataset(tmp_path / "raw", 1, shape=(40, 44, 36), seed=5)
+    assert preprocess(["--input-path", str(tmp_path / "raw"), "--output-path", str(tmp_path / "pre"),
+                       "--patch_size", "32", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+    torch.manual_seed(0)
+    model = ToyModel().eval()
+    out = tmp_path / "out"
+    evaluate(model, tmp_path / "pre", [case], out, scenarios=SCENARIOS[:2],
+             options=EvalOptions(progress=False, hd95=False), save_nifti=True)  # fmt: skip
+    source = nib.load(tmp_path / "raw" / case / f"{case}-seg.nii.gz")
+    for s in SCENARIOS[:2]:
+        pred = nib.load(out / "predictions" / f"{case}_{s.bits}.nii.gz")
+        assert pred.shape == source.shape and np.array_equal(pred.affine, source.affine)
+        data = np.asarray(pred.dataobj)
+        assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1, 2, 3}
+        # the crop re-embedded: equal to the evaluator's label map inside the box, background outside
+        image, _ = load_case(tmp_path / "pre", case)
+        crop = segment(model, torch.from_numpy(image), [s.mask], EvalOptions(), torch.device("cpu"))[0].numpy()
+        assert (data != 0).sum() == (crop != 0).sum()

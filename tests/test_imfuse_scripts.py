@@ -181,3 +181,21 @@ def test_train_two_steps_then_test_all_scenarios(dataset, tmp_path):
     assert len(rows) == 16 and rows[-1]["scenario"] == "mean"
     with (out / "per_case_all.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 15
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_cpu(dataset, tmp_path):
+    """Two processes (gloo): one step each on half the batch, one checkpoint written by rank 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "IMFuse/train_poly.py", "--datapath", str(dataset / "pre"), "--savepath", str(save), "--preset", "tiny",
+           "--mamba_skip", "--num_epochs", "1", "--iter_per_epoch", "2", "--batch_size", "2", "--workers", "0",
+           "--device", "cpu", "--no_progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    ckpt = load_checkpoint(save / "model_last.pth")
+    assert ckpt["global_step"] == 2 and ckpt["next_epoch"] == 1
+    assert (save / "train.txt").read_text().count("training imfuse") == 1  # rank 0 logs alone

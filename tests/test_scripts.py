@@ -13,6 +13,7 @@ def test_select_val_epochs():
     assert select_val_epochs(upstream, 45) == [5, 10, 20, 30, 40]  # continued every 10 past upstream's end
     assert select_val_epochs(upstream, 4, debug=True) == [1, 2, 3, 4]
     assert select_val_epochs(upstream, 12, val_every=4) == [4, 8, 12]
+    assert select_val_epochs([], 3) == []  # a run shorter than upstream's first validation
 
 
 def test_val_flags_and_test_parser():
