@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay
     )
     val_epochs = select_val_epochs(upstream_val_epochs(args.num_epochs), args.num_epochs, args.debug, args.val_every)
-    result = train_from_args(
+    train_from_args(
         args,
         model,
         IMFuseLoss(args.region_fusion_start_epoch, args.reference_quirks),
@@ -83,12 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         transform=rfnet_augmentation(model.patch_size, reference_quirks=args.reference_quirks),
         scheduler=PolyLR(optimizer, args.num_epochs),
         val_epochs=val_epochs,
-    )
-    log.info(
-        "done: %d steps, last checkpoint %s, best validation mean Dice %.4f",
-        result.global_step,
-        result.last_checkpoint,
-        result.best_score,
     )
     return 0
 

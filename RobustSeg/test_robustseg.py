@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import check_scenarios, setup_logging
-from brats_core.scripts import build_test_parser, model_from_checkpoint, test_from_args
-from brats_core.training import resolve_device
+from brats_core.registry import SegModel
+from brats_core.scripts import build_test_parser, test_main
 
 log = logging.getLogger("RobustSeg.test_robustseg")
 
@@ -41,18 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return build_test_parser("RobustSeg/test_robustseg.py", __doc__.splitlines()[0])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_scenarios(parser, args)
-    setup_logging(args.savepath, "test.txt")
-    model, _ = model_from_checkpoint(args.resume, "robustseg", {}, infer_architecture, resolve_device(args.device))
+def _inference_dropout(model: SegModel, args: argparse.Namespace) -> None:
     # an inference-time behaviour, not part of the weights: this command decides, whatever the training run used
     model.set_inference_dropout(args.reference_quirks)  # type: ignore[operator]
     if args.reference_quirks:
         log.info("--reference-quirks: dropout stays active at inference (stochastic predictions, as upstream)")
-    test_from_args(args, model)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return test_main(build_parser(), argv, "robustseg", infer_architecture, prepare=_inference_dropout)
 
 
 if __name__ == "__main__":

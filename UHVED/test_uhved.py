@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import check_scenarios, setup_logging
-from brats_core.scripts import build_test_parser, model_from_checkpoint, test_from_args
-from brats_core.training import resolve_device
+from brats_core.scripts import build_test_parser, test_main
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -35,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_scenarios(parser, args)
-    setup_logging(args.savepath, "test.txt")
-    model, _ = model_from_checkpoint(args.resume, "uhved", {}, infer_architecture, resolve_device(args.device))
-    test_from_args(args, model)
-    return 0
+    return test_main(build_parser(), argv, "uhved", infer_architecture)
 
 
 if __name__ == "__main__":

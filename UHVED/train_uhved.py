@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss = validation_loss(m, args.datapath, split.val, args.reference_quirks, progress=not args.no_progress)
         return {"val_loss": loss}
 
-    result = train_from_args(
+    train_from_args(
         args,
         model,
         UHVEDLoss(args.reference_quirks),
@@ -123,12 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         scheduler=scheduler,
         val_epochs=select_val_epochs(upstream_val_epochs(args.num_epochs), args.num_epochs, args.debug, args.val_every),
         extra_validation=extra_validation,
-    )
-    log.info(
-        "done: %d steps, last checkpoint %s, best validation mean Dice %.4f",
-        result.global_step,
-        result.last_checkpoint,
-        result.best_score,
     )
     return 0
 

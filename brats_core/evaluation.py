@@ -174,7 +174,7 @@ def evaluate(
                     "scenario": s.name,
                     "bits": s.bits,
                     "seconds": f"{seconds:.2f}",
-                    **{k: f"{scores[k]:.6f}" for k in METRICS if k in scores},
+                    **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
                 }
             )
             if save_nifti:

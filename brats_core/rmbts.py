@@ -141,7 +141,7 @@ def train_main(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, amsgrad=True
     )
-    result = train_from_args(
+    train_from_args(
         args,
         model,
         RMBTSLoss(args.reference_quirks),
@@ -150,11 +150,5 @@ def train_main(
         scheduler=PolyLR(optimizer, args.num_epochs),
         val_epochs=select_val_epochs(upstream_val_epochs, args.num_epochs, args.debug, args.val_every),
         split=split,
-    )
-    log.info(
-        "done: %d steps, last checkpoint %s, best validation mean Dice %.4f",
-        result.global_step,
-        result.last_checkpoint,
-        result.best_score,
     )
     return 0

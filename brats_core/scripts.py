@@ -12,7 +12,16 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .cli import add_data_args, add_eval_args, add_runtime_args, args_dict, positive_int, split_dir
+from .cli import (
+    add_data_args,
+    add_eval_args,
+    add_runtime_args,
+    args_dict,
+    check_scenarios,
+    positive_int,
+    setup_logging,
+    split_dir,
+)
 from .data import MaskSampler, TrainDataset, uniform_scenario
 from .evaluation import EvalOptions, evaluate, format_table, validate
 from .registry import SegModel, build_from_config, config_dict
@@ -62,7 +71,7 @@ def train_from_args(
             scores |= extra_validation(m, split)  # type: ignore[arg-type]
         return scores
 
-    return fit(
+    result = fit(
         model,
         train_set,
         loss_fn,
@@ -71,6 +80,9 @@ def train_from_args(
         scheduler=scheduler,
         validate=run_validation if val_epochs else None,
     )
+    log.info("done: %d steps, last checkpoint %s, best validation mean Dice %.4f", result.global_step,
+             result.last_checkpoint, result.best_score)  # fmt: skip
+    return result
 
 
 def model_from_checkpoint(
@@ -109,6 +121,35 @@ def model_from_checkpoint(
     model = build_from_config(method, config)
     load_state_dict_strict(model, ckpt["state_dict"], str(path))
     return model.to(device).eval(), ckpt
+
+
+def test_main(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    method: str,
+    infer_config: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None,
+    flags: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
+    prepare: Callable[[SegModel, argparse.Namespace], None] | None = None,
+) -> int:
+    """The body of every test script: parse, rebuild the checkpoint's model, evaluate, print the table.
+
+    Args:
+        parser: the script's parser (from :func:`build_test_parser`).
+        argv: command line (None: ``sys.argv``).
+        method: registry name.
+        infer_config: architecture of upstream checkpoints from their weights (see :func:`model_from_checkpoint`).
+        flags: architecture flags given on the command line, compared with the checkpoint's.
+        prepare: applies inference-time options to the loaded model (e.g. RobustSeg's reference-quirks dropout).
+    """
+    args = parser.parse_args(argv)
+    check_scenarios(parser, args)
+    setup_logging(args.savepath, "test.txt")
+    device = resolve_device(args.device)
+    model, _ = model_from_checkpoint(args.resume, method, flags(args) if flags else {}, infer_config, device)
+    if prepare is not None:
+        prepare(model, args)
+    test_from_args(args, model)
+    return 0
 
 
 def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, str]]:

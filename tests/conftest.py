@@ -21,3 +21,11 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference material {path} is absent (only present beside the development checkout)")
     return path
+
+
+MASKS = [  # canonical order FLAIR, T1ce, T1, T2: one mask each with 1, 2, 3 and 4 modalities
+    (False, False, True, False),
+    (True, False, False, True),
+    (True, True, False, True),
+    (True, True, True, True),
+]

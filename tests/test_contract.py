@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MASKS
 
 from brats_core.checkpoint import save_checkpoint
 from brats_core.registry import OutputKind, build_method, config_dict, list_methods
 from brats_core.scripts import model_from_checkpoint
 
 METHODS = list_methods()
-MASKS = [
-    (False, False, True, False),  # 1 modality
-    (True, False, False, True),  # 2
-    (True, True, False, True),  # 3
-    (True, True, True, True),  # 4
-]
 
 
 def _tensors(out):

@@ -20,15 +20,6 @@ from brats_core.modalities import SCENARIOS
 from brats_core.registry import OutputKind, SegModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Hundreds of tiny convolutions: intra-op threads only add synchronisation (100× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("dim", "patch", "overlap", "expected"),
     [

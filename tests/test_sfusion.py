@@ -12,7 +12,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import MASKS, shared_path
 from torch import nn
 
 from brats_core import splits
@@ -25,22 +25,6 @@ from brats_core.scripts import select_val_epochs
 from brats_core.synthetic import write_synthetic_dataset
 from SFusion import test_sfusion, train_sfusion
 from SFusion.model import DUpsampling3D, SFusion, meta_model, sinusoid_table
-
-MASKS = [  # canonical order FLAIR, T1ce, T1, T2: 1, 2, 3 and 4 modalities
-    (False, False, True, False),
-    (True, False, False, True),
-    (True, True, False, True),
-    (True, True, True, True),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many small convolutions on a shared 2-core machine: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(seed: int = 0, **overrides: object) -> SFusion:

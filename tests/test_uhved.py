@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import MASKS, shared_path
 from scipy import stats
 
 from brats_core.losses import dice_loss, one_hot, softmax_loss, softmax_weighted_loss
@@ -29,22 +29,6 @@ from UHVED.losses import (
     validation_seg_loss,
 )
 from UHVED.model import UHVED, Gaussian, UHVEDConfig, UHVEDTrainOutput, product_of_gaussians
-
-MASKS = [  # canonical order FLAIR, T1ce, T1, T2: 1, 2, 3 and 4 modalities
-    (False, False, True, False),
-    (True, False, False, True),
-    (True, True, False, True),
-    (True, True, True, True),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many small convolutions on a shared 2-core machine: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
