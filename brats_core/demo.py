@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
     parser.add_argument("--cases", type=int, default=16, help="synthetic cases (default: 16)")
     parser.add_argument("--shape", type=int, nargs=3, default=(72, 72, 60), help="synthetic volume shape")
-    parser.add_argument("--num_epochs", type=int, default=16, help="IM-Fuse epochs of 25 steps (default: 16)")
+    parser.add_argument("--num_epochs", type=int, default=32, help="IM-Fuse epochs of 25 steps (default: 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
