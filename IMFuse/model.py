@@ -9,15 +9,15 @@ upstream checkpoints (``module.`` prefix stripped) load strictly. Every token co
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from brats_core.modalities import MODALITIES
-from brats_core.nn.blocks import FusionDecoder, ModalityEncoder, SeparateDecoder, Transformer, init_conv3d_kaiming
+from brats_core.nn.blocks import FusionDecoder, init_conv3d_kaiming
 from brats_core.nn.fusion import MambaFusionBlock
-from brats_core.registry import OutputKind, SegModel, register
+from brats_core.nn.multimodal import ModalityFeatures, MultimodalTransformerNet
+from brats_core.registry import register
 
 __all__ = ["IMFuse", "IMFuseConfig", "IMFuseFeatures", "meta_model"]
 
@@ -86,21 +86,7 @@ class IMFuseConfig:
         return (2, 3, 4, 5) if (self.mamba_skip and not self.first_skip) else (1, 2, 3, 4, 5)
 
 
-class IMFuseFeatures(NamedTuple):
-    """Mask-independent encoder output (see :meth:`IMFuse.encode`); modality axis in canonical order.
-
-    Attributes:
-        x1, x2, x3, x4: skip features (B, 4, C_k, P/2^(k−1), …) with C_k = basic_dims·2^(k−1).
-        x5: raw encoder bottleneck (B, 4, 16·basic_dims, P/16, …); only the separate decoder reads it.
-        intra: intra-modal transformer output as maps (B, 4, transformer_dim, P/16, …).
-    """
-
-    x1: torch.Tensor
-    x2: torch.Tensor
-    x3: torch.Tensor
-    x4: torch.Tensor
-    x5: torch.Tensor
-    intra: torch.Tensor
+IMFuseFeatures = ModalityFeatures  # the mask-independent encoder output (see brats_core.nn.multimodal)
 
 
 @register(
@@ -109,7 +95,7 @@ class IMFuseFeatures(NamedTuple):
     presets={"tiny": {"patch_size": 32, "basic_dims": 4, "transformer_dim": 64, "mlp_dim": 128}},
     display="IM-Fuse",
 )
-class IMFuse(SegModel):
+class IMFuse(MultimodalTransformerNet):
     """IM-Fuse network.
 
     ``model(x, mask)`` with x (B, 4, P, P, P) in canonical order (FLAIR, T1ce, T1, T2) and mask (B, 4) bool
@@ -121,8 +107,6 @@ class IMFuse(SegModel):
         config: see :class:`IMFuseConfig`.
     """
 
-    output_kind = OutputKind.PROBABILITIES
-
     def __init__(self, config: IMFuseConfig | None = None) -> None:
         config = config if config is not None else IMFuseConfig()
         super().__init__(config)
@@ -130,9 +114,6 @@ class IMFuse(SegModel):
         dims = [cfg.basic_dims * 2**s for s in range(5)]
         width = cfg.transformer_dim
         side = cfg.bottleneck_side
-
-        def transformer() -> Transformer:
-            return Transformer(width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.dropout)
 
         def mfb(level: int) -> MambaFusionBlock:
             dim = width if level == 5 else dims[level - 1]
@@ -149,23 +130,18 @@ class IMFuse(SegModel):
             )
 
         # Registration order below reproduces the upstream state-dict order (own parameters come first anyway).
-        for m in MODALITIES:
-            self.register_parameter(f"{m}_pos", nn.Parameter(torch.zeros(1, side**3, width)))
+        self._add_positions()
         self.fused_pos = nn.Parameter(torch.zeros(1, side**3, width))
-        for m in MODALITIES:
-            setattr(self, f"{m}_encoder", ModalityEncoder(cfg.basic_dims))
-        for m in MODALITIES:
-            setattr(self, f"{m}_encode_conv", nn.Conv3d(dims[4], width, 1))
+        self._add_encoders()
         if cfg.first_skip:
             # Dead: upstream IMFuse.IMFuse builds these but never calls them; kept for state-dict compatibility.
             for m in MODALITIES:
                 setattr(self, f"{m}_decode_conv", nn.Conv3d(width, dims[4], 1))
-        for m in MODALITIES:
-            setattr(self, f"{m}_transformer", transformer())
+        self._add_intra_transformers()
         # Dead: upstream builds a second bottleneck MFB and fuses with mamba_fusion_layers[-1] instead; kept for
         # state-dict compatibility.
         self.mamba_fusion_layer = mfb(5)
-        self.multimodal_transformer = transformer()
+        self.multimodal_transformer = self._transformer()
         self.multimodal_decode_conv = nn.Conv3d(width, len(MODALITIES) * dims[4], 1)
         # Without mamba_skip the skip MFBs are dead (the masked concatenations go straight to the decoder); upstream
         # still builds them, so they are kept for state-dict compatibility.
@@ -174,7 +150,7 @@ class IMFuse(SegModel):
         self.decoder_fuse = FusionDecoder(
             cfg.num_cls, cfg.basic_dims, (skip_mult,) * 4 + (len(MODALITIES),), first_skip=cfg.first_skip
         )
-        self.decoder_sep = SeparateDecoder(cfg.num_cls, cfg.basic_dims)
+        self._add_separate_decoder()
         init_conv3d_kaiming(self, negative_slope=0.01, zero_bias=True)
 
     def unused_parameter_names(self) -> list[str]:
@@ -190,49 +166,11 @@ class IMFuse(SegModel):
             prefixes += [f"mamba_fusion_layers.{i}." for i in range(len(cfg.mfb_levels) - 1)]
         return [name for name, _ in self.named_parameters() if name.startswith(tuple(prefixes))]
 
-    def _check_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        p = self.config.patch_size
-        if x.ndim != 5 or x.shape[1] != len(MODALITIES) or tuple(x.shape[2:]) != (p, p, p):
-            raise ValueError(f"IM-Fuse expects x of shape (B, 4, {p}, {p}, {p}), got {tuple(x.shape)}")
-        if mask is not None:
-            self._check_mask(mask, x.shape[0])
-
-    @staticmethod
-    def _check_mask(mask: torch.Tensor, batch: int) -> None:
-        if mask.dtype != torch.bool or tuple(mask.shape) != (batch, len(MODALITIES)):
-            raise ValueError(f"IM-Fuse expects a bool mask of shape ({batch}, 4), got {mask.dtype} {tuple(mask.shape)}")
-
-    def encode(self, x: torch.Tensor) -> IMFuseFeatures:
-        """Run the four modality encoders and intra-modal transformers (independent of the mask).
-
-        Args:
-            x: (B, 4, P, P, P) canonical channel order.
-
-        Returns:
-            :class:`IMFuseFeatures`, each field stacked over the modality axis (dim 1).
-        """
-        self._check_inputs(x)
-        per_level: list[list[torch.Tensor]] = [[] for _ in range(5)]
-        intra = []
-        for i, m in enumerate(MODALITIES):
-            feats = getattr(self, f"{m}_encoder")(x[:, i : i + 1])
-            for level, f in zip(per_level, feats, strict=True):
-                level.append(f)
-            t = getattr(self, f"{m}_encode_conv")(feats[4])
-            grid = t.shape[2:]
-            tokens = getattr(self, f"{m}_transformer")(t.flatten(2).transpose(1, 2), getattr(self, f"{m}_pos"))
-            intra.append(tokens.transpose(1, 2).reshape(t.shape[0], t.shape[1], *grid))
-        return IMFuseFeatures(*(torch.stack(level, dim=1) for level in per_level), torch.stack(intra, dim=1))
-
     def _decode(
         self, features: IMFuseFeatures, mask: torch.Tensor, deep_supervision: bool
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         cfg = self.config
-        self._check_mask(mask, features.intra.shape[0])
-        keep = mask.to(device=features.intra.device)[:, :, None, None, None, None]
-
-        def masked(t: torch.Tensor) -> torch.Tensor:
-            return t.masked_fill(~keep, 0.0)
+        masked = self._masker(mask, features.intra)
 
         skips: list[torch.Tensor | None] = []
         for level, feats in zip((1, 2, 3, 4), features[:4], strict=True):
@@ -247,42 +185,6 @@ class IMFuse(SegModel):
         inter = self.multimodal_transformer(fused.flatten(2).transpose(1, 2), self.fused_pos)
         skips.append(self.multimodal_decode_conv(inter.transpose(1, 2).reshape(b, width, *grid)))
         return self.decoder_fuse(skips, deep_supervision=deep_supervision)
-
-    def decode(self, features: IMFuseFeatures, mask: torch.Tensor) -> torch.Tensor:
-        """Fuse the available modalities' features and decode them.
-
-        Args:
-            features: output of :meth:`encode`.
-            mask: (B, 4) bool, True = available, canonical order.
-
-        Returns:
-            Fused class probabilities (B, num_cls, P, P, P).
-        """
-        return self._decode(features, mask, deep_supervision=False)[0]
-
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Segment.
-
-        Args:
-            x: (B, 4, P, P, P) float, canonical order; images of absent modalities are ignored by the fusion path.
-            mask: (B, 4) bool, True = available.
-
-        Returns:
-            Eval mode: fused probabilities (B, num_cls, P, P, P). Train mode: ``(fused, separate, deep)`` with
-            ``separate`` the four single-modality decoder outputs (canonical order, computed on every modality
-            whatever the mask) and ``deep`` the four deep-supervision maps (heads at 1/2, 1/4, 1/8, 1/16
-            resolution up-sampled to P³), all probabilities (B, num_cls, P, P, P).
-        """
-        self._check_inputs(x, mask)
-        features = self.encode(x)
-        if not self.training:
-            return self.decode(features, mask)
-        fused, deep = self._decode(features, mask, deep_supervision=True)
-        # The shared separate decoder runs on all four modalities at once (modalities folded into the batch).
-        sep = self.decoder_sep([f.flatten(0, 1) for f in features[:5]])
-        return fused, tuple(sep.unflatten(0, (x.shape[0], len(MODALITIES))).unbind(1)), deep
 
 
 def meta_model(config: IMFuseConfig | None = None, **overrides: object) -> IMFuse:

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from brats_core.cli import add_data_args, add_runtime_args, add_train_args, setup_logging
+from brats_core.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
 from brats_core.training import PolyLR, seed_everything
 from brats_core.transforms import rfnet_augmentation
-from IMFuse.losses import IMFuseLoss
 
 log = logging.getLogger("IMFuse.train_poly")
 
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_from_args(
         args,
         model,
-        IMFuseLoss(args.region_fusion_start_epoch, args.reference_quirks),
+        FusedSeparateDeepLoss(args.region_fusion_start_epoch, args.reference_quirks),
         optimizer,
         transform=rfnet_augmentation(model.patch_size, reference_quirks=args.reference_quirks),
         scheduler=PolyLR(optimizer, args.num_epochs),
