@@ -11,7 +11,13 @@ from conftest import shared_path
 
 from brats_core.modalities import SCENARIOS
 from brats_core.nn.fusion import MambaFusionBlock, read_fused_tokens, tokenize
-from brats_core.registry import OutputKind, build_method, count_parameters, make_config, state_dict_shapes
+from brats_core.registry import (
+    OutputKind,
+    build_method,
+    count_parameters,
+    make_config,
+    state_dict_listing,
+)
 from IMFuse.model import IMFuse, IMFuseConfig, meta_model
 
 FLAGS = list(itertools.product([False, True], repeat=2))  # (first_skip, mamba_skip)
@@ -31,7 +37,7 @@ def _upstream_lines(first_skip: bool, mamba_skip: bool) -> list[str]:
 
 
 def _lines(model: torch.nn.Module) -> list[str]:
-    return [f"{k} [{','.join(map(str, s))}]" for k, s in state_dict_shapes(model)]
+    return state_dict_listing(model)
 
 
 def _tiny(**overrides: object) -> IMFuse:

@@ -14,7 +14,7 @@ from brats_core.checkpoint import load_checkpoint
 from brats_core.losses import FusedSeparateDeepLoss, dice_loss, one_hot, softmax_weighted_loss
 from brats_core.modalities import SCENARIOS
 from brats_core.preprocessing import main as preprocess
-from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_shapes
+from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
 from brats_core.synthetic import write_synthetic_dataset
 from mmFormer import test as mmformer_test
 from mmFormer import train as mmformer_train
@@ -55,7 +55,7 @@ def dataset(tmp_path_factory):
 def test_state_dict_matches_upstream_and_parameter_count():
     model = meta_model()
     assert all(p.is_meta for p in model.parameters())
-    lines = [f"{k} [{','.join(map(str, s))}]" for k, s in state_dict_shapes(model)]
+    lines = state_dict_listing(model)
     assert lines == shared_path("spec", "state_dicts", "mmformer.txt").read_text().splitlines()
     # METHODS.md §2.1
     assert count_parameters(model) == 36_391_760

@@ -15,7 +15,7 @@ from conftest import MASKS, shared_path
 from brats_core import splits
 from brats_core.checkpoint import load_checkpoint
 from brats_core.preprocessing import main as preprocess
-from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_shapes
+from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
 from brats_core.rmbts import kl_divergence, reconstruction_l1
 from brats_core.scripts import select_val_epochs
 from brats_core.synthetic import write_synthetic_dataset
@@ -37,7 +37,7 @@ def _input(batch: int, seed: int = 1) -> torch.Tensor:
 
 def test_state_dict_keys_order_shapes_match_upstream() -> None:
     model = meta_model()
-    lines = [f"{k} [{','.join(map(str, s))}]" for k, s in state_dict_shapes(model)]
+    lines = state_dict_listing(model)
     assert lines == shared_path("spec", "state_dicts", "robustseg.txt").read_text().splitlines()
 
 

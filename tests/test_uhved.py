@@ -16,7 +16,14 @@ from scipy import stats
 
 from brats_core.losses import dice_loss, one_hot, softmax_loss, softmax_weighted_loss
 from brats_core.modalities import MODALITIES, SCENARIOS
-from brats_core.registry import OutputKind, build_method, count_parameters, make_config, state_dict_shapes
+from brats_core.registry import (
+    OutputKind,
+    build_method,
+    count_parameters,
+    make_config,
+    state_dict_listing,
+    state_dict_shapes,
+)
 from brats_core.scripts import model_from_checkpoint
 from UHVED import test_uhved, train_uhved
 from UHVED.losses import (
@@ -52,7 +59,7 @@ def _input(batch: int = 1, side: int = 32, seed: int = 1) -> torch.Tensor:
 def test_state_dict_keys_order_shapes_match_upstream() -> None:
     with torch.device("meta"):
         model = UHVED(UHVEDConfig())
-    lines = [f"{k} [{','.join(map(str, s))}]" for k, s in state_dict_shapes(model)]
+    lines = state_dict_listing(model)
     assert lines == shared_path("spec", "state_dicts", "uhved.txt").read_text().splitlines()
 
 
