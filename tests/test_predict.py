@@ -1,0 +1,157 @@
+"""predict.py / brats_core.predict: any modality subset, both namings, explicit files, --continue, failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brats_core.checkpoint import save_checkpoint
+from brats_core.io import save_nifti
+from brats_core.predict import PredictError, Predictor, main
+from brats_core.registry import build_method, config_dict
+from brats_core.synthetic import write_synthetic_dataset
+
+SHAPE = (40, 44, 36)
+SUFFIX_2023 = {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_method("imfuse", "tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_checkpoint(path, model, method="imfuse", config=config_dict(model))
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint: Path) -> Predictor:
+    return Predictor(checkpoint, device="cpu")
+
+
+def _dataset(root: Path, n: int, naming: str = "brats2023", seed: int = 0) -> list[Path]:
+    cases = write_synthetic_dataset(root, n, shape=SHAPE, seed=seed, naming=naming)
+    return [root / c for c in cases]
+
+
+def _check_output(out: Path, reference: Path) -> np.ndarray:
+    img, ref = nib.load(out), nib.load(reference)
+    assert img.shape == ref.shape
+    np.testing.assert_allclose(img.affine, ref.affine)
+    data = np.asanyarray(img.dataobj)
+    assert data.dtype == np.uint8
+    assert set(np.unique(data).tolist()) <= {0, 1, 2, 3}
+    return data
+
+
+def test_subsets_brats2023(tmp_path: Path, checkpoint: Path) -> None:
+    """Cases with 1, 2 and 4 modalities (files deleted) → outputs in the reference modality's geometry."""
+    cases = _dataset(tmp_path / "in", 3)
+    keep = [("t1",), ("flair", "t2"), ("flair", "t1ce", "t1", "t2")]
+    for folder, modalities in zip(cases, keep, strict=True):
+        for m, s in SUFFIX_2023.items():
+            if m not in modalities:
+                (folder / f"{folder.name}-{s}.nii.gz").unlink()
+        (folder / f"{folder.name}-seg.nii.gz").unlink()
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu",
+                 "--no_progress"]) == 0  # fmt: skip
+    for folder, modalities in zip(cases, keep, strict=True):
+        ref = folder / f"{folder.name}-{SUFFIX_2023[modalities[0]]}.nii.gz"
+        _check_output(out / f"{folder.name}-seg.nii.gz", ref)
+
+
+def test_legacy_single_case_file_output_and_api_agree(tmp_path: Path, checkpoint: Path, predictor: Predictor) -> None:
+    """Legacy names, one case folder with a file output; the Python API gives the same labels as the CLI."""
+    (folder,) = _dataset(tmp_path / "in", 1, naming="legacy", seed=3)
+    (folder / f"{folder.name}_t1ce.nii.gz").unlink()
+    out = tmp_path / "pred.nii.gz"
+    assert main(["--checkpoint", str(checkpoint), "-i", str(folder), "-o", str(out), "--device", "cpu"]) == 0
+    cli = _check_output(out, folder / f"{folder.name}_flair.nii.gz")
+    labels, affine, _header, used = predictor.predict_case(folder)
+    assert used == ("flair", "t1", "t2")
+    np.testing.assert_array_equal(labels, cli)
+    np.testing.assert_allclose(affine, nib.load(out).affine)
+    arrays = {m: nib.load(folder / f"{folder.name}_{m}.nii.gz").get_fdata(dtype=np.float32) for m in used}
+    np.testing.assert_array_equal(predictor.predict_arrays(arrays), cli)
+
+
+def test_explicit_files_and_continue(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--flair/--t2 files; a second run with --continue leaves the output untouched."""
+    (folder,) = _dataset(tmp_path / "in", 1, naming="legacy", seed=5)
+    flair, t2 = folder / f"{folder.name}_flair.nii.gz", folder / f"{folder.name}_t2.nii.gz"
+    argv = ["--checkpoint", str(checkpoint), "--flair", str(flair), "--t2", str(t2), "-o", str(tmp_path / "out"),
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "out" / f"{folder.name}-seg.nii.gz"
+    _check_output(out, flair)
+    line = capsys.readouterr().out
+    assert "flair+t2" in line and "WT" in line and "ml" in line
+    mtime = out.stat().st_mtime_ns
+    assert main([*argv, "--continue"]) == 0
+    assert out.stat().st_mtime_ns == mtime
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_geometry_mismatch_and_unreadable(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A modality of another shape, and a corrupt file: a message naming the file, nothing written, others go on."""
+    bad_shape, corrupt, good, bad_affine = _dataset(tmp_path / "in", 4, seed=7)
+    t1 = bad_shape / f"{bad_shape.name}-t1n.nii.gz"
+    save_nifti(t1, np.ones((30, 30, 30), np.float32), np.eye(4))
+    t1c = bad_affine / f"{bad_affine.name}-t1c.nii.gz"
+    data, affine = nib.load(t1c).get_fdata(dtype=np.float32), nib.load(t1c).affine
+    save_nifti(t1c, data, affine @ np.diag([2.0, 1.0, 1.0, 1.0]))
+    (corrupt / f"{corrupt.name}-t2w.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu",
+                 "--no_progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{bad_shape.name}-t1n.nii.gz has shape (30, 30, 30)" in err
+    assert f"{corrupt.name}-t2w.nii.gz" in err and "cannot read NIfTI" in err
+    assert f"{bad_affine.name}-t1c.nii.gz has a different affine than {bad_affine.name}-t2f.nii.gz" in err
+    assert f"{bad_shape.name}: FAILED" in err
+    assert sorted(p.name for p in out.iterdir()) == [f"{good.name}-seg.nii.gz"]
+
+
+def test_checkpoint_without_method(tmp_path: Path) -> None:
+    model = build_method("imfuse", "tiny")
+    path = tmp_path / "bare.pth"
+    save_checkpoint(path, model, config=config_dict(model))
+    with pytest.raises(PredictError, match="does not record which method"):
+        Predictor(path, device="cpu")
+    (folder,) = _dataset(tmp_path / "in", 1)
+    assert main(["--checkpoint", str(path), "-i", str(folder), "-o", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_help() -> None:
+    """The top-level ``predict.py`` is a thin wrapper around ``brats_core.predict.main``."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "predict.py"), "-h"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout and "--continue" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subset", [("t2f", "t1c"), ("t1n",)])
+def test_real_sample_subsets_in_original_geometry(tmp_path: Path, checkpoint: Path, subset: tuple[str, ...]) -> None:
+    """The tiny preset on the real 240×240×155 BraTS case: output geometry and header equal the input's."""
+    from conftest import shared_path
+
+    sample = shared_path("data", "brats_sample", "BraTS-SAMPLE-00000-000")
+    case = tmp_path / "BraTS-SAMPLE-00000-000"
+    case.mkdir()
+    for suffix in subset:
+        (case / f"{case.name}-{suffix}.nii.gz").symlink_to(sample / f"{case.name}-{suffix}.nii.gz")
+    assert main(["--checkpoint", str(checkpoint), "-i", str(case), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--sw_batch_size", "4", "--no_progress"]) == 0  # fmt: skip
+    reference = sample / f"{case.name}-{subset[0]}.nii.gz"
+    _check_output(tmp_path / "out" / f"{case.name}-seg.nii.gz", reference)
+    out_header, ref_header = nib.load(tmp_path / "out" / f"{case.name}-seg.nii.gz").header, nib.load(reference).header
+    np.testing.assert_allclose(out_header.get_zooms(), ref_header.get_zooms())
+    assert int(out_header["qform_code"]) == int(ref_header["qform_code"])
