@@ -204,11 +204,9 @@ def _is_nifti_path(path: str | os.PathLike[str]) -> bool:
 
 
 def _has_case_files(folder: Path) -> bool:
-    try:
-        find_case_files(folder, require=())
-    except ValueError:
-        return False
-    return True
+    """A folder holding NIfTI files is a case (its discovery errors, e.g. an ambiguous modality, surface later);
+    otherwise it is a folder of cases."""
+    return any(p.is_file() and _is_nifti_path(p) for p in folder.iterdir())
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:

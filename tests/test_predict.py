@@ -155,3 +155,16 @@ def test_real_sample_subsets_in_original_geometry(tmp_path: Path, checkpoint: Pa
     out_header, ref_header = nib.load(tmp_path / "out" / f"{case.name}-seg.nii.gz").header, nib.load(reference).header
     np.testing.assert_allclose(out_header.get_zooms(), ref_header.get_zooms())
     assert int(out_header["qform_code"]) == int(ref_header["qform_code"])
+
+
+def test_ambiguous_modality_is_reported_with_the_files_found(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (case,) = _dataset(tmp_path / "in", 1)
+    flair = next(case.glob("*-t2f.nii.gz"))
+    (case / "other-t2f.nii.gz").write_bytes(flair.read_bytes())  # two FLAIR candidates, neither named after the folder
+    flair.rename(case / "scan-t2f.nii.gz")
+    assert main(["--checkpoint", str(checkpoint), "-i", str(case), "-o", str(tmp_path / "out"), "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "ambiguous flair" in err and "other-t2f.nii.gz" in err and "scan-t2f.nii.gz" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))
