@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.labels import REGION_NAMES, regions_to_labels
+from brats_core.labels import LABEL_NAMES, REGION_NAMES, regions_to_labels
 from brats_core.modalities import masks_tensor
 from brats_core.registry import OutputKind, SegModel
 
@@ -195,6 +195,7 @@ def predict_scenarios(
     amp: bool = False,
     use_encode: bool = True,
     progress: bool = False,
+    origin: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Blended eval outputs of ``model`` on one volume for each of S missing-modality masks.
 
@@ -214,6 +215,12 @@ def predict_scenarios(
         amp: float16 autocast on CUDA; ignored on CPU.
         use_encode: use the encode-once path when the model supports it.
         progress: show a progress bar.
+        origin: voxel position of ``x[..., 0, 0, 0]`` in the original image grid (the crop box's lower corner), for
+            position-aware models, i.e. those with a ``window_origin`` attribute that is not None (M3AE's learned
+            completion image is indexed by absolute position). They are called as ``model(w, m, origin=o,
+            flip=dims)`` with ``o`` the ``(b, 3)`` int64 start of each window (``origin`` + window start; the
+            window start alone when ``origin`` is None) and ``dims`` the flipped axes of ``w`` (TTA); the
+            encode-once path is not used for them.
 
     Returns:
         float32 ``(S, K, D, H, W)`` on the model's device, in ``model.output_kind`` (see :func:`outputs_to_labels`).
@@ -229,7 +236,11 @@ def predict_scenarios(
         raise ValueError(f"masks must be (S, 4) with S >= 1, got shape {tuple(mask_rows.shape)}")
     if not bool(mask_rows.any(dim=1).all()):
         raise ValueError("every mask needs at least one available modality")
-    encode = use_encode and model.supports_encode
+    positional = getattr(model, "window_origin", None) is not None
+    encode = use_encode and model.supports_encode and not positional
+    offset = [int(o) for o in origin] if origin is not None else [0, 0, 0]
+    if len(offset) != 3:
+        raise ValueError(f"origin must hold 3 voxel indices, got {origin!r}")
     flips = FLIP_DIMS if tta else ((),)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.float16)
@@ -241,12 +252,16 @@ def predict_scenarios(
         blender = _Blender(x.to(device), window, overlap, blend, len(mask_rows))
         for windows, positions in blender.batches(sw_batch_size, progress):
             batch_masks = [m.expand(windows.shape[0], 4) for m in mask_rows]
+            starts = torch.tensor(
+                [[sl.start + o for sl, o in zip(pos, offset, strict=True)] for pos in positions], device=device
+            )
             for dims in flips:
                 inputs = windows.flip(dims) if dims else windows
+                extra = {"origin": starts, "flip": dims} if positional else {}
                 with autocast:
                     features = model.encode(inputs) if encode else None
                     for index, mask in enumerate(batch_masks):
-                        outputs = model.decode(features, mask) if encode else model(inputs, mask)
+                        outputs = model.decode(features, mask) if encode else model(inputs, mask, **extra)
                         blender.add(index, outputs.flip(dims) if dims else outputs, positions, 1.0 / len(flips))
         return blender.result()
 
@@ -271,6 +286,29 @@ def outputs_to_labels(
             raise ValueError(f"{blended.shape[0]} region channels do not match region_order {tuple(region_order)}")
         return regions_to_labels(blended > 0, tuple(region_order))
     return blended.argmax(dim=0)
+
+
+def outputs_to_probabilities(
+    blended: torch.Tensor, kind: OutputKind | str, region_order: Sequence[str] = REGION_NAMES
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Per-voxel probabilities of blended model outputs, in the method's own terms.
+
+    Args:
+        blended: ``(K, ...)`` as for :func:`outputs_to_labels`.
+        kind: what ``blended`` holds (``model.output_kind``).
+        region_order: channel order of region logits.
+
+    Returns:
+        ``(probabilities, channel names)``: class methods give ``(4, ...)`` class probabilities (logits through a
+        softmax; blended probabilities as they are) named ``background, NCR, ED, ET``; region methods give ``(3, ...)``
+        sigmoid probabilities reordered to ``WT, TC, ET``.
+    """
+    kind = OutputKind(kind)
+    if kind is OutputKind.REGION_LOGITS:
+        order = tuple(region_order)
+        return torch.sigmoid(blended[[order.index(r) for r in REGION_NAMES]]), REGION_NAMES
+    names = tuple(LABEL_NAMES[i] for i in sorted(LABEL_NAMES))
+    return (torch.softmax(blended, dim=0) if kind is OutputKind.LOGITS else blended), names
 
 
 def _as_triple(patch: Patch) -> tuple[int, int, int]:

@@ -4,11 +4,12 @@ Python API::
 
     predictor = Predictor("best.pth")                      # method and architecture come from the checkpoint
     labels = predictor.predict_arrays({"flair": f, "t2": t2})  # (X, Y, Z) uint8 in the input grid
-    labels, affine, header, used = predictor.predict_case("BraTS-GLI-00001-000/")
+    pred = predictor.predict_case("BraTS-GLI-00001-000/", probabilities=True)  # a Prediction: labels, probabilities,
+                                                                               # modalities, affine, header
 
-Command line (``predict.py`` at the repository root)::
+Command line (``predict.py`` at the repository root, or ``python -m brats_core.predict``)::
 
-    python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue]
+    python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue] [--save_probabilities] [--workers 2]
     python predict.py --checkpoint best.pth --flair a_flair.nii.gz --t2 a_t2.nii.gz -o a-seg.nii.gz
 
 Preprocessing is the training one (:func:`brats_core.preprocessing.preprocess_arrays` with the model's patch size);
@@ -25,7 +26,9 @@ import os
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +38,10 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .evaluation import EvalOptions, segment
-from .io import CaseFiles, find_case_files, load_nifti_header, save_nifti
-from .labels import REGION_NAMES, REGIONS
+from .evaluation import EvalOptions
+from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
+from .io import CaseFiles, atomic_path, find_case_files, load_nifti_header, save_nifti
+from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
 from .preprocessing import load_case, preprocess_arrays, uncrop
 from .registry import SegModel, build_from_config
@@ -76,6 +80,42 @@ def tumour_volumes_ml(labels: np.ndarray, header: nib.Nifti1Header | None) -> di
     return {r: float(np.count_nonzero(np.isin(labels, REGIONS[r]))) * voxel_mm3 / 1000.0 for r in REGION_NAMES}
 
 
+@dataclass
+class Prediction:
+    """One segmented case, in the input (original) voxel grid.
+
+    Attributes:
+        labels: uint8 BraTS labels ``(X, Y, Z)`` in {0, 1, 2, 3}.
+        modalities: the modalities used, canonical order.
+        probabilities: float16 ``(C, X, Y, Z)`` when requested: class probabilities (C = 4, ``channels`` =
+            background, NCR, ED, ET; outside the brain crop background = 1) for class methods, region probabilities
+            (C = 3, WT, TC, ET; 0 outside the crop) for sigmoid methods.
+        channels: names of the probability channels.
+        affine, header: the reference modality's (first available in canonical order) when read from files.
+    """
+
+    labels: np.ndarray
+    modalities: tuple[str, ...]
+    probabilities: np.ndarray | None = None
+    channels: tuple[str, ...] = ()
+    affine: np.ndarray | None = None
+    header: nib.Nifti1Header | None = None
+
+    def regions(self) -> np.ndarray:
+        """Binary region maps, uint8 ``(X, Y, Z, 3)`` in WT, TC, ET order (derived from :attr:`labels`)."""
+        return np.moveaxis(label_to_regions(self.labels), 0, -1).astype(np.uint8)
+
+
+@dataclass
+class LoadedCase:
+    """The images of one case read from disk, ready for :meth:`Predictor.predict`."""
+
+    images: dict[str, np.ndarray]
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    modalities: tuple[str, ...]
+
+
 class Predictor:
     """A trained model ready to segment cases with any subset of the modalities.
 
@@ -83,6 +123,7 @@ class Predictor:
         checkpoint: one of our checkpoints (``.pth`` or ``.safetensors``) recording ``method`` and ``config``.
         device: ``auto``, ``cpu`` or ``cuda``.
         overlap, blend, tta, sw_batch_size, amp: sliding-window options (see :class:`EvalOptions`).
+        progress: a progress bar over the sliding windows of each case.
 
     Raises:
         PredictError: the checkpoint does not record its method (e.g. an upstream checkpoint: use the method's
@@ -98,6 +139,7 @@ class Predictor:
         tta: bool = False,
         sw_batch_size: int = 1,
         amp: bool = False,
+        progress: bool = False,
     ) -> None:
         self.checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(self.checkpoint)
@@ -116,7 +158,7 @@ class Predictor:
         load_state_dict_strict(model, ckpt["state_dict"], str(self.checkpoint))
         self.model: SegModel = model.to(self.device).eval()
         self.options = EvalOptions(
-            overlap=overlap, blend=blend, tta=tta, sw_batch_size=sw_batch_size, amp=amp, hd95=False, progress=False
+            overlap=overlap, blend=blend, tta=tta, sw_batch_size=sw_batch_size, amp=amp, hd95=False, progress=progress
         )
 
     @property
@@ -124,39 +166,48 @@ class Predictor:
         """The model's training patch side (also the crop minimum and sliding-window size)."""
         return self.model.patch_size
 
-    def predict_arrays(self, images: Mapping[str, np.ndarray], affine: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, images: Mapping[str, np.ndarray], probabilities: bool = False) -> Prediction:
         """Segment one case held in memory.
 
         Args:
             images: modality key (``flair``, ``t1ce``, ``t1``, ``t2``) -> ``(X, Y, Z)``, any non-empty subset; absent
                 modalities are masked.
-            affine: ``(4, 4)`` voxel-to-world of the images; the prediction is in the voxel grid, so it is not needed,
-                and only checked for shape.
+            probabilities: also return the per-voxel probabilities (float16).
 
         Returns:
-            uint8 BraTS labels ``(X, Y, Z)`` in {0, 1, 2, 3}, in the input grid.
+            The :class:`Prediction` in the input grid (no affine/header: arrays carry none).
         """
+        vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
+        used = tuple(m for m in MODALITIES if m in meta["available"])
+        mask = tuple(m in used for m in MODALITIES)
+        image = torch.from_numpy(np.ascontiguousarray(vol.transpose(3, 0, 1, 2))).unsqueeze(0).to(self.device)
+        o = self.options
+        blended = predict_scenarios(
+            self.model, image, [mask], overlap=o.overlap, blend=o.blend, sw_batch_size=o.sw_batch_size, tta=o.tta,
+            amp=o.amp, use_encode=o.use_encode, progress=o.progress,
+        )[0]  # fmt: skip
+        kind, order = self.model.output_kind, self.model.region_order
+        labels = uncrop(outputs_to_labels(blended, kind, order).to(torch.uint8).cpu().numpy(), meta)
+        if not probabilities:
+            return Prediction(labels, used)
+        probs, channels = outputs_to_probabilities(blended, kind, order)
+        probs = probs.float().clamp(0, 1).to(torch.float16).cpu().numpy()
+        # Outside the crop there is no tumour: background probability 1 for classes, 0 for every region.
+        full = np.zeros((len(channels), *meta["original_shape"]), dtype=np.float16)
+        if channels[0] == LABEL_NAMES[0]:
+            full[0] = 1
+        full[(slice(None), *(slice(int(lo), int(hi)) for lo, hi in meta["crop_box"]))] = probs
+        return Prediction(labels, used, full, channels)
+
+    def predict_arrays(self, images: Mapping[str, np.ndarray], affine: np.ndarray | None = None) -> np.ndarray:
+        """Labels only: ``predict(images).labels``, uint8 ``(X, Y, Z)``; ``affine`` (4, 4) is only shape-checked."""
         if affine is not None and np.shape(affine) != (4, 4):
             raise ValueError(f"affine must be (4, 4), got {np.shape(affine)}")
-        vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
-        mask = tuple(m in meta["available"] for m in MODALITIES)
-        image = torch.from_numpy(np.ascontiguousarray(vol.transpose(3, 0, 1, 2)))
-        with torch.no_grad():
-            labels = segment(self.model, image, [mask], self.options, self.device)[0].numpy()  # type: ignore[list-item]
-        return uncrop(labels.astype(np.uint8), meta)
+        return self.predict(images).labels
 
-    def predict_case(
-        self, case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]
-    ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header, tuple[str, ...]]:
-        """Segment one case from files.
-
-        Args:
-            case: a case folder (BraTS 2023 or 2018–2021 names, any non-empty subset of modalities) or an explicit
-                mapping modality key -> file.
-
-        Returns:
-            ``(labels uint8 (X, Y, Z), reference affine (4, 4), reference header, modalities used)``; the reference
-            is the first available modality in canonical order.
+    @staticmethod
+    def load(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]) -> LoadedCase:
+        """Read a case folder (BraTS 2023 or 2018–2021 names, any non-empty subset) or a modality -> file mapping.
 
         Raises:
             CaseFilesError, NiftiError, ValueError: missing/ambiguous/unreadable files, or modalities whose shapes or
@@ -164,9 +215,18 @@ class Predictor:
         """
         files = resolve_case(case)
         images, _, _ = load_case(CaseFiles(files.case, files.folder, files.images))
-        ref = files.images[files.available[0]]
-        affine, header = load_nifti_header(ref)
-        return self.predict_arrays(images, affine), affine, header, files.available
+        affine, header = load_nifti_header(files.images[files.available[0]])
+        return LoadedCase(images, affine, header, tuple(files.available))
+
+    def predict_case(
+        self, case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | LoadedCase,
+        probabilities: bool = False,
+    ) -> Prediction:  # fmt: skip
+        """Segment one case from files (see :meth:`load`); the result carries the reference affine and header."""
+        loaded = case if isinstance(case, LoadedCase) else self.load(case)
+        pred = self.predict(loaded.images, probabilities)
+        pred.affine, pred.header = loaded.affine, loaded.header
+        return pred
 
 
 def resolve_case(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]) -> CaseFiles:
@@ -192,11 +252,26 @@ def resolve_case(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[s
 
 @dataclass(frozen=True)
 class Job:
-    """One case to predict: its id, input (folder or explicit files) and output file."""
+    """One case to predict: its id, input (folder or explicit files) and label-map file."""
 
     case: str
     source: Path | dict[str, Path]
     output: Path
+
+    def _sibling(self, ending: str) -> Path:
+        stem = _strip_nifti(self.output.name)
+        stem = stem[: -len("-seg")] if stem.endswith("-seg") else stem
+        return self.output.with_name(stem + ending)
+
+    @property
+    def probabilities(self) -> Path:
+        """``<case>-prob.npz`` beside the label map (NIfTI has no float16)."""
+        return self._sibling("-prob.npz")
+
+    @property
+    def regions(self) -> Path:
+        """``<case>-regions.nii.gz`` beside the label map."""
+        return self._sibling("-regions.nii.gz")
 
 
 def _is_nifti_path(path: str | os.PathLike[str]) -> bool:
@@ -259,14 +334,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the 8 flips")
     p.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
-    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose output file already exists")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--save_probabilities",
+        action="store_true",
+        help="also write <case>-prob.npz: float16 (C, X, Y, Z) probabilities per class (background, NCR, ED, ET) or, "
+        "for region methods, per region (WT, TC, ET), with their channel names and the affine",
+    )
+    p.add_argument(
+        "--save_regions", action="store_true", help="also write <case>-regions.nii.gz: uint8 (X, Y, Z, 3) WT, TC, ET"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="threads that read the next cases and write finished ones while the model runs (0: all in turn)",
+    )
+    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose output files already exist")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def _summary_line(case: str, used: Sequence[str], volumes: Mapping[str, float], seconds: float) -> str:
+def _summary_line(case: str, used: Sequence[str], volumes: Mapping[str, float], started: float) -> str:
     vols = " ".join(f"{r} {volumes[r]:.1f}" for r in REGION_NAMES)
-    return f"{case}: modalities {'+'.join(used)} | volumes (ml) {vols} | {seconds:.1f} s"
+    return f"{case}: modalities {'+'.join(used)} | volumes (ml) {vols} | {time.perf_counter() - started:.1f} s"
+
+
+def _outputs(job: Job, args: argparse.Namespace) -> list[Path]:
+    paths = [job.output]
+    if args.save_probabilities:
+        paths.append(job.probabilities)
+    if args.save_regions:
+        paths.append(job.regions)
+    return paths
+
+
+def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_regions: bool) -> None:
+    """Write the label map (and the requested extras) of one case, each file atomically; extras first, so an
+    interrupted run never leaves a label map without the files ``--continue`` would then expect."""
+    if save_probabilities:
+        if pred.probabilities is None:
+            raise ValueError("probabilities were not computed")
+        with atomic_path(job.probabilities) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(
+                handle, probabilities=pred.probabilities, channels=np.array(pred.channels), affine=pred.affine
+            )
+    if save_regions:
+        save_nifti(job.regions, pred.regions(), pred.affine, pred.header)
+    save_nifti(job.output, pred.labels, pred.affine, pred.header)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,41 +394,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.sw_batch_size < 1:
         parser.error(f"--sw_batch_size must be positive, got {args.sw_batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         jobs = plan_jobs(args)
         predictor = Predictor(
             args.checkpoint, args.device, overlap=args.overlap, blend=args.blend, tta=args.tta,
-            sw_batch_size=args.sw_batch_size, amp=args.amp,
+            sw_batch_size=args.sw_batch_size, amp=args.amp, progress=not args.no_progress,
         )  # fmt: skip
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    written, skipped, failed = 0, 0, []
-    bar = tqdm(jobs, desc="cases", unit="case", disable=args.no_progress or len(jobs) < 2, file=sys.stderr)
-    for job in bar:
-        if args.resume and job.output.is_file():
-            skipped += 1
-            tqdm.write(f"{job.case}: skipped ({job.output} exists)", file=sys.stdout)
-            continue
-        start = time.perf_counter()
+    todo = [j for j in jobs if not (args.resume and all(p.is_file() for p in _outputs(j, args)))]
+    for job in jobs:
+        if job not in todo:
+            print(f"{job.case}: skipped ({job.output} exists)")
+    written, failed = 0, []
+    bar = tqdm(total=len(todo), desc="cases", unit="case", disable=args.no_progress or len(todo) < 2, file=sys.stderr)
+
+    def fail(job: Job, err: Exception) -> None:  # one bad case must not stop the others; the summary lists it
+        failed.append((job.case, f"{type(err).__name__}: {err}"))
+        tqdm.write(f"{job.case}: FAILED: {err}", file=sys.stderr)
+        bar.update()
+
+    def settle(job: Job, pred: Prediction, started: float, write: Future[None]) -> None:
+        nonlocal written
         try:
-            labels, affine, header, used = predictor.predict_case(job.source)
-            save_nifti(job.output, labels, affine, header)
-        except Exception as err:  # one bad case must not stop the others; the summary lists it
-            failed.append((job.case, f"{type(err).__name__}: {err}"))
-            tqdm.write(f"{job.case}: FAILED: {err}", file=sys.stderr)
-            continue
+            write.result()
+        except Exception as err:
+            fail(job, err)
+            return
         written += 1
-        volumes = tumour_volumes_ml(labels, header)
-        tqdm.write(_summary_line(job.case, used, volumes, time.perf_counter() - start), file=sys.stdout)
+        line = _summary_line(job.case, pred.modalities, tumour_volumes_ml(pred.labels, pred.header), started)
+        tqdm.write(line, file=sys.stdout)
+        bar.update()
+
+    # Up to --workers cases are read ahead and written behind while the model runs (gzip I/O mostly releases the
+    # GIL); with --workers 0 every step runs in turn.
+    ahead = args.workers
+    with ThreadPoolExecutor(max_workers=max(ahead, 1)) as pool:
+        queue = iter(todo)
+        loads: deque[Future[LoadedCase]] = deque()
+        writes: deque[tuple[Job, Prediction, float, Future[None]]] = deque()
+
+        def read_next() -> None:
+            if ahead and (job := next(queue, None)) is not None:
+                loads.append(pool.submit(predictor.load, job.source))
+
+        for _ in range(ahead):
+            read_next()
+        for job in todo:
+            started = time.perf_counter()
+            try:
+                loaded = loads.popleft().result() if ahead else predictor.load(job.source)
+                pred = predictor.predict_case(loaded, probabilities=args.save_probabilities)
+            except Exception as err:
+                fail(job, err)
+                continue
+            finally:
+                read_next()
+            writes.append((job, pred, started, pool.submit(write_prediction, job, pred, args.save_probabilities,
+                                                           args.save_regions)))  # fmt: skip
+            while writes and (not ahead or writes[0][3].done()):
+                settle(*writes.popleft())
+        while writes:
+            settle(*writes.popleft())
     bar.close()
+    skipped = len(jobs) - len(todo)
     print(f"done: {written} written, {skipped} skipped, {len(failed)} failed (of {len(jobs)})")
     for case, reason in failed:
         print(f"  failed {case}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
-__all__ = ["PredictError", "Predictor", "main", "plan_jobs", "resolve_case", "tumour_volumes_ml"]
+__all__ = [
+    "LoadedCase",
+    "PredictError",
+    "Prediction",
+    "Predictor",
+    "main",
+    "plan_jobs",
+    "resolve_case",
+    "tumour_volumes_ml",
+    "write_prediction",
+]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

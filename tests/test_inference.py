@@ -12,6 +12,7 @@ from brats_core.inference import (
     FLIP_DIMS,
     gaussian_importance,
     outputs_to_labels,
+    outputs_to_probabilities,
     predict_scenarios,
     sliding_window,
     window_starts,
@@ -303,3 +304,18 @@ def test_outputs_to_labels_regions() -> None:
     assert outputs_to_labels(logits.flip(0), "region_logits", ("ET", "TC", "WT")).tolist() == expected
     with pytest.raises(ValueError, match="region"):
         outputs_to_labels(logits[:2], OutputKind.REGION_LOGITS)
+
+
+def test_outputs_to_probabilities() -> None:
+    """Logits → softmax, probabilities unchanged, region logits → sigmoid reordered to WT, TC, ET."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 3, 3, generator=g)
+    probs, names = outputs_to_probabilities(logits, OutputKind.LOGITS)
+    assert names == ("background", "NCR", "ED", "ET")
+    torch.testing.assert_close(probs, torch.exp(logits) / torch.exp(logits).sum(0))
+    same, _ = outputs_to_probabilities(probs, OutputKind.PROBABILITIES)
+    assert same is probs
+    regions = torch.randn(3, 3, 3, 3, generator=g)  # channel order ET, TC, WT (as M3AE's head)
+    out, names = outputs_to_probabilities(regions, OutputKind.REGION_LOGITS, ("ET", "TC", "WT"))
+    assert names == ("WT", "TC", "ET")
+    torch.testing.assert_close(out, 1 / (1 + torch.exp(-regions.flip(0))))

@@ -74,10 +74,11 @@ def test_legacy_single_case_file_output_and_api_agree(tmp_path: Path, checkpoint
     out = tmp_path / "pred.nii.gz"
     assert main(["--checkpoint", str(checkpoint), "-i", str(folder), "-o", str(out), "--device", "cpu"]) == 0
     cli = _check_output(out, folder / f"{folder.name}_flair.nii.gz")
-    labels, affine, _header, used = predictor.predict_case(folder)
-    assert used == ("flair", "t1", "t2")
-    np.testing.assert_array_equal(labels, cli)
-    np.testing.assert_allclose(affine, nib.load(out).affine)
+    pred = predictor.predict_case(folder)
+    assert pred.modalities == ("flair", "t1", "t2")
+    np.testing.assert_array_equal(pred.labels, cli)
+    np.testing.assert_allclose(pred.affine, nib.load(out).affine)
+    used = pred.modalities
     arrays = {m: nib.load(folder / f"{folder.name}_{m}.nii.gz").get_fdata(dtype=np.float32) for m in used}
     np.testing.assert_array_equal(predictor.predict_arrays(arrays), cli)
 
@@ -117,6 +118,65 @@ def test_geometry_mismatch_and_unreadable(tmp_path: Path, checkpoint: Path, caps
     assert f"{bad_affine.name}-t1c.nii.gz has a different affine than {bad_affine.name}-t2f.nii.gz" in err
     assert f"{bad_shape.name}: FAILED" in err
     assert sorted(p.name for p in out.iterdir()) == [f"{good.name}-seg.nii.gz"]
+
+
+def test_probabilities_regions_and_workers(tmp_path: Path, checkpoint: Path, predictor: Predictor) -> None:
+    """--save_probabilities / --save_regions beside each label map; --workers 2 writes what --workers 0 writes."""
+    cases = _dataset(tmp_path / "in", 3, seed=11)
+    (cases[1] / f"{cases[1].name}-t1n.nii.gz").write_bytes(b"broken")  # one failing case in the middle
+    outputs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        argv = ["--checkpoint", str(checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu",
+                "--no_progress", "--save_probabilities", "--save_regions", "--workers", str(workers)]  # fmt: skip
+        assert main(argv) == 1
+        outputs[workers] = out
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            f"{c.name}-{end}" for c in (cases[0], cases[2]) for end in ("seg.nii.gz", "prob.npz", "regions.nii.gz")
+        )
+    for case in (cases[0], cases[2]):
+        labels = _check_output(outputs[0] / f"{case.name}-seg.nii.gz", case / f"{case.name}-t2f.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(nib.load(outputs[2] / f"{case.name}-seg.nii.gz").dataobj), labels)
+        regions = nib.load(outputs[0] / f"{case.name}-regions.nii.gz")
+        assert regions.shape == (*labels.shape, 3) and regions.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asanyarray(regions.dataobj)[..., 2], labels == 3)
+        np.testing.assert_array_equal(np.asanyarray(regions.dataobj)[..., 0], labels > 0)
+        with np.load(outputs[0] / f"{case.name}-prob.npz") as npz:
+            probs, channels, affine = npz["probabilities"], npz["channels"], npz["affine"]
+        assert probs.dtype == np.float16 and probs.shape == (4, *labels.shape)
+        assert channels.tolist() == ["background", "NCR", "ED", "ET"]
+        np.testing.assert_allclose(affine, nib.load(case / f"{case.name}-t2f.nii.gz").affine)
+        np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
+        # float16 rounding may only flip near-ties of the argmax
+        assert (probs.argmax(0) == labels).mean() > 0.999
+    pred = predictor.predict_case(cases[0], probabilities=True)
+    assert pred.probabilities is not None and pred.probabilities[0, 0, 0, 0] == 1  # outside the crop: background
+    np.testing.assert_array_equal(
+        pred.labels, np.asanyarray(nib.load(outputs[0] / f"{cases[0].name}-seg.nii.gz").dataobj)
+    )
+
+
+def test_continue_needs_every_requested_output(tmp_path: Path, checkpoint: Path) -> None:
+    (case,) = _dataset(tmp_path / "in", 1, seed=13)
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(checkpoint), "-i", str(case), "-o", str(out), "--device", "cpu", "--no_progress"]
+    assert main(base) == 0
+    assert main([*base, "--continue", "--save_regions"]) == 0  # the label map exists, the region map does not
+    assert (out / f"{case.name}-regions.nii.gz").is_file()
+
+
+def test_module_entry_point(tmp_path: Path, checkpoint: Path) -> None:
+    """``python -m brats_core.predict`` runs the same command line."""
+    (case,) = _dataset(tmp_path / "in", 1, seed=17)
+    out = tmp_path / "case-seg.nii.gz"
+    result = subprocess.run(
+        [sys.executable, "-m", "brats_core.predict", "--checkpoint", str(checkpoint), "-i", str(case), "-o", str(out),
+         "--device", "cpu", "--no_progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "done: 1 written" in result.stdout
+    _check_output(out, case / f"{case.name}-t2f.nii.gz")
 
 
 def test_checkpoint_without_method(tmp_path: Path) -> None:
