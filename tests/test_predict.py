@@ -50,10 +50,12 @@ def _check_output(out: Path, reference: Path) -> np.ndarray:
     return data
 
 
-def test_subsets_brats2023(tmp_path: Path, checkpoint: Path) -> None:
-    """Cases with 1, 2 and 4 modalities (files deleted) → outputs in the reference modality's geometry."""
-    cases = _dataset(tmp_path / "in", 3)
-    keep = [("t1",), ("flair", "t2"), ("flair", "t1ce", "t1", "t2")]
+def test_every_subset_brats2023(tmp_path: Path, checkpoint: Path) -> None:
+    """One case per non-empty modality subset (files deleted) → each output in its reference modality's geometry."""
+    from brats_core.modalities import SCENARIOS
+
+    cases = _dataset(tmp_path / "in", len(SCENARIOS))
+    keep = [tuple(m for m, on in zip(SUFFIX_2023, s.mask, strict=True) if on) for s in SCENARIOS]
     for folder, modalities in zip(cases, keep, strict=True):
         for m, s in SUFFIX_2023.items():
             if m not in modalities:
@@ -65,6 +67,10 @@ def test_subsets_brats2023(tmp_path: Path, checkpoint: Path) -> None:
     for folder, modalities in zip(cases, keep, strict=True):
         ref = folder / f"{folder.name}-{SUFFIX_2023[modalities[0]]}.nii.gz"
         _check_output(out / f"{folder.name}-seg.nii.gz", ref)
+        out_header, ref_header = nib.load(out / f"{folder.name}-seg.nii.gz").header, nib.load(ref).header
+        np.testing.assert_allclose(out_header.get_zooms(), ref_header.get_zooms())
+        np.testing.assert_allclose(out_header.get_sform(), ref_header.get_sform())
+        assert int(out_header["qform_code"]) == int(ref_header["qform_code"])
 
 
 def test_legacy_single_case_file_output_and_api_agree(tmp_path: Path, checkpoint: Path, predictor: Predictor) -> None:
