@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,12 @@ class EvalOptions:
 
 
 def segment(
-    model: SegModel, image: torch.Tensor, masks: Sequence[Mask], options: EvalOptions, device: torch.device
+    model: SegModel,
+    image: torch.Tensor,
+    masks: Sequence[Mask],
+    options: EvalOptions,
+    device: torch.device,
+    origin: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Label maps of one volume under several scenarios.
 
@@ -70,6 +76,8 @@ def segment(
         model: eval-mode model.
         image: ``(4, H, W, D)`` float32.
         masks: canonical masks, one per output.
+        origin: the crop's position in the original image grid, for position-aware models (see
+            :func:`case_origin` and ``inference.predict_scenarios``).
 
     Returns:
         ``(S, H, W, D)`` uint8 BraTS labels on the CPU.
@@ -77,11 +85,39 @@ def segment(
     x = image.unsqueeze(0).to(device)
     blended = predict_scenarios(
         model, x, masks, overlap=options.overlap, blend=options.blend, sw_batch_size=options.sw_batch_size,
-        tta=options.tta, amp=options.amp, use_encode=options.use_encode,
+        tta=options.tta, amp=options.amp, use_encode=options.use_encode, origin=origin,
     )  # fmt: skip
     return torch.stack(
         [outputs_to_labels(b, model.output_kind, model.region_order).to(torch.uint8).cpu() for b in blended]
     )
+
+
+def window_origin(model: SegModel, meta: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """Lower corner of a case's crop box in the original image grid, for models with ``window_origin == "image"``.
+
+    Position-aware models (``window_origin`` not None, e.g. M3AE, whose learned completion image is indexed by
+    absolute position) get each window's start from ``inference.predict_scenarios``: ``"image"`` asks for positions
+    in the original grid (from the preprocessing metadata ``meta``), ``"crop"`` for positions relative to the
+    preprocessed crop (None is returned). Other models: None.
+    """
+    if getattr(model, "window_origin", None) != "image":
+        return None
+    box = meta["crop_box"]
+    return (int(box[0][0]), int(box[1][0]), int(box[2][0]))
+
+
+def case_origin(model: SegModel, root: str | Path, case: str) -> tuple[int, int, int] | None:
+    """:func:`window_origin` of a preprocessed case, read from ``<root>/meta/<case>.json`` when the model needs it."""
+    if getattr(model, "window_origin", None) != "image":
+        return None
+    path = Path(root) / "meta" / f"{case}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {model.method_name} needs each case's crop box in the original image grid "
+            f"(written by the preprocessing into <datapath>/meta/)"
+        )
+    with path.open() as f:
+        return window_origin(model, json.load(f))
 
 
 def validate(
@@ -98,7 +134,8 @@ def validate(
     try:
         for case, mask in tqdm(rows, desc="validation", disable=not options.progress, leave=False):
             image, label = load_case(root, case)
-            pred = segment(model, torch.from_numpy(image), [mask], options, device)[0].numpy()
+            origin = case_origin(model, root, case)
+            pred = segment(model, torch.from_numpy(image), [mask], options, device, origin)[0].numpy()
             s = case_scores(pred, label, etpp_threshold=options.etpp_threshold, hd95=False)
             for k in DICE_KEYS:
                 scores[k].append(s[k])
@@ -164,7 +201,8 @@ def evaluate(
             continue
         t0 = time.time()
         image, label = load_case(root, case)
-        preds = segment(model, torch.from_numpy(image), [s.mask for s in todo], options, device)
+        origin = case_origin(model, root, case)
+        preds = segment(model, torch.from_numpy(image), [s.mask for s in todo], options, device, origin)
         seconds = (time.time() - t0) / len(todo)
         for s, pred in zip(todo, preds, strict=True):
             scores = case_scores(pred.numpy(), label, etpp_threshold=options.etpp_threshold, hd95=options.hd95)

@@ -12,7 +12,7 @@ Command line (``predict.py`` at the repository root, or ``python -m brats_core.p
     python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue] [--save_probabilities] [--workers 2]
     python predict.py --checkpoint best.pth --flair a_flair.nii.gz --t2 a_t2.nii.gz -o a-seg.nii.gz
 
-Preprocessing is the training one (:func:`brats_core.preprocessing.preprocess_arrays` with the model's patch size);
+Preprocessing is the training one (:meth:`SegModel.preprocess`: the shared pipeline unless a method has its own);
 missing modalities are masked; the prediction is placed back into the original grid with
 :func:`brats_core.preprocessing.uncrop` and written (atomically) with the reference modality's affine and header (the
 first available one in canonical order).
@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .evaluation import EvalOptions
+from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import CaseFiles, atomic_path, find_case_files, load_nifti_header, save_nifti
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
-from .preprocessing import load_case, preprocess_arrays, uncrop
+from .preprocessing import load_case, uncrop
 from .registry import SegModel, build_from_config
 from .training import resolve_device
 
@@ -177,14 +177,14 @@ class Predictor:
         Returns:
             The :class:`Prediction` in the input grid (no affine/header: arrays carry none).
         """
-        vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
+        vol, meta = self.model.preprocess(images)
         used = tuple(m for m in MODALITIES if m in meta["available"])
         mask = tuple(m in used for m in MODALITIES)
         image = torch.from_numpy(np.ascontiguousarray(vol.transpose(3, 0, 1, 2))).unsqueeze(0).to(self.device)
         o = self.options
         blended = predict_scenarios(
             self.model, image, [mask], overlap=o.overlap, blend=o.blend, sw_batch_size=o.sw_batch_size, tta=o.tta,
-            amp=o.amp, use_encode=o.use_encode, progress=o.progress,
+            amp=o.amp, use_encode=o.use_encode, progress=o.progress, origin=window_origin(self.model, meta),
         )[0]  # fmt: skip
         kind, order = self.model.output_kind, self.model.region_order
         labels = uncrop(outputs_to_labels(blended, kind, order).to(torch.uint8).cpu().numpy(), meta)

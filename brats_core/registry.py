@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,25 @@ class SegModel(nn.Module):
     def patch_size(self) -> int:
         """Side of the cubic training patch, which is also the sliding-window size."""
         return int(self.config.patch_size)
+
+    def preprocess(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Preprocess a new case exactly as this method's training data (used by ``predict.py``).
+
+        The default is the shared pipeline (:func:`brats_core.preprocessing.preprocess_arrays`: brain crop of at
+        least one patch, z-score inside the brain); methods with their own normalisation override it.
+
+        Args:
+            images: modality key -> ``(X, Y, Z)``, any non-empty subset.
+
+        Returns:
+            ``(vol float32 (H, W, D, 4) canonical with zero channels for absent modalities, meta)``; ``meta`` holds at
+            least ``original_shape``, ``crop_box`` (half-open ``[[lo, hi]] * 3``), ``cropped_shape`` and
+            ``available``.
+        """
+        from brats_core.preprocessing import preprocess_arrays
+
+        vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
+        return vol, meta
 
     @property
     def supports_encode(self) -> bool:

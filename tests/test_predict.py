@@ -14,7 +14,7 @@ import torch
 from brats_core.checkpoint import save_checkpoint
 from brats_core.io import save_nifti
 from brats_core.predict import PredictError, Predictor, main
-from brats_core.registry import build_method, config_dict
+from brats_core.registry import build_method, config_dict, list_methods
 from brats_core.synthetic import write_synthetic_dataset
 
 SHAPE = (40, 44, 36)
@@ -183,6 +183,43 @@ def test_module_entry_point(tmp_path: Path, checkpoint: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "done: 1 written" in result.stdout
     _check_output(out, case / f"{case.name}-t2f.nii.gz")
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method(tmp_path: Path, method: str) -> None:
+    """Each registered method's checkpoint predicts a two-modality case (its own preprocessing, e.g. M3AE's)."""
+    torch.manual_seed(0)
+    model = build_method(method, "tiny")
+    ckpt = tmp_path / f"{method}.pth"
+    save_checkpoint(ckpt, model, method=method, config=config_dict(model))
+    (case,) = _dataset(tmp_path / "in", 1, seed=19)
+    for suffix in ("t1n", "t2w", "seg"):
+        (case / f"{case.name}-{suffix}.nii.gz").unlink()
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(ckpt), "-i", str(case), "-o", str(out), "--device", "cpu", "--no_progress",
+                 "--save_probabilities"]) == 0  # fmt: skip
+    _check_output(out / f"{case.name}-seg.nii.gz", case / f"{case.name}-t2f.nii.gz")
+    with np.load(out / f"{case.name}-prob.npz") as npz:
+        probs = npz["probabilities"]
+    assert probs.shape[0] in (3, 4) and np.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1
+
+
+def test_m3ae_uses_its_own_normalisation_and_image_positions(tmp_path: Path) -> None:
+    """M3AE's predictor preprocessing is M3AE's [0, 1] min-max (not the z-score) and windows know their position."""
+    pytest.importorskip("m3ae.model")
+    torch.manual_seed(0)
+    model = build_method("m3ae", "tiny")
+    rng = np.random.default_rng(0)
+    images = {
+        "flair": rng.random((40, 44, 36)).astype(np.float32) + 1,
+        "t2": rng.random((40, 44, 36)).astype(np.float32),
+    }
+    vol, meta = model.preprocess(images)
+    assert vol.min() >= 0 and vol.max() <= 1 and meta["available"] == ["flair", "t2"]
+    assert not vol[..., 1:3].any()  # T1ce, T1 absent: zero channels
+    from brats_core.evaluation import window_origin
+
+    assert window_origin(model, meta) == tuple(lo for lo, _ in meta["crop_box"])
 
 
 def test_checkpoint_without_method(tmp_path: Path) -> None:

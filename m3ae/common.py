@@ -1,0 +1,51 @@
+"""Command-line pieces shared by M3AE's three scripts (``pretrain.py``, ``train.py``, ``test.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("m3ae")
+
+
+def add_compat_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[Sequence[str], dict]]) -> None:
+    """Upstream flags that have no effect here, accepted so that upstream command lines keep working.
+
+    Args:
+        flags: ``(option strings, add_argument keyword arguments)`` per flag.
+    """
+    g = parser.add_argument_group("accepted for compatibility with upstream's command line (no effect)")
+    for names, kwargs in flags:
+        g.add_argument(*names, **{"help": "no effect here", **kwargs})
+
+
+def add_m3ae_data_flags(parser: argparse.ArgumentParser) -> None:
+    """``--raw_path`` (build the M3AE cache from NIfTI on the fly) and upstream's ``-j`` for ``--workers``."""
+    parser.add_argument(
+        "--raw_path",
+        default=None,
+        help="BraTS folder (NIfTI); cases missing from the --datapath cache are preprocessed into it first",
+    )
+    # a second spelling of --workers (from brats_core.cli.add_runtime_args); SUPPRESS keeps that default
+    parser.add_argument("-j", dest="workers", type=int, default=argparse.SUPPRESS, help="same as --workers")
+    parser.add_argument("--devices", default=None, help="CUDA_VISIBLE_DEVICES for this run (upstream: '0')")
+    parser.add_argument("--exp_name", default=None, help="run name: --savepath defaults to runs/<exp_name>")
+
+
+def apply_devices(devices: str | None) -> None:
+    """Upstream's ``--devices`` sets ``CUDA_VISIBLE_DEVICES``; an already exported value is respected."""
+    if devices is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    elif devices is not None:
+        log.info("CUDA_VISIBLE_DEVICES=%s is set; --devices %s ignored", os.environ["CUDA_VISIBLE_DEVICES"], devices)
+
+
+def default_savepath(args: argparse.Namespace, default_exp: str, sub: str = "") -> None:
+    """``--savepath`` defaults to ``runs/<exp_name>[/sub]`` as upstream's ``runs/<exp>/`` layout."""
+    if args.exp_name is None:
+        args.exp_name = default_exp
+    if args.savepath is None:
+        args.savepath = str(Path("runs") / args.exp_name / sub) if sub else str(Path("runs") / args.exp_name)

@@ -1,0 +1,154 @@
+"""M3AE stage 1, masked-autoencoder pre-training (upstream ``m3ae/pretrain.py``, METHODS.md §6.3).
+
+    python m3ae/pretrain.py --datapath <m3ae cache> --raw_path <BraTS folder> --exp_name m3ae_pretrain \
+        --batch_size 2 --mdp 3 --dataset brats23 --mask_ratio 0.875 --lr 0.0003
+
+Every sample: a 128³ window of a training case; ``k ~ U{0..mdp}`` whole modalities dropped, then exactly 256 of the
+2048 16³ tokens (of the kept modalities) stay visible, the rest is replaced by the learned completion image at the
+same position in the original grid. Loss: MSE of the reconstruction against the unmasked window + 0.005 · ‖limage −
+its per-channel spatial mean‖. Adam (network ``--lr``, completion image ``--limage_lr`` 0.005), cosine schedule per
+epoch. Writes ``model_last.pth`` every epoch and ``model_1model_best_<epoch>.pth`` every ``--val`` epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brats_core.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from brats_core.cli import add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
+from brats_core.registry import build_from_config, build_method, config_dict
+from brats_core.splits import read_case_list
+from brats_core.training import FitConfig, fit, seed_everything
+from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
+from m3ae.data import PretrainDataset, ensure_cache
+from m3ae.model import M3AE, tokens_to_voxels
+
+log = logging.getLogger("m3ae.pretrain")
+
+LIMAGE_REGULARISER = 0.005
+
+
+class PretrainLoss:
+    """``mean (x − recon)² + weight · ‖limage − mean_xyz(limage)‖₂`` (a ``brats_core.training.fit`` loss)."""
+
+    def __init__(self, weight: float = LIMAGE_REGULARISER) -> None:
+        self.weight = weight
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["image"]
+        visible = tokens_to_voxels(batch["tokens"], x.shape[-1])
+        recon = model(x, visible, batch["origin"]).outputs[-1]
+        mse = F.mse_loss(recon.float(), x.float())
+        limage = unwrap(model).limage
+        reg = torch.linalg.vector_norm(limage - limage.mean(dim=(2, 3, 4), keepdim=True))
+        return mse + self.weight * reg, {"mse": float(mse.detach()), "limage_norm": float(reg.detach())}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m3ae/pretrain.py", description=__doc__.splitlines()[0])
+    add_data_args(p)
+    add_runtime_args(p)
+    add_m3ae_data_flags(p)
+    g = p.add_argument_group("pre-training")
+    g.add_argument("--epochs", "--num_epochs", dest="epochs", type=int, default=600)
+    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
+    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=3e-4, help="network learning rate")
+    g.add_argument("--limage_lr", type=float, default=0.005, help="learning rate of the completion image")
+    g.add_argument("--wd", "--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=0.0)
+    g.add_argument("--mask_ratio", type=float, default=0.875, help="fraction of tokens replaced by limage")
+    g.add_argument("--mdp", type=int, default=3, help="at most this many whole modalities dropped per sample")
+    g.add_argument("--val", type=int, default=50, help="write model_1model_best_<epoch>.pth every N epochs")
+    g.add_argument("--num_classes", type=int, default=4, choices=[4], help="reconstructed channels (4)")
+    g.add_argument("--seed", type=int, default=999)
+    g.add_argument("--resume", default=None, help="our model_last.pth to continue from")
+    g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train // batch)")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests)")
+    g.add_argument("--patch_size", type=int, default=None, help="window side (default: the preset's, paper 128)")
+    add_compat_flags(
+        p,
+        [
+            (["--start-epoch", "--start_epoch"], {"dest": "start_epoch", "type": int, "default": 0}),
+            (["--model_type"], {"default": "vtnet"}),
+            (["--dataset"], {"default": "brats23", "choices": ["brats18", "brats20", "brats23"]}),
+            (["--fold"], {"type": int, "default": 0}),
+            (["--cfg"], {"default": None}),
+            (["--zip"], {"action": "store_true"}),
+            (["--cache-mode", "--cache_mode"], {"dest": "cache_mode", "default": "part"}),
+            (["--accumulation-steps", "--accumulation_steps"], {"dest": "accumulation_steps", "type": int}),
+            (["--use-checkpoint", "--use_checkpoint"], {"dest": "use_checkpoint", "action": "store_true"}),
+            (["--amp-opt-level", "--amp_opt_level"], {"dest": "amp_opt_level", "default": "O1"}),
+            (["--tag"], {"default": None}),
+            (["--eval"], {"action": "store_true"}),
+            (["--throughput"], {"action": "store_true"}),
+            (["--debug"], {"action": "store_true"}),
+        ],
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    default_savepath(args, "patch16mask875_mdp3_inversion_reg2_005")
+    if args.batch_size < 1 or args.epochs < 1 or args.val < 1:
+        parser.error("--batch_size, --epochs and --val must be positive")
+    apply_devices(args.devices)
+    setup_logging(args.savepath, "pretrain.txt")
+    seed_everything(args.seed)
+
+    train = read_case_list(split_dir(args) / "train.txt")
+    ensure_cache(args.datapath, train, args.raw_path, args.workers)
+    if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
+        model: M3AE = build_from_config("m3ae", load_checkpoint(args.resume)["config"])  # type: ignore[assignment]
+        if not model.config.pre_train:
+            parser.error(f"--resume {args.resume} is not a pre-training checkpoint")
+    else:
+        overrides: dict[str, Any] = {"mask_ratio": args.mask_ratio}
+        if args.patch_size:
+            overrides["patch_size"] = args.patch_size
+        model = build_method("m3ae", "tiny_pretrain" if args.preset == "tiny" else "pretrain", **overrides)
+    cfg = model.config
+    optimizer = torch.optim.Adam(
+        [{"params": model.network_parameters(), "lr": args.lr}, {"params": [model.limage], "lr": args.limage_lr}],
+        weight_decay=args.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    dataset = PretrainDataset(args.datapath, train, cfg.patch_size, cfg.token_grid, cfg.visible_tokens, args.mdp)
+    if len(train) < args.batch_size:
+        parser.error(f"--batch_size {args.batch_size} exceeds the {len(train)} training cases")
+    extra = {"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "pretrain"}
+    config = FitConfig(
+        savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=args.batch_size,
+        # upstream: a plain DataLoader with drop_last, i.e. N_train // batch steps per epoch
+        iter_per_epoch=args.iter_per_epoch or max(1, len(train) // args.batch_size),
+        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, max_steps=args.max_steps,
+        val_epochs=set(range(args.val, args.epochs + 1, args.val)), resume=args.resume,
+        progress=not args.no_progress, extra=extra,
+    )  # fmt: skip
+
+    def snapshot(m: nn.Module, epoch: int) -> dict[str, float]:
+        # upstream's periodic copy, named with the 0-based epoch (…_599 after 600 epochs); no validation here
+        save_checkpoint(Path(args.savepath) / f"model_1model_best_{epoch}.pth", m, epoch=epoch, **extra)
+        return {}
+
+    log.info(
+        "M3AE pre-training on %d cases: window %d³, %d of %d tokens visible, mdp %d → %s",
+        len(train), cfg.patch_size, cfg.visible_tokens, 4 * cfg.token_grid**3, args.mdp, args.savepath,
+    )  # fmt: skip
+    result = fit(model, dataset, PretrainLoss(), optimizer, config, scheduler=scheduler, validate=snapshot)
+    log.info("done: %d steps, last checkpoint %s", result.global_step, result.last_checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
