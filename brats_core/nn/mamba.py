@@ -7,13 +7,18 @@ forward semantics) and routes the selective scan through one entry point, :func:
 
 * ``"mamba_ssm"`` – mamba-ssm's fused CUDA kernels, used only when the package imports *and* the tensors are on CUDA;
   any failure falls back (with one warning) to the next backend.
+* ``"triton"`` – Triton kernels (forward and backward, chunk-parallel; :mod:`brats_core.nn.triton_scan`), used
+  automatically only on CUDA after a one-time probe compile and run succeeded; never chosen automatically on CPU
+  (where it only runs, slowly, in Triton's interpreter when ``TRITON_INTERPRET=1``). Needs no compilation step:
+  ``triton`` ships with PyTorch's CUDA wheels. A missing or broken ``triton`` only makes the backend unusable.
 * ``"chunked"`` – pure PyTorch, exact, memory-bounded: a chunked reduce-then-scan forward that keeps only per-chunk
   carry states, and a block-recompute backward (:class:`ChunkedSelectiveScanFn`). CPU default and CUDA fallback.
 * ``"reference"`` – a plain sequential loop under autograd, dtype-generic (fp64 ground truth for tests; slow).
 
-Backends live in a registry (:func:`register_backend`), so a Triton kernel can be added later under the same entry
+Backends live in a registry (:func:`register_backend`), so further kernels can be added under the same entry
 point. Selection: explicit ``backend`` argument > environment variable ``BRATS_MAMBA_BACKEND`` > ``"auto"`` (the
-usable registered backend with the lowest ``auto_priority``: mamba_ssm on CUDA tensors, else chunked).
+usable registered backend with the lowest ``auto_priority``: mamba_ssm on CUDA tensors, then triton on CUDA, else
+chunked).
 
 Scan layout (mamba-ssm's ``selective_scan_fn``): ``u, delta, z: (b, d, L)``; ``A: (d, n)``; ``B, C: (b, n, L)``;
 ``D, delta_bias: (d,)``; output ``(b, d, L)``; optional last state ``(b, d, n)``.
@@ -99,12 +104,15 @@ class ScanBackend:
         is_usable: ``is_usable(device) -> bool``; whether the backend can run on tensors of that device right now
             (e.g. its package imports). Must be cheap after the first call (cache probes).
         auto_priority: Order for ``"auto"`` (lower first); ``None`` = only used when named explicitly.
+        auto_device_types: Device types (``"cuda"``, ``"cpu"``) on which ``"auto"`` may pick the backend; ``None`` =
+            any. Naming the backend explicitly is not restricted by this.
     """
 
     name: str
     fn: ScanFn
     is_usable: Callable[[torch.device], bool]
     auto_priority: int | None = None
+    auto_device_types: tuple[str, ...] | None = None
 
 
 _BACKENDS: dict[str, ScanBackend] = {}
@@ -115,15 +123,15 @@ def register_backend(
     fn: ScanFn,
     is_usable: Callable[[torch.device], bool],
     auto_priority: int | None = None,
+    auto_device_types: tuple[str, ...] | None = None,
 ) -> None:
     """Register (or replace) a selective-scan backend; see :class:`ScanBackend` for the contract.
 
-    A future Triton backend would register itself with an ``auto_priority`` between ``mamba_ssm`` (0) and ``chunked``
-    (100) and an ``is_usable`` that checks for CUDA tensors and a cached one-time probe compile.
+    Built in: ``mamba_ssm`` (priority 0), ``triton`` (50, CUDA only), ``chunked`` (100), ``reference`` (explicit).
     """
     if name == "auto":
         raise ValueError("'auto' is reserved for automatic selection")
-    _BACKENDS[name] = ScanBackend(name, fn, is_usable, auto_priority)
+    _BACKENDS[name] = ScanBackend(name, fn, is_usable, auto_priority, auto_device_types)
 
 
 def available_backends() -> list[str]:
@@ -158,7 +166,12 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
             f"Mamba scan backend {requested!r} is not usable on {device.type} tensors; falling back to 'auto'",
         )
     candidates = sorted(
-        (b for b in _BACKENDS.values() if b.auto_priority is not None), key=lambda b: (b.auto_priority, b.name)
+        (
+            b
+            for b in _BACKENDS.values()
+            if b.auto_priority is not None and (b.auto_device_types is None or device.type in b.auto_device_types)
+        ),
+        key=lambda b: (b.auto_priority, b.name),
     )
     for cand in candidates:
         if cand.is_usable(device):
@@ -232,7 +245,7 @@ def selective_scan(
         delta_softplus: Apply softplus to ``delta + delta_bias``.
         return_last_state: Also return ``h_{L-1}``.
         backend: Backend name; ``None``/``"auto"`` → ``BRATS_MAMBA_BACKEND`` → automatic (see :func:`resolve_backend`).
-        chunk_size: Chunk length of the chunked backend (``None`` = automatic); ignored by the other backends.
+        chunk_size: Chunk length of the chunked and triton backends (``None`` = automatic); ignored by the others.
 
     Returns:
         ``out`` (b, d, L) in ``u``'s dtype, or ``(out, last_state)`` with ``last_state`` (b, d, n) in the compute
@@ -762,7 +775,103 @@ def _selective_scan_mamba_ssm(
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# "triton": brats_core.nn.triton_scan, imported lazily (importing triton costs ~1 s and may be absent or broken)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_triton_state: dict[str, Any] = {}
+
+
+def _triton_module() -> Any | None:
+    """``brats_core.nn.triton_scan`` or None (cached); any import failure (no triton, ABI mismatch) → None."""
+    if "module" not in _triton_state:
+        try:
+            from . import triton_scan
+
+            _triton_state["module"] = triton_scan
+        except Exception as exc:
+            _triton_state["module"] = None
+            _warn_once("import:triton", f"the Triton scan is not usable ({type(exc).__name__}: {exc})")
+    return _triton_state["module"]
+
+
+def _triton_probe(device: torch.device) -> bool:
+    """One-time compile-and-run of the Triton scan (forward + backward, tiny shapes) on ``device``, checked against
+    the chunked backend; the verdict is cached per device, so a broken toolchain costs one attempt."""
+    key = f"probe:{device}"
+    if key not in _triton_state:
+        ok = False
+        mod = _triton_module()
+        if mod is not None:
+            # The first resolve may happen under no_grad / inference_mode (evaluation) or autocast: the probe needs
+            # autograd and fp32 whatever the caller's context.
+            try:
+                with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                    g = torch.Generator().manual_seed(0)
+                    b, d, n, L = 1, 4, 4, 24
+                    shapes = [(b, d, L), (b, d, L), (d, n), (b, n, L), (b, n, L), (d,), (b, d, L), (d,)]
+                    ins = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+                    with torch.no_grad():
+                        ins[2].copy_(-ins[2].exp())
+                    outs = []
+                    for fn in (mod.selective_scan_triton, selective_scan_chunked):
+                        y = fn(*ins, delta_softplus=True, chunk_size=8)
+                        outs.append((y, *torch.autograd.grad(y.square().sum(), ins)))
+                ok = all(torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(*outs, strict=True))
+                if not ok:
+                    _warn_once("probe:triton", "the Triton scan probe gave wrong results; not using it")
+            except Exception as exc:
+                _warn_once("probe:triton", f"the Triton scan probe failed ({type(exc).__name__}: {exc})")
+        _triton_state[key] = ok
+    return bool(_triton_state[key])
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if _triton_state.get("broken"):
+        return False
+    mod = _triton_module() if "module" in _triton_state else None
+    if mod is not None and getattr(mod, "backward_failed", lambda: False)():
+        return False
+    if device.type == "cuda":
+        return _triton_probe(device)
+    # CPU: only in Triton's interpreter (tests); "auto" never picks it there (auto_device_types).
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    mod = _triton_module()
+    return mod is not None and bool(mod.interpreter_active())
+
+
+def _selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+    chunk_size: int | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    mod = _triton_module()
+    if mod is not None and not _triton_state.get("broken"):
+        try:
+            return mod.selective_scan_triton(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size
+            )
+        except Exception as exc:
+            # e.g. a kernel variant (new dtype or flag combination) that fails to compile after the probe passed.
+            _triton_state["broken"] = True
+            _warn_once(
+                "call:triton",
+                f"Triton scan failed ({type(exc).__name__}: {exc}); using the 'chunked' scan from now on",
+            )
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
 register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_usable, auto_priority=0)
+register_backend("triton", _selective_scan_triton, _triton_usable, auto_priority=50, auto_device_types=("cuda",))
 register_backend("chunked", selective_scan_chunked, lambda device: True, auto_priority=100)
 register_backend("reference", selective_scan_reference, lambda device: True, auto_priority=None)
 
@@ -864,9 +973,9 @@ class Mamba(nn.Module):
         layer_idx: Accepted for signature compatibility (upstream uses it for inference caches; not supported here).
         device: Parameter device.
         dtype: Parameter dtype (``A_log`` and ``D`` stay fp32, as upstream).
-        backend: Scan backend (see :func:`selective_scan`): ``"auto"``, ``"mamba_ssm"``, ``"chunked"``,
+        backend: Scan backend (see :func:`selective_scan`): ``"auto"``, ``"mamba_ssm"``, ``"triton"``, ``"chunked"``,
             ``"reference"`` or any registered name.
-        chunk_size: Chunk length of the chunked backend (``None`` = automatic).
+        chunk_size: Chunk length of the chunked and triton backends (``None`` = automatic).
     """
 
     def __init__(
