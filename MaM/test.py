@@ -1,0 +1,220 @@
+"""Predict the test cases under the 15 scenarios with nnU-Net's predictor and score them (upstream ``test_mam.sh`` +
+``test_mam.py``, METHODS.md §8.4).
+
+    python MaM/test.py --input-path $nnUNet_raw/Dataset138_MaM/imagesTs --output-path <dir> \
+        --checkpoint-path checkpoint_best.pth
+
+For each case (preprocessed once by nnU-Net) and scenario: nnU-Net's sliding window (step 0.5, Gaussian blending,
+mirroring off as upstream evaluates; ``--tta`` turns it on), sigmoid > 0.5 per region, regions → BraTS labels once
+(WT only → 2, TC without ET → 1, ET → 3; upstream wrote 1/2 swapped and swapped back in its scorer), un-cropped
+and resampled to the original geometry. Predictions go to ``<output-path>/prediction_<bits>/<case>.nii.gz`` with
+upstream's bit strings (FLAIR, T1, T1ce, T2); scores (Dice WT/TC/ET with ε = 1e-8 and empty/empty = 1, ETpp, HD95)
+go to ``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are written by
+``brats_core.evaluation.summarize``, as for every other method. Finished (case, scenario) rows are skipped on a
+re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from brats_core.evaluation import METRICS, PER_CASE_HEADER, format_table, summarize
+from brats_core.io import atomic_path
+from brats_core.metrics import case_scores
+from brats_core.modalities import Scenario, format_mam_bits, parse_scenarios
+from brats_core.splits import read_case_list
+from MaM.prepare_dataset import CONFIGURATION, FILE_ENDING, PLANS, TRAINER, dataset_folder_name
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="MaM/test.py", description=__doc__.splitlines()[0])
+    p.add_argument("--input-path", "--input_path", "-i", dest="input_path", default=None,
+                   help="imagesTs folder (default: $nnUNet_raw/Dataset138_MaM/imagesTs)")  # fmt: skip
+    p.add_argument("--output-path", "--output_path", "-o", dest="output_path", required=True,
+                   help="folder for prediction_<bits>/ (and the scores, unless --savepath)")  # fmt: skip
+    p.add_argument("--checkpoint-path", "--checkpoint_path", "-chk", dest="checkpoint_path",
+                   default="checkpoint_final.pth",
+                   help="checkpoint file name inside the model's fold folder, or a path")  # fmt: skip
+    p.add_argument("--labels-path", "--labels_path", dest="labels_path", default=None,
+                   help="ground-truth folder (default: labelsTs beside --input-path)")  # fmt: skip
+    p.add_argument("--savepath", default=None, help="folder for per-case CSV and summary (default: --output-path)")
+    p.add_argument("--model_folder", default=None,
+                   help="trained model folder with plans.json, dataset.json, fold_N/ (default: from -d/-tr/-p/-c "
+                        "under $nnUNet_results)")  # fmt: skip
+    p.add_argument("-d", dest="dataset", default="138", help="dataset name or id")
+    p.add_argument("-tr", dest="trainer", default=TRAINER)
+    p.add_argument("-p", dest="plans", default=PLANS)
+    p.add_argument("-c", dest="configuration", default=CONFIGURATION)
+    p.add_argument("-f", dest="fold", default="0")
+    p.add_argument("--test_file", default=None,
+                   help="test list (.txt or CSV with a case column; default: test15splits.csv of the raw dataset, "
+                        "else every case of --input-path)")  # fmt: skip
+    p.add_argument("--scenarios", default="all", help="'all' or names (flair+t1ce), canonical bits (1100), 1-15")
+    p.add_argument("-step_size", "--step_size", dest="step_size", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off in upstream's runs)")
+    p.add_argument("--no_hd95", action="store_true", help="skip HD95")
+    p.add_argument("--no_nifti", action="store_true", help="do not write the prediction NIfTI files")
+    p.add_argument("-device", "--device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _model_folder(args: argparse.Namespace) -> Path:
+    if args.model_folder:
+        return Path(args.model_folder)
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    name = args.dataset if args.dataset.startswith("Dataset") else maybe_convert_to_dataset_name(int(args.dataset))
+    return Path(nnUNet_results.require()) / name / f"{args.trainer}__{args.plans}__{args.configuration}"
+
+
+def _default_raw() -> Path | None:
+    raw = os.environ.get("nnUNet_raw")  # noqa: SIM112
+    return Path(raw) / dataset_folder_name() if raw else None
+
+
+def _cases(args: argparse.Namespace, images: Path) -> list[str]:
+    test_file = Path(args.test_file) if args.test_file else images.parent / "test15splits.csv"
+    if test_file.is_file():
+        return read_case_list(test_file)
+    if args.test_file:
+        raise FileNotFoundError(f"test list {test_file} not found")
+    cases = sorted({p.name[: -len(f"_0000{FILE_ENDING}")] for p in images.glob(f"*_0000{FILE_ENDING}")})
+    if not cases:
+        raise FileNotFoundError(f"{images}: no <case>_0000{FILE_ENDING} files")
+    return cases
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(PER_CASE_HEADER), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[str, str]]:
+    """Predict and score; returns the summary rows."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from MaM.prepare_dataset import with_brats_region_order
+    from MaM.trainer import ScenarioNetwork, nnUNetTrainerMissingReconBaseline
+
+    device = torch.device(args.device)
+    folder = _model_folder(args)
+    ckpt_path = Path(args.checkpoint_path)
+    if not ckpt_path.is_file():
+        ckpt_path = folder / f"fold_{args.fold}" / args.checkpoint_path
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint_path} not found (also looked for {ckpt_path})")
+    for name in ("plans.json", "dataset.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: is {folder} a trained MaM model folder?")
+    # nnU-Net checkpoints hold plain Python objects beside the weights (init args, logging), hence weights_only=False.
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    plans_manager = PlansManager(load_json(folder / "plans.json"))
+    dataset_json = with_brats_region_order(load_json(folder / "dataset.json"))
+    configuration = checkpoint.get("init_args", {}).get("configuration", args.configuration)
+    config_manager = plans_manager.get_configuration(configuration)
+    network = nnUNetTrainerMissingReconBaseline.build_network_architecture(
+        plans_manager, config_manager, 4, 3, enable_deep_supervision=False
+    )
+    network.load_state_dict(checkpoint["network_weights"])
+    wrapper = ScenarioNetwork(network).to(device).eval()
+    predictor = nnUNetPredictor(
+        tile_step_size=args.step_size, use_gaussian=True, use_mirroring=args.tta, perform_everything_on_device=True,
+        device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+    )  # fmt: skip
+    predictor.manual_initialization(
+        wrapper, plans_manager, config_manager, None, dataset_json, TRAINER,
+        checkpoint.get("inference_allowed_mirroring_axes"),
+    )  # fmt: skip
+    preprocessor = config_manager.preprocessor_class(verbose=False)
+    io = plans_manager.image_reader_writer_class()
+
+    raw = _default_raw()
+    images = Path(args.input_path) if args.input_path else (raw / "imagesTs" if raw else None)
+    if images is None or not images.is_dir():
+        raise FileNotFoundError(f"input folder {images} not found (--input-path)")
+    labels = Path(args.labels_path) if args.labels_path else images.parent / "labelsTs"
+    out = Path(args.output_path)
+    save = Path(args.savepath) if args.savepath else out
+    save.mkdir(parents=True, exist_ok=True)
+    cases = _cases(args, images)
+    tag = "all" if len(scenarios) == 15 else "-".join(s.bits for s in scenarios)
+    per_case = save / f"per_case_{tag}.csv"
+    rows = _read_rows(per_case)
+    done = {(r["case"], r["scenario"]) for r in rows}
+    log.info("%s: %d cases × %d scenarios → %s", ckpt_path, len(cases), len(scenarios), save)
+    for n, case in enumerate(cases, 1):
+        todo = [s for s in scenarios if (case, s.name) not in done]
+        if not todo:
+            continue
+        files = [str(images / f"{case}_{k:04d}{FILE_ENDING}") for k in range(4)]
+        absent = [f for f in files if not os.path.isfile(f)]
+        gt_file = labels / f"{case}{FILE_ENDING}"
+        if not gt_file.is_file():
+            absent.append(str(gt_file))
+        if absent:
+            raise FileNotFoundError(f"case {case}: missing {', '.join(absent)}")
+        t0 = time.time()
+        data, _, properties = preprocessor.run_case(files, None, plans_manager, config_manager, dataset_json)
+        data = torch.from_numpy(data)
+        gt = io.read_seg(str(gt_file))[0][0]
+        spacing = [float(s) for s in properties["spacing"]]
+        for s in todo:
+            wrapper.set_mask(s.mask)
+            logits = predictor.predict_sliding_window_return_logits(data).cpu()
+            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, plans_manager, config_manager, predictor.label_manager, properties
+            )
+            if not args.no_nifti:
+                target = out / f"prediction_{format_mam_bits(s.mask)}" / f"{case}{FILE_ENDING}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                io.write_seg(seg, str(target), properties)
+            scores = case_scores(seg, gt, spacing=spacing, hd95=not args.no_hd95)
+            rows.append({
+                "case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{(time.time() - t0) / len(todo):.2f}",
+                **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
+            })  # fmt: skip
+        _write_rows(per_case, rows)
+        log.info("%d/%d %s done", n, len(cases), case)
+    return summarize(save)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        scenarios = parse_scenarios(args.scenarios)
+    except ValueError as err:
+        parser.error(str(err))
+    summary = run(args, scenarios)
+    print(format_table(summary))
+    print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath or args.output_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
