@@ -53,6 +53,10 @@ class SegModel(nn.Module):
     output_kind: ClassVar[OutputKind] = OutputKind.PROBABILITIES
     region_order: ClassVar[tuple[str, ...]] = ("WT", "TC", "ET")
     method_name: ClassVar[str] = ""
+    # Position-aware models (M3AE's completion image is indexed by absolute voxel position) set "image" (window
+    # starts in the original grid) or "crop" (in the preprocessed crop); the sliding window then calls
+    # model(w, m, origin=..., flip=...) (see inference.predict_scenarios).
+    window_origin: ClassVar[str | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()

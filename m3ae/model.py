@@ -239,7 +239,7 @@ class M3AE(SegModel):
 
     output_kind = OutputKind.REGION_LOGITS
     region_order = REGION_ORDER
-    window_origin: str | None = "image"
+    window_origin = "image"
 
     def __init__(self, config: M3AEConfig) -> None:
         super().__init__(config)
