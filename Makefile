@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= runs/demo
 
-.PHONY: install test test-slow lint demo clean-demo
+.PHONY: install test test-slow lint demo smoke clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m brats_core.demo --out $(DEMO)
+
+smoke: $(STAMP)
+	$(BIN)/python reproduce.py --smoke
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -8,10 +8,11 @@ For each case (preprocessed once by nnU-Net) and scenario: nnU-Net's sliding win
 mirroring off as upstream evaluates; ``--tta`` turns it on), sigmoid > 0.5 per region, regions → BraTS labels once
 (WT only → 2, TC without ET → 1, ET → 3; upstream wrote 1/2 swapped and swapped back in its scorer), un-cropped
 and resampled to the original geometry. Predictions go to ``<output-path>/prediction_<bits>/<case>.nii.gz`` with
-upstream's bit strings (FLAIR, T1, T1ce, T2); scores (Dice WT/TC/ET with ε = 1e-8 and empty/empty = 1, ETpp, HD95)
-go to ``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are written by
-``brats_core.evaluation.summarize``, as for every other method. Finished (case, scenario) rows are skipped on a
-re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
+upstream's bit strings (FLAIR, T1, T1ce, T2), linked as ``<savepath>/predictions/<case>_<canonical bits>.nii.gz``
+(the evaluator's naming, which ``report.py`` reads); scores (Dice WT/TC/ET with ε = 1e-8 and empty/empty = 1, ETpp,
+HD95) go to ``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are
+written by ``brats_core.evaluation.summarize``, as for every other method. Finished (case, scenario) rows are skipped
+on a re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,6 +194,14 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
                 target = out / f"prediction_{format_mam_bits(s.mask)}" / f"{case}{FILE_ENDING}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 io.write_seg(seg, str(target), properties)
+                # and under the name every other method's evaluation uses (report.py's qualitative panel reads it)
+                alias = save / "predictions" / f"{case}_{s.bits}{FILE_ENDING}"
+                alias.parent.mkdir(parents=True, exist_ok=True)
+                alias.unlink(missing_ok=True)
+                try:
+                    os.link(target, alias)
+                except OSError:  # another file system
+                    shutil.copyfile(target, alias)
             scores = case_scores(seg, gt, spacing=spacing, hd95=not args.no_hd95)
             rows.append({
                 "case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{(time.time() - t0) / len(todo):.2f}",

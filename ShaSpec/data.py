@@ -32,8 +32,9 @@ from skimage.transform import resize
 from torch.utils.data import Dataset
 
 from brats_core.data import MaskSampler, label_path, volume_path
-from brats_core.io import find_case_files, load_nifti, save_npy
+from brats_core.io import find_case_files, load_nifti, save_json, save_npy
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
+from brats_core.preprocessing import case_meta, output_paths
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,23 @@ def prepare_cache(data_dir: str | Path, entries: Sequence[str], cache_dir: str |
         case_dir = resolve_case_dir(data_dir, entry)
         case = case_dir.name
         cases.append(case)
-        vol_out, seg_out = volume_path(cache_dir, case), label_path(cache_dir, case)
-        if vol_out.is_file() and seg_out.is_file():
+        paths = output_paths(cache_dir, case)
+        if paths.vol.is_file() and paths.seg.is_file() and paths.meta.is_file():
             continue
         files = find_case_files(case_dir, require_label=True)
-        channels = [normalise_modality(load_nifti(files.images[m])[0]) for m in MODALITIES]
+        loaded = [load_nifti(files.images[m]) for m in MODALITIES]
+        channels = [normalise_modality(data) for data, _, _ in loaded]
         label = load_nifti(files.label, dtype=None)[0].astype(np.uint8)
         label[label == 4] = 3  # BraTS ≤ 2020 ET label (no-op for 2023)
-        save_npy(vol_out, np.stack(channels, axis=-1).astype(np.float32))
-        save_npy(seg_out, label)
+        save_npy(paths.vol, np.stack(channels, axis=-1).astype(np.float32))
+        save_npy(paths.seg, label)
+        # The whole volume is kept (no crop): the metadata lets the shared evaluator write predictions as NIfTI in
+        # the source geometry (eval.py --save_nifti).
+        shape = [int(n) for n in label.shape]
+        array_meta = {"original_shape": shape, "crop_box": [[0, n] for n in shape], "cropped_shape": shape,
+                      "channels": list(MODALITIES), "available": list(MODALITIES), "has_label": True,
+                      "pipeline": "shaspec"}  # fmt: skip
+        save_json(paths.meta, case_meta(files, loaded[0][1], array_meta, True))
         log.info("cached %s", case)
     return cases
 

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overlap", type=float, default=0.5, help="shared protocol window overlap (paper: 0.5)")
     o.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass (shared protocol)")
     o.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
+    o.add_argument(
+        "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original geometry"
+    )
     o.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_runtime_args(p)
     return p
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
         progress=not args.no_progress,
     )  # fmt: skip
-    summary = evaluate(model, cache, cases, savepath, scenarios, options, device)
+    summary = evaluate(model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti)
     for r in summary:
         if r["scenario"] != "mean":
             write_output2(

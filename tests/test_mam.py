@@ -380,6 +380,9 @@ def test_nnunet_plan_train_resume_predict_score(tmp_path, monkeypatch) -> None:
         seg = nib.load(f)
         assert seg.shape == gt.shape and np.allclose(seg.affine, gt.affine)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+    # the same files under the evaluator's names (canonical bits: T1ce alone is 0100)
+    for f, bits in zip(seg_files, ("0100", "1111"), strict=True):
+        assert (out / "predictions" / f"{cases[3]}_{bits}.nii.gz").samefile(f)
     with open(out / "per_case_0100-1111.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["case"], r["scenario"], r["bits"]) for r in rows] == [

@@ -1,0 +1,12 @@
+"""Print, run or write as SLURM scripts every method's command sequence with the paper's settings (see
+``brats_core.reproduce``).
+
+Usage: ``python reproduce.py --datapath PRE --raw RAW --runs runs/ [--method imfuse] [--run] [--slurm DIR] [--smoke]``.
+"""
+
+import sys
+
+from brats_core.reproduce import main
+
+if __name__ == "__main__":
+    sys.exit(main())

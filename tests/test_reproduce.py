@@ -1,0 +1,168 @@
+"""The reproduce runner: recipes, printed and SLURM commands parsed by each method's own parser, resume, smoke."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from brats_core import reproduce
+from brats_core.modalities import SCENARIOS
+from brats_core.registry import list_methods, method_info
+
+LANDED = reproduce.landed_methods()
+RFNET = {"imfuse", "mmformer", "robustseg", "sfusion", "uhved"}  # the methods on the shared train/test scripts
+
+
+def _parse_command(line: str, resume_line: str | None) -> tuple[str, list[str]]:
+    """(script, argv) of a generated command line: launcher dropped, ``"${RESUME[@]}"`` replaced by the flags that
+    the preceding ``RESUME=(...)`` line sets, the array task id replaced by 7."""
+    tokens = shlex.split(line)
+    script_at = next(i for i, t in enumerate(tokens) if t.endswith(".py"))
+    script, argv = tokens[script_at], tokens[script_at + 1 :]
+    resume: list[str] = []
+    if resume_line is not None:
+        resume = shlex.split(re.search(r"then RESUME=\((.*)\); fi", resume_line).group(1))
+    out: list[str] = []
+    for t in argv:
+        out += resume if t == "${RESUME[@]}" else ["7" if t == "$SLURM_ARRAY_TASK_ID" else t]
+    return script, out
+
+
+def _steps(text: str) -> list[tuple[str, str, str | None]]:
+    """(marker, command line, resume line) for every ``# step:`` (SLURM) or ``# <method> <step>`` (plan) block."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("# step: ") or re.fullmatch(r"# [a-z0-9]+ [a-z]+", line):
+            resume = lines[i + 1] if lines[i + 1].startswith("RESUME=") else None
+            found.append((line, lines[i + 2] if resume else lines[i + 1], resume))
+    return found
+
+
+def test_landed_methods_are_registered_and_have_scripts() -> None:
+    assert LANDED, "no landed method"
+    assert set(LANDED) <= set(list_methods())
+    for m in LANDED:
+        assert all((reproduce.REPO / s.script).is_file() for s in reproduce.RECIPES[m].steps)
+    for m in set(reproduce.RECIPES) - set(LANDED):  # not registered, a script missing, or a provisional recipe
+        recipe = reproduce.RECIPES[m]
+        scripts = all((reproduce.REPO / s.script).is_file() for s in recipe.steps)
+        assert m not in list_methods() or not scripts or recipe.provisional
+    for recipe in reproduce.RECIPES.values():
+        assert recipe.steps[-1].kind == "test" and recipe.method in reproduce.RECIPES
+
+
+def test_slurm_scripts_parse_with_each_method_parser(tmp_path: Path) -> None:
+    out = tmp_path / "slurm"
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    assert reproduce.main(["--slurm", str(out), "--datapath", str(data), "--runs", str(runs), "--raw", "raw"]) == 0
+    n_parsed = 0
+    for method in LANDED:
+        recipe = reproduce.RECIPES[method]
+        for k, step in enumerate(recipe.steps, start=1):
+            text = (out / f"{method}_{k}_{step.name}.sbatch").read_text()
+            assert text.startswith("#!/bin/bash\n#SBATCH --job-name=")
+            assert ("#SBATCH --array=1-15" in text) == step.scenario_array
+            ((marker, command, resume),) = _steps(text)
+            assert marker == f"# step: {method} {step.name}" and '"$PYTHON" ' in command
+            script, argv = _parse_command(command, resume)
+            assert script == step.script
+            args = reproduce.parser_for(step).parse_args(argv)
+            n_parsed += 1
+            if step.resume_file:  # the resume branch's flags parse too and name the step's own checkpoint
+                assert str(runs.resolve() / method) in resume
+            if method not in RFNET:
+                continue
+            assert Path(args.datapath) == data.resolve() and Path(args.split_dir) == data.resolve() / "splits"
+            if step.kind == "train":
+                paper = dict(zip(step.paper[::2], step.paper[1::2], strict=False))
+                assert str(args.num_epochs) == paper["--num_epochs"]
+                assert str(args.batch_size) == paper["--batch_size"]
+                assert Path(args.resume) == runs.resolve() / method / "model_last.pth"
+                assert Path(args.savepath) == runs.resolve() / method
+                if method == "imfuse":
+                    assert args.mamba_skip and args.interleaved_tokenization
+            else:
+                assert args.scenarios == "7"
+                assert Path(args.resume) == runs.resolve() / method / recipe.ckpt
+                assert Path(args.savepath) == runs.resolve() / method / "test"
+    assert n_parsed == sum(len(reproduce.RECIPES[m].steps) for m in LANDED)
+    submit = (out / "submit_all.sh").read_text()
+    for method in LANDED:
+        n = len(reproduce.RECIPES[method].steps)
+        assert f"--dependency=afterok:${{J_{method}_{n - 1}}} {method}_{n}_test.sbatch" in submit
+    assert "report.py" in submit
+
+
+def test_printed_plan_parses_and_torchrun(tmp_path: Path, capsys) -> None:
+    assert reproduce.main(["--datapath", "d", "--runs", "r"]) == 0
+    plan = capsys.readouterr().out
+    steps = _steps(plan)
+    assert len(steps) == sum(len(reproduce.RECIPES[m].steps) for m in LANDED)
+    for method in LANDED:
+        for step in reproduce.RECIPES[method].steps:
+            assert f"# {method} {step.name}\n" in plan
+    for _, command, resume in steps:
+        script, argv = _parse_command(command, resume)
+        step = next(s for m in LANDED for s in reproduce.RECIPES[m].steps if s.script == script)
+        reproduce.parser_for(step).parse_args(argv)
+    assert "python report.py --out r/report --datapath d --run " in plan
+    # several GPUs: torchrun for training, batch sizes must split over the processes
+    ctx = reproduce.Context(Path("d"), Path("d/splits"), None, Path("r"), gpus=3)
+    mm = reproduce.RECIPES["mmformer"]
+    (line,) = reproduce.shell_lines(mm, mm.steps[0], ctx)[1:]
+    assert line.startswith("torchrun --standalone --nproc_per_node=3 mmFormer/train.py ")
+    assert reproduce.parser_for(mm.steps[0]).parse_args(_parse_command(line, None)[1]).batch_size == 3
+    im = reproduce.RECIPES["imfuse"]
+    with pytest.raises(SystemExit, match="cannot be split over 3 GPUs"):
+        reproduce.shell_lines(im, im.steps[0], ctx)
+    ctx.batch_per_gpu = 2
+    assert "--batch_size 6" in reproduce.shell_lines(im, im.steps[0], ctx)[1]
+    assert reproduce.shell_lines(im, im.steps[1], ctx)[0].startswith("python IMFuse/test.py")  # tests stay 1 process
+
+
+def test_resume_flag_only_when_checkpoint_exists(tmp_path: Path) -> None:
+    ctx = reproduce.Context(tmp_path / "d", tmp_path / "d" / "splits", None, tmp_path / "runs")
+    recipe = reproduce.RECIPES["imfuse"]
+    train = recipe.steps[0]
+    assert "--resume" not in reproduce.resolved_command(recipe, train, ctx, "py")
+    (tmp_path / "runs" / "imfuse").mkdir(parents=True)
+    (tmp_path / "runs" / "imfuse" / "model_last.pth").write_bytes(b"")
+    argv = reproduce.resolved_command(recipe, train, ctx, "py")
+    assert argv[:2] == ["py", "IMFuse/train_poly.py"] and argv[-2:] == [
+        "--resume",
+        str(ctx.runs / "imfuse/model_last.pth"),
+    ]
+    smoke = reproduce.Context(ctx.datapath, ctx.split_dir, None, ctx.runs, device="cpu", smoke=True)
+    test_argv = reproduce.resolved_command(recipe, recipe.steps[1], smoke, "py")
+    assert str(ctx.runs / "imfuse/model_last.pth") in test_argv  # smoke runs never validate: no best.pth
+    args = reproduce.parser_for(train).parse_args(reproduce.resolved_command(recipe, train, smoke, "py")[2:])
+    assert (args.preset, args.max_steps, args.device) == ("tiny", 2, "cpu")
+
+
+def test_rejects_unknown_methods(capsys) -> None:
+    with pytest.raises(SystemExit):
+        reproduce.main(["--method", "nosuch"])
+    assert "unknown method" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_landed_method_and_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    assert reproduce.main(["--smoke", "--smoke_dir", str(out)]) == 0
+    splits = out / "preprocessed" / "splits"
+    test_cases = {row[0] for row in csv.reader((splits / "test15splits.csv").open()) if row and row[0] != "case"}
+    assert 2 <= len(test_cases) <= 3
+    for method in LANDED:
+        with (out / "runs" / method / "test" / "per_case_all.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert {(r["case"], r["scenario"]) for r in rows} == {(c, s.name) for c in test_cases for s in SCENARIOS}
+    table = (out / "report" / "table.md").read_text()
+    for method in LANDED:
+        assert f"{method_info(method).display} WT" in table
+    for name in ("bars.png", "dice_vs_params.png", "qualitative.png", "table.csv", "table.tex", "wilcoxon.csv"):
+        assert (out / "report" / name).stat().st_size > 0
