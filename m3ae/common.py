@@ -11,14 +11,29 @@ from pathlib import Path
 log = logging.getLogger("m3ae")
 
 
+# Leftovers of the Swin-Transformer training template that all three upstream scripts carry (never read there).
+TEMPLATE_FLAGS: tuple[tuple[Sequence[str], dict], ...] = (
+    (["--cfg"], {"default": None}),
+    (["--zip"], {"action": "store_true"}),
+    (["--cache-mode", "--cache_mode"], {"dest": "cache_mode", "default": None}),
+    (["--accumulation-steps", "--accumulation_steps"], {"dest": "accumulation_steps", "type": int}),
+    (["--use-checkpoint", "--use_checkpoint"], {"dest": "use_checkpoint", "action": "store_true"}),
+    (["--amp-opt-level", "--amp_opt_level"], {"dest": "amp_opt_level", "default": None}),
+    (["--tag"], {"default": None}),
+    (["--eval"], {"action": "store_true"}),
+    (["--throughput"], {"action": "store_true"}),
+)
+
+
 def add_compat_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[Sequence[str], dict]]) -> None:
-    """Upstream flags that have no effect here, accepted so that upstream command lines keep working.
+    """Upstream flags that have no effect here (``flags`` plus :data:`TEMPLATE_FLAGS`), accepted so that upstream
+    command lines keep working.
 
     Args:
-        flags: ``(option strings, add_argument keyword arguments)`` per flag.
+        flags: ``(option strings, add_argument keyword arguments)`` per script-specific flag.
     """
     g = parser.add_argument_group("accepted for compatibility with upstream's command line (no effect)")
-    for names, kwargs in flags:
+    for names, kwargs in (*flags, *TEMPLATE_FLAGS):
         g.add_argument(*names, **{"help": "no effect here", **kwargs})
 
 

@@ -147,17 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
             (["--fold"], {"type": int, "default": 0}),
             (["--num_classes"], {"type": int, "default": 3, "choices": [3]}),
             (["--seed"], {"type": int, "default": 1234}),
-            (["--cfg"], {"default": None}),
-            (["--zip"], {"action": "store_true"}),
-            (["--cache-mode", "--cache_mode"], {"dest": "cache_mode", "default": None}),
             (["--resume"], {"default": None}),
-            (["--accumulation-steps", "--accumulation_steps"], {"dest": "accumulation_steps", "type": int}),
             (["--mae_imp"], {"default": None}),
-            (["--use-checkpoint", "--use_checkpoint"], {"dest": "use_checkpoint", "action": "store_true"}),
-            (["--amp-opt-level", "--amp_opt_level"], {"dest": "amp_opt_level", "default": None}),
-            (["--tag"], {"default": None}),
-            (["--eval"], {"action": "store_true"}),
-            (["--throughput"], {"action": "store_true"}),
         ],
     )
     return p

@@ -156,15 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
             (["--model_type"], {"default": "cnnnet"}),
             (["--val"], {"type": int, "default": 20}),
             (["--fold"], {"type": int, "default": 0}),
-            (["--cfg"], {"default": None}),
-            (["--zip"], {"action": "store_true"}),
-            (["--cache-mode", "--cache_mode"], {"dest": "cache_mode", "default": None}),
-            (["--accumulation-steps", "--accumulation_steps"], {"dest": "accumulation_steps", "type": int}),
-            (["--use_checkpoint", "--use-checkpoint"], {"dest": "use_checkpoint", "action": "store_true"}),
-            (["--amp-opt-level", "--amp_opt_level"], {"dest": "amp_opt_level", "default": "O1"}),
-            (["--tag"], {"default": None}),
-            (["--eval"], {"action": "store_true"}),
-            (["--throughput"], {"action": "store_true"}),
         ],
     )
     return p
