@@ -270,11 +270,13 @@ def _plain_encoder(in_channels: int, features: Sequence[int], config: MaMConfig)
     config=MaMConfig,
     presets={"tiny": {"patch_size": 32, "base_features": 16}},
     display="Missing-as-Masking",
+    checkpoint_reader="MaM.trained_model:open_checkpoint",  # nnU-Net's fold_N/checkpoint_*.pth
 )
 class MultimodalRecon(SegModel):
     """MaM's network (§8.2). Eval output: region logits (WT, TC, ET) ``(B, 3, P, P, P)``."""
 
     output_kind = OutputKind.REGION_LOGITS
+    default_blend = "gaussian"  # nnU-Net's predictor
     region_order = ("WT", "TC", "ET")
 
     def __init__(self, config: MaMConfig | None = None) -> None:

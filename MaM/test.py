@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground-truth folder (default: labelsTs beside --input-path)")  # fmt: skip
     p.add_argument("--savepath", default=None, help="folder for per-case CSV and summary (default: --output-path)")
     p.add_argument("--model_folder", default=None,
-                   help="trained model folder with plans.json, dataset.json, fold_N/ (default: from -d/-tr/-p/-c "
+                   help="trained model folder holding fold_N/ (default: from -d/-tr/-p/-c "
                         "under $nnUNet_results)")  # fmt: skip
     p.add_argument("-d", dest="dataset", default="138", help="dataset name or id")
     p.add_argument("-tr", dest="trainer", default=TRAINER)
@@ -114,43 +114,18 @@ def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
 
 def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[str, str]]:
     """Predict and score; returns the summary rows."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from MaM.prepare_dataset import with_brats_region_order
-    from MaM.trainer import ScenarioNetwork, nnUNetTrainerMissingReconBaseline
+    from MaM.trained_model import load_trained_model
 
     device = torch.device(args.device)
-    folder = _model_folder(args)
     ckpt_path = Path(args.checkpoint_path)
     if not ckpt_path.is_file():
-        ckpt_path = folder / f"fold_{args.fold}" / args.checkpoint_path
+        ckpt_path = _model_folder(args) / f"fold_{args.fold}" / args.checkpoint_path
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint_path} not found (also looked for {ckpt_path})")
-    for name in ("plans.json", "dataset.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: is {folder} a trained MaM model folder?")
-    # nnU-Net checkpoints hold plain Python objects beside the weights (init args, logging), hence weights_only=False.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    plans_manager = PlansManager(load_json(folder / "plans.json"))
-    dataset_json = with_brats_region_order(load_json(folder / "dataset.json"))
-    configuration = checkpoint.get("init_args", {}).get("configuration", args.configuration)
-    config_manager = plans_manager.get_configuration(configuration)
-    network = nnUNetTrainerMissingReconBaseline.build_network_architecture(
-        plans_manager, config_manager, 4, 3, enable_deep_supervision=False
-    )
-    network.load_state_dict(checkpoint["network_weights"])
-    wrapper = ScenarioNetwork(network).to(device).eval()
-    predictor = nnUNetPredictor(
-        tile_step_size=args.step_size, use_gaussian=True, use_mirroring=args.tta, perform_everything_on_device=True,
-        device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-    )  # fmt: skip
-    predictor.manual_initialization(
-        wrapper, plans_manager, config_manager, None, dataset_json, TRAINER,
-        checkpoint.get("inference_allowed_mirroring_axes"),
-    )  # fmt: skip
+    model = load_trained_model(ckpt_path, device, step_size=args.step_size, use_mirroring=args.tta)
+    predictor, plans_manager, config_manager = model.predictor, model.plans_manager, model.config_manager
     preprocessor = config_manager.preprocessor_class(verbose=False)
     io = plans_manager.image_reader_writer_class()
 
@@ -180,12 +155,12 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
         if absent:
             raise FileNotFoundError(f"case {case}: missing {', '.join(absent)}")
         t0 = time.time()
-        data, _, properties = preprocessor.run_case(files, None, plans_manager, config_manager, dataset_json)
+        data, _, properties = preprocessor.run_case(files, None, plans_manager, config_manager, model.dataset_json)
         data = torch.from_numpy(data)
         gt = io.read_seg(str(gt_file))[0][0]
         spacing = [float(s) for s in properties["spacing"]]
         for s in todo:
-            wrapper.set_mask(s.mask)
+            model.scenario_network.set_mask(s.mask)
             logits = predictor.predict_sliding_window_return_logits(data).cpu()
             seg = convert_predicted_logits_to_segmentation_with_correct_shape(
                 logits, plans_manager, config_manager, predictor.label_manager, properties

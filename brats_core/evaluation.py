@@ -43,7 +43,7 @@ DICE_KEYS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp")
 @dataclass
 class EvalOptions:
     overlap: float = 0.5
-    blend: str = "uniform"
+    blend: str | None = "uniform"  # None: the model's own (SegModel.default_blend)
     tta: bool = False
     sw_batch_size: int = 1
     amp: bool = False
@@ -84,8 +84,9 @@ def segment(
     """
     x = image.unsqueeze(0).to(device)
     blended = predict_scenarios(
-        model, x, masks, overlap=options.overlap, blend=options.blend, sw_batch_size=options.sw_batch_size,
-        tta=options.tta, amp=options.amp, use_encode=options.use_encode, origin=origin,
+        model, x, masks, overlap=options.overlap, blend=options.blend or model.default_blend,
+        sw_batch_size=options.sw_batch_size, tta=options.tta, amp=options.amp, use_encode=options.use_encode,
+        origin=origin,
     )  # fmt: skip
     return torch.stack(
         [outputs_to_labels(b, model.output_kind, model.region_order).to(torch.uint8).cpu() for b in blended]

@@ -15,7 +15,9 @@ Command line (``predict.py`` at the repository root, or ``python -m brats_core.p
 Preprocessing is the training one (:meth:`SegModel.preprocess`: the shared pipeline unless a method has its own);
 missing modalities are masked; the prediction is placed back into the original grid with
 :func:`brats_core.preprocessing.uncrop` and written (atomically) with the reference modality's affine and header (the
-first available one in canonical order).
+first available one in canonical order). Checkpoints written by a method's own tool (MaM: nnU-Net's
+``fold_N/checkpoint_*.pth``) are opened by that method's registered ``checkpoint_reader``, which brings its own
+pipeline (:class:`CaseEngine`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +47,7 @@ from .io import CaseFiles, atomic_path, find_case_files, load_nifti_header, save
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
 from .preprocessing import load_case, uncrop
-from .registry import SegModel, build_from_config
+from .registry import SegModel, build_from_config, checkpoint_readers
 from .training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -116,18 +119,42 @@ class LoadedCase:
     modalities: tuple[str, ...]
 
 
+class CaseEngine(Protocol):
+    """What a method's ``checkpoint_reader`` returns for a checkpoint another tool wrote (see
+    :func:`brats_core.registry.register`; MaM: ``MaM.trained_model.NnUNetCasePredictor``)."""
+
+    model: SegModel
+
+    def predict(
+        self, images: Mapping[str, np.ndarray], probabilities: bool, spacing: Sequence[float] | None
+    ) -> Prediction: ...
+
+
+def _open_foreign(path: Path, device: torch.device, options: EvalOptions) -> CaseEngine | None:
+    """The first method whose checkpoint reader recognises ``path``, as an engine; None when none does."""
+    for method, reader in checkpoint_readers():
+        engine = reader(path, device, options)
+        if engine is not None:
+            log.info("%s: %s checkpoint read by %s's reader", path, method, method)
+            return engine
+    return None
+
+
 class Predictor:
     """A trained model ready to segment cases with any subset of the modalities.
 
     Args:
-        checkpoint: one of our checkpoints (``.pth`` or ``.safetensors``) recording ``method`` and ``config``.
+        checkpoint: one of our checkpoints (``.pth`` or ``.safetensors``) recording ``method`` and ``config``, or a
+            checkpoint a method's own tool wrote (MaM: nnU-Net's ``fold_N/checkpoint_*.pth``), which that method's
+            registered reader opens.
         device: ``auto``, ``cpu`` or ``cuda``.
-        overlap, blend, tta, sw_batch_size, amp: sliding-window options (see :class:`EvalOptions`).
+        overlap, blend, tta, sw_batch_size, amp: sliding-window options (see :class:`EvalOptions`); ``blend`` None
+            is the method's own (:attr:`SegModel.default_blend`).
         progress: a progress bar over the sliding windows of each case.
 
     Raises:
-        PredictError: the checkpoint does not record its method (e.g. an upstream checkpoint: use the method's
-            test script, which infers the architecture from the weights).
+        PredictError: the checkpoint does not record its method and no method's reader recognises it (e.g. an
+            upstream checkpoint: use the method's test script, which infers the architecture from the weights).
     """
 
     def __init__(
@@ -135,55 +162,74 @@ class Predictor:
         checkpoint: str | os.PathLike[str],
         device: str | torch.device = "auto",
         overlap: float = 0.5,
-        blend: str = "uniform",
+        blend: str | None = None,
         tta: bool = False,
         sw_batch_size: int = 1,
         amp: bool = False,
         progress: bool = False,
     ) -> None:
         self.checkpoint = Path(checkpoint)
-        ckpt = load_checkpoint(self.checkpoint)
-        method = ckpt.get("method")
-        if not method:
-            raise PredictError(
-                f"{self.checkpoint} does not record which method it holds (no 'method' entry): predict.py needs a "
-                "checkpoint written by this project's training scripts (upstream checkpoints: use the method's "
-                "test script, or re-save the model with brats_core.checkpoint.save_checkpoint(..., method=, config=))"
-            )
-        if "config" not in ckpt:
-            raise PredictError(f"{self.checkpoint} records method {method!r} but no model 'config' entry")
-        self.method: str = str(method)
         self.device = resolve_device(device) if isinstance(device, str) else device
-        model = build_from_config(self.method, dict(ckpt["config"]))
-        load_state_dict_strict(model, ckpt["state_dict"], str(self.checkpoint))
-        self.model: SegModel = model.to(self.device).eval()
         self.options = EvalOptions(
             overlap=overlap, blend=blend, tta=tta, sw_batch_size=sw_batch_size, amp=amp, hd95=False, progress=progress
         )
+        try:
+            ckpt: dict | None = load_checkpoint(self.checkpoint)
+            failure: Exception | None = None
+        except (RuntimeError, ValueError) as err:
+            ckpt, failure = None, err
+        self._engine: CaseEngine | None = None
+        if ckpt is None or not ckpt.get("method"):
+            self._engine = _open_foreign(self.checkpoint, self.device, self.options)
+            if self._engine is None:
+                raise failure or PredictError(
+                    f"{self.checkpoint} does not record which method it holds (no 'method' entry): predict.py needs "
+                    "a checkpoint written by this project's training scripts or by nnU-Net for MaM (upstream "
+                    "checkpoints: use the method's test script, or re-save the model with "
+                    "brats_core.checkpoint.save_checkpoint(..., method=, config=))"
+                )
+            self.model: SegModel = self._engine.model
+            self.method: str = self.model.method_name
+            self.options.blend = blend or self.model.default_blend
+            return
+        if "config" not in ckpt:
+            raise PredictError(f"{self.checkpoint} records method {ckpt['method']!r} but no model 'config' entry")
+        self.method = str(ckpt["method"])
+        model = build_from_config(self.method, dict(ckpt["config"]))
+        load_state_dict_strict(model, ckpt["state_dict"], str(self.checkpoint))
+        self.model = model.to(self.device).eval()
+        self.options.blend = blend or self.model.default_blend
 
     @property
     def patch_size(self) -> int:
         """The model's training patch side (also the crop minimum and sliding-window size)."""
         return self.model.patch_size
 
-    def predict(self, images: Mapping[str, np.ndarray], probabilities: bool = False) -> Prediction:
+    def predict(
+        self, images: Mapping[str, np.ndarray], probabilities: bool = False, spacing: Sequence[float] | None = None
+    ) -> Prediction:
         """Segment one case held in memory.
 
         Args:
             images: modality key (``flair``, ``t1ce``, ``t1``, ``t2``) -> ``(X, Y, Z)``, any non-empty subset; absent
                 modalities are masked.
             probabilities: also return the per-voxel probabilities (float16).
+            spacing: voxel size in mm along X, Y, Z; only models that resample (MaM's nnU-Net pipeline) use it,
+                assuming their training spacing when it is None.
 
         Returns:
             The :class:`Prediction` in the input grid (no affine/header: arrays carry none).
         """
+        if self._engine is not None:
+            return self._engine.predict(images, probabilities, spacing)
         vol, meta = self.model.preprocess(images)
         used = tuple(m for m in MODALITIES if m in meta["available"])
         mask = tuple(m in used for m in MODALITIES)
         image = torch.from_numpy(np.ascontiguousarray(vol.transpose(3, 0, 1, 2))).unsqueeze(0).to(self.device)
         o = self.options
         blended = predict_scenarios(
-            self.model, image, [mask], overlap=o.overlap, blend=o.blend, sw_batch_size=o.sw_batch_size, tta=o.tta,
+            self.model, image, [mask], overlap=o.overlap, blend=o.blend or self.model.default_blend,
+            sw_batch_size=o.sw_batch_size, tta=o.tta,
             amp=o.amp, use_encode=o.use_encode, progress=o.progress, origin=window_origin(self.model, meta),
         )[0]  # fmt: skip
         kind, order = self.model.output_kind, self.model.region_order
@@ -224,7 +270,7 @@ class Predictor:
     ) -> Prediction:  # fmt: skip
         """Segment one case from files (see :meth:`load`); the result carries the reference affine and header."""
         loaded = case if isinstance(case, LoadedCase) else self.load(case)
-        pred = self.predict(loaded.images, probabilities)
+        pred = self.predict(loaded.images, probabilities, tuple(float(z) for z in loaded.header.get_zooms()[:3]))
         pred.affine, pred.header = loaded.affine, loaded.header
         return pred
 
@@ -317,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="predict.py",
         description="Segment brain tumours in new cases with any subset of FLAIR, T1ce, T1, T2 (missing ones masked).",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by a training script (records the method)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint written by a training script (records the method), or MaM's nnU-Net fold_N/checkpoint_*.pth",
+    )
     src = p.add_argument_group("input (either -i or explicit modality files)")
     src.add_argument("-i", "--input", default=None, help="a case folder, or a folder of case folders")
     for m in MODALITIES:
@@ -330,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA when available")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    p.add_argument("--blend", default="uniform", choices=["uniform", "gaussian"], help="window blending")
+    p.add_argument(
+        "--blend",
+        default=None,
+        choices=["uniform", "gaussian"],
+        help="window blending (default: the method's own: uniform as the paper's protocol, Gaussian for MaM)",
+    )
     p.add_argument("--tta", action="store_true", help="average over the 8 flips")
     p.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")

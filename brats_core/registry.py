@@ -57,6 +57,9 @@ class SegModel(nn.Module):
     # starts in the original grid) or "crop" (in the preprocessed crop); the sliding window then calls
     # model(w, m, origin=..., flip=...) (see inference.predict_scenarios).
     window_origin: ClassVar[str | None] = None
+    # Sliding-window blending of its upstream's inference ("uniform" for the paper protocol, "gaussian" for MaM's
+    # nnU-Net); predict.py uses it unless --blend says otherwise.
+    default_blend: ClassVar[str] = "uniform"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -99,21 +102,37 @@ class MethodInfo:
     config_cls: type
     presets: dict[str, dict[str, Any]]
     display: str
+    # "module:function" reading checkpoints that other tools wrote for this method (MaM: nnU-Net's), see
+    # checkpoint_readers().
+    checkpoint_reader: str | None = None
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(
-    name: str, *, config: type, presets: dict[str, dict[str, Any]] | None = None, display: str | None = None
+    name: str,
+    *,
+    config: type,
+    presets: dict[str, dict[str, Any]] | None = None,
+    display: str | None = None,
+    checkpoint_reader: str | None = None,
 ) -> Callable[[type[SegModel]], type[SegModel]]:
-    """Class decorator that registers a model under ``name`` (presets: ``"paper"`` = config defaults, plus extras)."""
+    """Class decorator that registers a model under ``name`` (presets: ``"paper"`` = config defaults, plus extras).
+
+    ``checkpoint_reader`` (``"module:function"``, imported only when needed) opens checkpoints that were not written
+    by this project's training scripts, for ``predict.py``: ``function(path, device, options)`` returns an object
+    with ``model`` (the :class:`SegModel`) and ``predict(images, probabilities, spacing) -> Prediction``, or None
+    when the file is not of its kind.
+    """
 
     def deco(cls: type[SegModel]) -> type[SegModel]:
         if not dataclasses.is_dataclass(config) or "patch_size" not in {f.name for f in dataclasses.fields(config)}:
             raise TypeError(f"{name}: config {config.__name__} must be a dataclass with a patch_size field")
         cls.method_name = name
-        _REGISTRY[name] = MethodInfo(name, cls, config, {"paper": {}, **(presets or {})}, display or name)
+        _REGISTRY[name] = MethodInfo(
+            name, cls, config, {"paper": {}, **(presets or {})}, display or name, checkpoint_reader
+        )
         return cls
 
     return deco
@@ -142,6 +161,17 @@ def method_info(name: str) -> MethodInfo:
     if key not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(list_methods()) or 'none'}")
     return _REGISTRY[key]
+
+
+def checkpoint_readers() -> list[tuple[str, Callable[..., Any]]]:
+    """``(method, reader)`` for every method that reads foreign checkpoints (see :func:`register`)."""
+    readers = []
+    for name in list_methods():
+        spec = _REGISTRY[name].checkpoint_reader
+        if spec:
+            module, _, function = spec.partition(":")
+            readers.append((name, getattr(importlib.import_module(module), function)))
+    return readers
 
 
 def make_config(name: str, preset: str = "paper", **overrides: Any) -> Any:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import MASKS, shared_path
 
+from brats_core import predict
 from brats_core.labels import regions_to_labels
 from brats_core.modalities import SCENARIOS, from_canonical, parse_mam_bits
 from brats_core.registry import build_method, count_parameters, make_config, state_dict_listing
@@ -380,6 +381,18 @@ def test_nnunet_plan_train_resume_predict_score(tmp_path, monkeypatch) -> None:
         seg = nib.load(f)
         assert seg.shape == gt.shape and np.allclose(seg.affine, gt.affine)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+    # predict.py reads the nnU-Net checkpoint itself and writes the same label maps (case folder; a lone T1ce file)
+    src = tmp_path / "brats" / cases[3]
+    common = ["--checkpoint", str(fold / "checkpoint_final.pth"), "--device", "cpu", "--no_progress"]
+    assert predict.main([*common, "-i", str(src), "-o", str(tmp_path / "p")]) == 0
+    assert (
+        predict.main([*common, "--t1ce", str(src / f"{cases[3]}-t1c.nii.gz"), "-o", str(tmp_path / "t1ce.nii.gz")]) == 0
+    )
+    for ours, theirs in (
+        (tmp_path / "p" / f"{cases[3]}-seg.nii.gz", seg_files[1]),
+        (tmp_path / "t1ce.nii.gz", seg_files[0]),
+    ):
+        assert np.array_equal(np.asarray(nib.load(ours).dataobj), np.asarray(nib.load(theirs).dataobj))
     # the same files under the evaluator's names (canonical bits: T1ce alone is 0100)
     for f, bits in zip(seg_files, ("0100", "1111"), strict=True):
         assert (out / "predictions" / f"{cases[3]}_{bits}.nii.gz").samefile(f)
