@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--savepath", default="outputs", help="output folder (per-case CSV, summaries, *_output2.txt)")
     o.add_argument("--overlap", type=float, default=0.5, help="shared protocol window overlap (paper: 0.5)")
     o.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass (shared protocol)")
+    o.add_argument(
+        "--scenario_batch", type=int, default=1,
+        help="scenarios decoded in one batch (shared protocol; faster, not bit-exact with 1)",
+    )  # fmt: skip
     o.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
     o.add_argument(
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original geometry"
@@ -148,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     options = EvalOptions(
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
-        progress=not args.no_progress,
+        progress=not args.no_progress, scenario_batch=args.scenario_batch,
     )  # fmt: skip
     summary = evaluate(model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti)
     for r in summary:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from brats_core.io import atomic_path
 from brats_core.modalities import MODALITIES
 from brats_core.nn import mamba as mamba_mod
 
@@ -100,14 +101,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# A warm-up slower than this leaves one timed run: the budget goes further, and such calls hardly vary.
+SLOW_CALL_S = 5.0
+
+
 def measure(
     fn: Callable[[], Any], device: torch.device, repeats: int, warmup: bool = True
 ) -> tuple[float, float | None]:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (compiles kernels, fills caches), and the
-    peak CUDA memory (GB) above the memory allocated before the call (None on CPU)."""
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (compiles kernels, fills caches; a warm-up
+    above ``SLOW_CALL_S`` leaves one run), and the peak CUDA memory (GB) above the memory allocated before the call
+    (None on CPU)."""
     if warmup:
+        t0 = time.perf_counter()
         fn()
         sync(device)
+        if time.perf_counter() - t0 > SLOW_CALL_S:
+            repeats = 1
     times = []
     peak = None
     for _ in range(repeats):
@@ -348,6 +357,9 @@ def train_step_section(device: torch.device, quick: bool, repeats: int, budget: 
         except torch.cuda.OutOfMemoryError:
             lines.append(f"| {label} | OOM | | | |")
             continue
+        except Exception as exc:  # report, keep going
+            lines.append(f"| {label} | error: {type(exc).__name__}: {exc} | | | |")
+            continue
         if not amp:
             fp32_time = t
         speedup = f"{fp32_time / t:.2f}×" if fp32_time is not None else "–"
@@ -406,15 +418,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(
             lambda: timing_section(blocks, backends, args.batch_sizes[1:], device, repeats, budget, not args.quick)
         )
+    # The report is rewritten after every section, so a run cut short (time limit, a crashed CUDA context) still
+    # leaves what it measured.
+    write_report(args.out, [*lines, INCOMPLETE])
     for section in sections:
-        lines += section()
+        try:
+            done = section()
+        except Exception as exc:  # a section that dies must not take the others' results with it
+            done = [f"Section failed: {type(exc).__name__}: {exc}", ""]
+        lines += done
+        print("\n".join(done), flush=True)
         print(f"gpu_check: {time.monotonic() - t_start:.0f} s elapsed", flush=True)
+        write_report(args.out, [*lines, INCOMPLETE])
     lines.append(f"Total wall time: {time.monotonic() - t_start:.0f} s (budget {args.budget_s:g} s).")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     print(f"gpu_check: report written to {args.out}")
     return 0
+
+
+INCOMPLETE = "**Incomplete: the run stopped before this point.**"
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write the Markdown report atomically (a reader never sees half a file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ its own. The model is the paper configuration (``paper`` preset, IM-Fuse with ``
 the loss and optimiser are the ones its train script uses, inputs are random with a random label map and a random
 scenario per sample. Reported: the median step time after one warm-up step. ``--amp`` (CUDA only) adds an AMP column
 measured in the same subprocess after the fp32 one.
+
+M3AE: the batch is the ``--batch_size`` copies of ONE window that its fine-tuning step uses (2, with the consistency
+term; the frozen completion image gets no gradient); ShaSpec: its crop is ``patch_depth × patch × patch``; MaM: the
+network and losses of its nnU-Net trainer (nnU-Net's DC + BCE with deep supervision + the reconstruction term) and
+its SGD, without nnU-Net's data pipeline.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-PAPER_BATCH = {"imfuse": 1, "mmformer": 3, "robustseg": 1, "sfusion": 1, "uhved": 1}
+PAPER_BATCH = {"imfuse": 1, "mmformer": 3, "robustseg": 1, "sfusion": 1, "uhved": 1, "m3ae": 2, "shaspec": 1, "mam": 1}
 
 
-def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[object, torch.optim.Optimizer]:
-    """The loss and optimiser of the method's train script (METHODS.md §1.5, §2.2, §3.2, §4.2, §5.2)."""
+def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[..., Any], torch.optim.Optimizer]:
+    """The loss and optimiser of the method's train script (METHODS.md §1.5, §2.2, §3.2, §4.2, §5.2, §6.4, §7.3,
+    §8.3), as ``loss_fn(model, batch, epoch) -> (loss, parts)`` on the shared random batch (see :func:`_batch`)."""
     params = model.parameters()
     if method in ("imfuse", "mmformer"):
         from brats_core.losses import FusedSeparateDeepLoss
@@ -46,23 +53,82 @@ def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[object, to
         from UHVED.losses import UHVEDLoss
 
         return UHVEDLoss(), torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5, amsgrad=True)
+    if method == "m3ae":
+        from m3ae.train import FinetuneLoss
+
+        model.limage.requires_grad_(False)  # frozen in fine-tuning, as m3ae/train.py
+        # the batch's samples are the copies of ONE window (m3ae/train.py: --batch_size copies, one case per step)
+        finetune = FinetuneLoss(weight_kl=0.1, feature_level=2)
+
+        def m3ae_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, Any]:
+            copies = {"image": batch["image"][None], "label": batch["label"][:1], "origin": batch["origin"][:1]}
+            return finetune(m, copies, epoch)
+
+        return m3ae_loss, torch.optim.Adam(model.network_parameters(), lr=3e-4, weight_decay=1e-5)
+    if method == "shaspec":
+        from ShaSpec.model import region_targets
+        from ShaSpec.train_SS import shaspec_loss
+
+        def shaspec_step_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[Any, Any]:
+            return shaspec_loss(m(batch["image"], batch["mask"]), region_targets(batch["label"]))
+
+        return shaspec_step_loss, torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True)
+    if method == "mam":
+        return _mam_loss(), torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     raise SystemExit(f"benchmarks/train_step.py: no loss recipe for {method!r}")
+
+
+def _mam_loss() -> Callable[..., Any]:
+    """nnU-Net's region loss as ``nnUNetTrainer._build_loss`` builds it (DC + BCE, deep supervision weights 1, ½, …,
+    0 normalised) plus MaM's bottleneck reconstruction term; targets are the label's WT/TC/ET maps at every output
+    resolution (nearest), as nnU-Net's deep-supervision pyramids."""
+    import numpy as np
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from brats_core.modalities import permutation
+    from MaM.model import NATIVE_ORDER, reconstruction_loss
+
+    to_native = permutation(NATIVE_ORDER)
+
+    base = DC_and_BCE_loss({}, {"batch_dice": False, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                           use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)  # fmt: skip
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, Any]:
+        out = m(batch["image"], batch["mask"], full_output=True)
+        label = batch["label"]
+        regions = torch.stack([label >= 1, (label == 1) | (label == 3), label == 3], dim=1).float()  # WT, TC, ET
+        targets = [torch.nn.functional.interpolate(regions, size=s.shape[2:], mode="nearest") for s in out.seg]
+        weights = np.array([1 / 2**i for i in range(len(out.seg))])
+        weights[-1] = 0
+        seg = DeepSupervisionWrapper(base, weights / weights.sum())(out.seg, targets)
+        return seg + reconstruction_loss(out, batch["mask"][:, to_native]), None
+
+    return loss
 
 
 def _one_method(method: str, patch: int, batch: int, steps: int, device: str, amp: bool) -> dict[str, object]:
     from brats_core.modalities import SCENARIOS
-    from brats_core.registry import build_method, count_parameters
+    from brats_core.registry import build_method, count_parameters, method_info
     from brats_core.report import PAPER_OVERRIDES
 
     torch.manual_seed(0)
     overrides = dict(PAPER_OVERRIDES.get(method, {}))
     if patch:
         overrides["patch_size"] = patch
+        if method == "shaspec":  # its crop is patch_depth × patch_size × patch_size
+            overrides["patch_depth"] = patch
     model = build_method(method, "paper", **overrides).to(device).train()
     p = model.patch_size
+    shape = (getattr(model.config, "patch_depth", p), p, p)
     loss_fn, optimizer = _loss_and_optimiser(method, model)
     gen = torch.Generator().manual_seed(0)
-    row: dict[str, object] = {"method": method, "patch": p, "batch": batch, "params": count_parameters(model)}
+    row: dict[str, object] = {
+        "method": method, "display": method_info(method).display,
+        "patch": "×".join(map(str, shape)) if len(set(shape)) > 1 else f"{p}³", "batch": batch,
+        "params": count_parameters(model),
+    }  # fmt: skip
 
     def run(use_amp: bool) -> list[float]:
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -72,9 +138,10 @@ def _one_method(method: str, patch: int, batch: int, steps: int, device: str, am
                 [SCENARIOS[int(torch.randint(15, (1,), generator=gen))].tensor(1)[0] for _ in range(batch)]
             )
             data = {
-                "image": torch.randn(batch, 4, p, p, p, generator=gen).to(device),
-                "label": torch.randint(0, 4, (batch, p, p, p), generator=gen).to(device),
+                "image": torch.randn(batch, 4, *shape, generator=gen).to(device),
+                "label": torch.randint(0, 4, (batch, *shape), generator=gen).to(device),
                 "mask": masks.to(device),
+                "origin": torch.zeros(batch, 3, dtype=torch.int64, device=device),  # M3AE: window at the image corner
             }
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -106,7 +173,7 @@ def _one_method(method: str, patch: int, batch: int, steps: int, device: str, am
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/train_step.py", description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="imfuse,mmformer,robustseg,sfusion,uhved")
+    p.add_argument("--methods", default=",".join(PAPER_BATCH))
     p.add_argument("--patch", type=int, default=0, help="window side (0: each method's paper patch)")
     p.add_argument("--batch", type=int, default=0, help="batch size (0: each method's paper batch)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
@@ -137,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {r['method']} | | | | failed: {r['error']} | |")
             continue
         peak = r.get("peak_gb", r.get("peak_rss_gb"))
-        size = f"{r['patch']}³ | {r['batch']} | {r['params'] / 1e6:.2f} M"
-        print(f"| {r['method']} | {size} | {r['step_s']:.2f} | {peak:.2f} |")
+        size = f"{r['patch']} | {r['batch']} | {r['params'] / 1e6:.2f} M"
+        print(f"| {r['display']} | {size} | {r['step_s']:.2f} | {peak:.2f} |")
     return 0
 
 

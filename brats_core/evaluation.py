@@ -51,6 +51,7 @@ class EvalOptions:
     hd95: bool = True
     etpp_threshold: int = 500
     progress: bool = True
+    scenario_batch: int = 1  # masks decoded per call (see inference.predict_scenarios); 1 = bit-exact protocol
 
     @classmethod
     def from_args(cls, args: object) -> EvalOptions:
@@ -58,7 +59,7 @@ class EvalOptions:
         return cls(
             overlap=args.overlap, blend=args.blend, tta=args.tta, sw_batch_size=args.sw_batch_size,
             amp=getattr(args, "amp", False), use_encode=not args.no_encode_once, hd95=not args.no_hd95,
-            progress=not getattr(args, "no_progress", False),
+            progress=not getattr(args, "no_progress", False), scenario_batch=getattr(args, "scenario_batch", 1),
         )  # fmt: skip
 
 
@@ -86,7 +87,7 @@ def segment(
     blended = predict_scenarios(
         model, x, masks, overlap=options.overlap, blend=options.blend or model.default_blend,
         sw_batch_size=options.sw_batch_size, tta=options.tta, amp=options.amp, use_encode=options.use_encode,
-        origin=origin,
+        origin=origin, scenario_batch=options.scenario_batch,
     )  # fmt: skip
     return torch.stack(
         [outputs_to_labels(b, model.output_kind, model.region_order).to(torch.uint8).cpu() for b in blended]

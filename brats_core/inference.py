@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,6 +197,7 @@ def predict_scenarios(
     use_encode: bool = True,
     progress: bool = False,
     origin: Sequence[int] | None = None,
+    scenario_batch: int = 1,
 ) -> torch.Tensor:
     """Blended eval outputs of ``model`` on one volume for each of S missing-modality masks.
 
@@ -221,6 +223,12 @@ def predict_scenarios(
             flip=dims)`` with ``o`` the ``(b, 3)`` int64 start of each window (``origin`` + window start; the
             window start alone when ``origin`` is None) and ``dims`` the flipped axes of ``w`` (TTA); the
             encode-once path is not used for them.
+        scenario_batch: masks decoded together: the features of a window batch (or the windows themselves without
+            the encode-once path) are repeated along the batch axis, one copy per mask, and go through ``decode``
+            (or the model) in one call. Faster where the decoder dominates (``benchmarks/RESULTS.md``), but batched
+            convolutions may sum in another order, so outputs can differ from one mask at a time by float rounding
+            (about 1e-5 measured), which can flip an argmax; 1, the default, keeps the paper protocol's results bit
+            for bit.
 
     Returns:
         float32 ``(S, K, D, H, W)`` on the model's device, in ``model.output_kind`` (see :func:`outputs_to_labels`).
@@ -241,6 +249,9 @@ def predict_scenarios(
     offset = [int(o) for o in origin] if origin is not None else [0, 0, 0]
     if len(offset) != 3:
         raise ValueError(f"origin must hold 3 voxel indices, got {origin!r}")
+    if scenario_batch < 1:
+        raise ValueError(f"scenario_batch must be >= 1, got {scenario_batch}")
+    groups = [range(i, min(i + scenario_batch, len(mask_rows))) for i in range(0, len(mask_rows), scenario_batch)]
     flips = FLIP_DIMS if tta else ((),)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.float16)
@@ -251,19 +262,44 @@ def predict_scenarios(
     with torch.inference_mode():
         blender = _Blender(x.to(device), window, overlap, blend, len(mask_rows))
         for windows, positions in blender.batches(sw_batch_size, progress):
-            batch_masks = [m.expand(windows.shape[0], 4) for m in mask_rows]
+            b = windows.shape[0]
             starts = torch.tensor(
                 [[sl.start + o for sl, o in zip(pos, offset, strict=True)] for pos in positions], device=device
             )
             for dims in flips:
                 inputs = windows.flip(dims) if dims else windows
-                extra = {"origin": starts, "flip": dims} if positional else {}
                 with autocast:
                     features = model.encode(inputs) if encode else None
-                    for index, mask in enumerate(batch_masks):
-                        outputs = model.decode(features, mask) if encode else model(inputs, mask, **extra)
-                        blender.add(index, outputs.flip(dims) if dims else outputs, positions, 1.0 / len(flips))
+                    for group in groups:
+                        k = len(group)  # masks of this call; inputs and masks are mask-major: k blocks of b
+                        masks_k = mask_rows[group.start : group.stop].repeat_interleave(b, dim=0)
+                        if encode:
+                            outputs = model.decode(repeat_batch(features, k), masks_k)
+                        else:
+                            extra = {"origin": starts.repeat(k, 1), "flip": dims} if positional else {}
+                            outputs = model(repeat_batch(inputs, k), masks_k, **extra)
+                        for j, index in enumerate(group):
+                            out = outputs[j * b : (j + 1) * b]
+                            blender.add(index, out.flip(dims) if dims else out, positions, 1.0 / len(flips))
         return blender.result()
+
+
+def repeat_batch(obj: Any, k: int) -> Any:
+    """``k`` copies of every tensor of a (nested) batch along dim 0, copy-major: ``(B, ...)`` → ``(k·B, ...)``.
+
+    Lists, tuples, named tuples and dicts (what ``encode`` returns) keep their structure; ``k == 1`` returns ``obj``.
+    """
+    if k == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(k, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, dict):
+        return {key: repeat_batch(value, k) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(repeat_batch(value, k) for value in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(repeat_batch(value, k) for value in obj)
+    return obj
 
 
 def outputs_to_labels(

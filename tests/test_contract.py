@@ -7,6 +7,7 @@ import torch
 from conftest import MASKS
 
 from brats_core.checkpoint import save_checkpoint
+from brats_core.inference import predict_scenarios
 from brats_core.registry import OutputKind, build_method, config_dict, list_methods
 from brats_core.scripts import model_from_checkpoint
 
@@ -82,6 +83,15 @@ def test_missing_channel_content_is_ignored(method):
         with torch.no_grad():
             a, b = model(x, mask), model(noisy, mask)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{method}: mask {m}")
+
+
+def test_scenarios_decoded_in_one_batch_match_one_at_a_time(method):
+    # every method's decode (or forward) must take a different mask per sample: --scenario_batch relies on it
+    model = _model(method).eval()
+    x = _input(model, 1)
+    one = predict_scenarios(model, x, MASKS)
+    batched = predict_scenarios(model, x, MASKS, scenario_batch=len(MASKS))
+    torch.testing.assert_close(batched, one, atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_round_trip(method, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 from toy import ToyModel, write_preprocessed
 
+from brats_core import evaluation
+from brats_core.cli import add_eval_args, check_scenarios
 from brats_core.data import load_case
 from brats_core.evaluation import EvalOptions, evaluate, format_table, segment, summarize, validate
 from brats_core.metrics import case_scores
@@ -60,6 +63,31 @@ def test_encode_once_equals_independent_passes(setup, tmp_path):
         model, root, cases[:1], tmp_path / "b", options=EvalOptions(progress=False, hd95=False, use_encode=False)
     )
     assert a == b
+
+
+def test_scenario_batch_flag_reaches_the_evaluator(setup, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_eval_args(parser)
+    options = EvalOptions.from_args(parser.parse_args(["--scenario_batch", "15", "--no_hd95"]))
+    assert options.scenario_batch == 15 and EvalOptions.from_args(parser.parse_args([])).scenario_batch == 1
+    with pytest.raises(SystemExit):
+        check_scenarios(parser, parser.parse_args(["--scenario_batch", "0"]))
+    model, root, cases = setup
+    seen = []
+    real = evaluation.predict_scenarios
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["scenario_batch"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict_scenarios", spy)
+    options.progress = False
+    batched = evaluate(model, root, cases[:1], tmp_path / "a", options=options)
+    reference = evaluate(model, root, cases[:1], tmp_path / "b", options=EvalOptions(progress=False, hd95=False))
+    assert seen == [15, 1]
+    for got, want in zip(batched, reference, strict=True):
+        assert got["scenario"] == want["scenario"]
+        assert all(float(got[k]) == pytest.approx(float(want[k]), abs=1e-3) for k in ("WT", "TC", "ET"))
 
 
 def test_resume_and_shards(setup, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from brats_core.inference import (
     outputs_to_labels,
     outputs_to_probabilities,
     predict_scenarios,
+    repeat_batch,
     sliding_window,
     window_starts,
 )
@@ -212,6 +214,45 @@ def test_encode_once_path_equals_separate_passes() -> None:
     for s, mask in enumerate(MASKS):
         separate = sliding_window(lambda w, m=mask: model(w, m.expand(w.shape[0], 4)), x, 8, sw_batch_size=3)
         torch.testing.assert_close(encoded[s], separate[0], rtol=0, atol=0)
+
+
+class _Pair(NamedTuple):
+    a: torch.Tensor
+    b: list[torch.Tensor]
+
+
+def test_repeat_batch_copies_every_tensor_copy_major() -> None:
+    t = torch.arange(6.0).reshape(2, 3)
+    nested = {"x": [t, (t[:, :1],)], "p": _Pair(t, [t]), "n": 7}
+    out = repeat_batch(nested, 3)
+    assert torch.equal(out["x"][0], torch.cat([t, t, t])) and isinstance(out["x"][1], tuple)
+    assert out["x"][1][0].shape == (6, 1) and isinstance(out["p"], _Pair) and out["p"].b[0].shape == (6, 3)
+    assert out["n"] == 7 and repeat_batch(nested, 1) is nested
+
+
+@pytest.mark.parametrize("use_encode", [True, False])
+@pytest.mark.parametrize("scenario_batch", [4, 15])
+def test_scenario_batches_decode_several_masks_per_call(use_encode: bool, scenario_batch: int) -> None:
+    model = _toy()
+    x = torch.randn(1, 4, 13, 11, 9)  # 12 windows of 8³, in window batches of 3
+    one = predict_scenarios(model, x, MASKS, sw_batch_size=3, use_encode=use_encode)
+    calls: list[tuple[int, ...]] = []
+    target = model.decode if use_encode else model.forward
+
+    def spy(inputs: object, mask: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(mask.shape))
+        return target(inputs, mask)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "decode" if use_encode else "forward", spy)
+        batched = predict_scenarios(
+            model, x, MASKS, sw_batch_size=3, use_encode=use_encode, scenario_batch=scenario_batch
+        )
+    groups = [min(scenario_batch, 15 - i) for i in range(0, 15, scenario_batch)]
+    assert calls == [(k * 3, 4) for _ in range(4) for k in groups]  # per window batch: ceil(15 / k) calls
+    torch.testing.assert_close(batched, one, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scenario_batch"):
+        predict_scenarios(model, x, MASKS, scenario_batch=0)
 
 
 def test_predict_scenarios_accepts_mask_sequences_patch_override_and_gaussian() -> None:

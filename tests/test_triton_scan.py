@@ -236,12 +236,17 @@ def test_triton_not_usable_on_cpu_without_interpreter(monkeypatch: pytest.Monkey
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
 
 
-def test_gpu_check_block_sizes_are_imfuse_paper_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+def _load_gpu_check(monkeypatch: pytest.MonkeyPatch) -> Any:
     spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
     assert spec is not None and spec.loader is not None
     gpu_check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_gpu_check_block_sizes_are_imfuse_paper_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_check = _load_gpu_check(monkeypatch)
     sizes = [(b.d_model, b.d_state, b.L) for b in gpu_check.imfuse_blocks(quick=False)]
     # MAMBA.md §0: 128³ … 16³ skip levels and the 8³ bottleneck; L = 5 token sets × positions
     assert sizes == [(8, 8, 10_485_760), (16, 16, 1_310_720), (32, 32, 163_840), (64, 64, 20_480), (512, 256, 2_560)]
@@ -255,6 +260,28 @@ def test_gpu_check_exits_cleanly_without_cuda(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "no CUDA device" in res.stdout and not out.exists()
+
+
+def test_gpu_check_keeps_the_report_of_sections_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_check = _load_gpu_check(monkeypatch)
+    out = tmp_path / "r.md"
+    seen: list[str] = []
+
+    def parity(*args: object) -> list[str]:
+        seen.append(out.read_text())  # the report already exists, marked incomplete, while sections run
+        return ["## Backend parity", "measured", ""]
+
+    def timing(*args: object, **kwargs: object) -> list[str]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "parity_section", parity)
+    monkeypatch.setattr(gpu_check, "timing_section", timing)
+    assert gpu_check.main(["--device", "cpu", "--quick", "--skip_train_step", "--out", str(out)]) == 0
+    assert "## Versions" in seen[0] and gpu_check.INCOMPLETE in seen[0]
+    report = out.read_text()
+    assert "measured" in report and "Section failed: RuntimeError: CUDA error" in report
+    assert report.count("Section failed") == 2  # both timing sections (b = 1, then b = 2)
+    assert gpu_check.INCOMPLETE not in report and "Total wall time" in report
 
 
 def _gpu_check_dry_run(tmp_path: Path, *extra: str, interpreter: bool) -> str:
@@ -271,7 +298,7 @@ def _gpu_check_dry_run(tmp_path: Path, *extra: str, interpreter: bool) -> str:
     assert res.returncode == 0, res.stderr[-5000:]
     report = out.read_text()
     assert "## Versions" in report and "## Backend parity" in report and "## Mamba block timing" in report
-    assert "error" not in report and "skipped" not in report, report
+    assert "error" not in report and "skipped" not in report and "Section failed" not in report, report
     return report
 
 
