@@ -19,7 +19,7 @@ from brats_core.nn.fusion import MambaFusionBlock
 from brats_core.nn.multimodal import ModalityFeatures, MultimodalTransformerNet
 from brats_core.registry import register
 
-__all__ = ["IMFuse", "IMFuseConfig", "IMFuseFeatures", "meta_model"]
+__all__ = ["IMFuse", "IMFuseConfig", "IMFuseFeatures", "MambaShape", "mamba_shapes", "meta_model"]
 
 
 @dataclasses.dataclass
@@ -89,6 +89,33 @@ class IMFuseConfig:
 IMFuseFeatures = ModalityFeatures  # the mask-independent encoder output (see brats_core.nn.multimodal)
 
 
+@dataclasses.dataclass(frozen=True)
+class MambaShape:
+    """One entry of ``mamba_fusion_layers``: its ``level`` (5 = bottleneck), token width ``d_model``, ``d_state``,
+    ``tokens`` per modality and the length ``L`` of the sequence its Mamba scans (4 modality token sets + the fused
+    tokens); ``name`` as in the benchmark tables (``skip 128³``, ``bottleneck 8³``)."""
+
+    name: str
+    level: int
+    d_model: int
+    d_state: int
+    tokens: int
+    L: int
+
+
+def mamba_shapes(config: IMFuseConfig) -> list[MambaShape]:
+    """The Mamba fusion blocks of a configuration, in the order of ``mamba_fusion_layers``."""
+    dims = [config.basic_dims * 2**s for s in range(5)]
+    shapes = []
+    for level in config.mfb_levels:
+        dim = config.transformer_dim if level == 5 else dims[level - 1]
+        side = config.bottleneck_side if level == 5 else config.patch_size // 2 ** (level - 1)
+        name = f"bottleneck {side}³" if level == 5 else f"skip {side}³"
+        L = (len(MODALITIES) + 1) * side**3
+        shapes.append(MambaShape(name, level, dim, min(dim, config.d_state_max), side**3, L))
+    return shapes
+
+
 @register(
     "imfuse",
     config=IMFuseConfig,
@@ -115,12 +142,10 @@ class IMFuse(MultimodalTransformerNet):
         width = cfg.transformer_dim
         side = cfg.bottleneck_side
 
-        def mfb(level: int) -> MambaFusionBlock:
-            dim = width if level == 5 else dims[level - 1]
-            tokens = side**3 if level == 5 else (cfg.patch_size // 2 ** (level - 1)) ** 3
+        def mfb(shape: MambaShape) -> MambaFusionBlock:
             return MambaFusionBlock(
-                dim,
-                tokens,
+                shape.d_model,
+                shape.tokens,
                 num_modalities=len(MODALITIES),
                 interleaved=cfg.interleaved_tokenization,
                 d_state_max=cfg.d_state_max,
@@ -140,12 +165,13 @@ class IMFuse(MultimodalTransformerNet):
         self._add_intra_transformers()
         # Dead: upstream builds a second bottleneck MFB and fuses with mamba_fusion_layers[-1] instead; kept for
         # state-dict compatibility.
-        self.mamba_fusion_layer = mfb(5)
+        shapes = mamba_shapes(cfg)
+        self.mamba_fusion_layer = mfb(shapes[-1])  # the bottleneck's shape (level 5, always last)
         self.multimodal_transformer = self._transformer()
         self.multimodal_decode_conv = nn.Conv3d(width, len(MODALITIES) * dims[4], 1)
         # Without mamba_skip the skip MFBs are dead (the masked concatenations go straight to the decoder); upstream
         # still builds them, so they are kept for state-dict compatibility.
-        self.mamba_fusion_layers = nn.ModuleList(mfb(level) for level in cfg.mfb_levels)
+        self.mamba_fusion_layers = nn.ModuleList(mfb(shape) for shape in shapes)
         skip_mult = 1 if cfg.mamba_skip else len(MODALITIES)
         self.decoder_fuse = FusionDecoder(
             cfg.num_cls, cfg.basic_dims, (skip_mult,) * 4 + (len(MODALITIES),), first_skip=cfg.first_skip

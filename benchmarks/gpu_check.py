@@ -32,13 +32,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import math
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ import torch
 from brats_core.io import atomic_path
 from brats_core.modalities import MODALITIES
 from brats_core.nn import mamba as mamba_mod
+from IMFuse.model import MambaShape, mamba_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "gpu_results.md"
@@ -54,36 +56,15 @@ SPEEDUP_TARGET = 5.0  # Triton vs chunked, fwd+bwd, every skip level (issue #8)
 AMP_TARGET = 1.5  # AMP vs fp32 training step
 
 
-@dataclass(frozen=True)
-class BlockSize:
-    """One IM-Fuse Mamba fusion block: ``name``, token width ``d_model``, ``d_state`` and sequence length ``L``."""
-
-    name: str
-    d_model: int
-    d_state: int
-    L: int
-
-
-def imfuse_blocks(quick: bool, max_len: int | None = None) -> list[BlockSize]:
-    """The five Mamba block sizes of IM-Fuse's paper preset with ``first_skip`` and ``mamba_skip`` (the level-1 block
-    exists only with ``--first_skip``), from ``IMFuseConfig``; ``quick``: the tiny preset with L capped at 512;
-    ``max_len``: cap L (dry runs)."""
+def imfuse_blocks(quick: bool, max_len: int | None = None) -> list[MambaShape]:
+    """The five Mamba block shapes of IM-Fuse's paper preset with ``first_skip`` and ``mamba_skip`` (the level-1 block
+    exists only with ``--first_skip``); ``quick``: the tiny preset with L capped at 512; ``max_len``: cap L (dry
+    runs)."""
     from brats_core.registry import make_config
 
     cfg = make_config("imfuse", "tiny" if quick else "paper", first_skip=True, mamba_skip=True)
-    dims = [cfg.basic_dims * 2**s for s in range(5)]
-    out = []
-    for level in cfg.mfb_levels:
-        dim = cfg.transformer_dim if level == 5 else dims[level - 1]
-        side = cfg.bottleneck_side if level == 5 else cfg.patch_size // 2 ** (level - 1)
-        L = (len(MODALITIES) + 1) * side**3  # 4 modality token sets + the fused tokens
-        if quick:
-            L = min(L, 512)
-        if max_len is not None:
-            L = min(L, max_len)
-        name = f"bottleneck {side}³" if level == 5 else f"skip {side}³"
-        out.append(BlockSize(name, dim, min(dim, cfg.d_state_max), L))
-    return out
+    cap = min(512 if quick else math.inf, max_len if max_len is not None else math.inf)
+    return [dataclasses.replace(s, L=int(min(s.L, cap))) for s in mamba_shapes(cfg)]
 
 
 class Budget:
@@ -194,7 +175,7 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def parity_section(
-    blocks: list[BlockSize], backends: list[str], device: torch.device, quick: bool, budget: Budget
+    blocks: list[MambaShape], backends: list[str], device: torch.device, quick: bool, budget: Budget
 ) -> list[str]:
     lines = [
         "## Backend parity (fp32 scan vs fp64 chunked scan on the same device)",
@@ -237,7 +218,7 @@ def _fmt_gb(x: float | None) -> str:
 
 
 def timing_section(
-    blocks: list[BlockSize],
+    blocks: list[MambaShape],
     backends: list[str],
     batch_sizes: Sequence[int],
     device: torch.device,

@@ -18,7 +18,7 @@ from brats_core.registry import (
     make_config,
     state_dict_listing,
 )
-from IMFuse.model import IMFuse, IMFuseConfig, meta_model
+from IMFuse.model import IMFuse, IMFuseConfig, mamba_shapes, meta_model
 
 FLAGS = list(itertools.product([False, True], repeat=2))  # (first_skip, mamba_skip)
 
@@ -103,6 +103,19 @@ def test_paper_config_token_tables_derive_from_patch_size() -> None:
     assert [tuple(m.fused_tokens.shape) for m in tiny.mamba_fusion_layers] == [
         (1, 32**3, 4), (1, 16**3, 8), (1, 8**3, 16), (1, 4**3, 32), (1, 2**3, 64)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("first_skip", [True, False])
+def test_mamba_shapes_describe_the_built_blocks(first_skip: bool) -> None:
+    cfg = make_config("imfuse", "paper", first_skip=first_skip, mamba_skip=True)
+    model = meta_model(cfg)
+    shapes = mamba_shapes(cfg)
+    assert [s.name for s in shapes][-1] == "bottleneck 8³" and len(shapes) == len(model.mamba_fusion_layers)
+    for shape, block in zip(shapes, model.mamba_fusion_layers, strict=True):
+        mamba = block.mamba_layer.mamba.mamba  # MambaLayer → MambaTrans → Mamba
+        assert (mamba.d_model, mamba.d_state) == (shape.d_model, shape.d_state)
+        assert block.fused_tokens.shape[1] == shape.tokens and 5 * shape.tokens == shape.L
+    assert (model.mamba_fusion_layer.mamba_layer.mamba.mamba.d_model, shapes[-1].level) == (512, 5)
 
 
 def test_module_prefixed_checkpoint_loads_after_stripping() -> None:

@@ -470,3 +470,42 @@ def _worker(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+# benchmarks/triton_compile_check.py: the kernels compiled for real GPUs (Triton + the wheel's ptxas, no GPU needed)
+COMPILE_CHECK = REPO / "benchmarks" / "triton_compile_check.py"
+TILES = {(16, 8), (32, 16), (32, 32), (16, 64), (4, 256)}  # BD × BN of IM-Fuse's five Mamba blocks
+
+
+def _compile_check(tmp_path: Path, targets: str) -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # an empty cache: every variant is really compiled
+    out = tmp_path / "rows.json"
+    res = subprocess.run(
+        [sys.executable, str(COMPILE_CHECK), "--targets", targets, "--json", str(out)],
+        capture_output=True, text=True, timeout=1200, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert rows and not [r for r in rows if "error" in r]
+    assert {r["target"] for r in rows} == {f"sm_{t}" for t in targets.split(",")}
+    for kernel in ("chunk_state_kernel", "chunk_scan_fwd_kernel", "chunk_bwd_reduce_kernel", "chunk_scan_bwd_kernel"):
+        assert {(r["BD"], r["BN"]) for r in rows if r["kernel"] == kernel} == TILES, kernel
+    carries = {(r["REVERSE"], r["NCB"]) for r in rows if r["kernel"] == "carry_kernel"}
+    assert {reverse for reverse, _ in carries} == {False, True} and {ncb for _, ncb in carries} >= {64}
+    bwd = [r for r in rows if r["kernel"] == "chunk_scan_bwd_kernel"]
+    assert all(r["spill_stores"] == 0 and 0 < r["registers"] <= 255 for r in bwd), bwd
+    assert {r["num_warps"] for r in bwd if r["BD"] * r["BN"] >= 1024} == {8}
+    return rows
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_without_spills_in_the_backward_scan(tmp_path: Path) -> None:
+    _compile_check(tmp_path, "90")
+
+
+@needs_triton
+@pytest.mark.slow
+def test_kernels_compile_for_ampere_and_hopper(tmp_path: Path) -> None:
+    rows = _compile_check(tmp_path, "80,90")
+    assert len([r for r in rows if r["target"] == "sm_80"]) == len([r for r in rows if r["target"] == "sm_90"])

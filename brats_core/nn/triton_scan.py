@@ -563,7 +563,8 @@ def _chunk_scan_bwd_kernel(
 @dataclass(frozen=True)
 class TritonPlan:
     """Launch geometry: ``nc`` chunks of ``T`` steps (the last may be shorter), backward checkpoints every ``K``
-    steps (``nblk`` per chunk), state tiles of ``BD × BN`` (``BN = next_pow2(n)``), ``n_dblk`` d-blocks."""
+    steps (``nblk`` per chunk), state tiles of ``BD × BN`` (``BN = next_pow2(n)``), ``n_dblk`` d-blocks; warps per
+    program (``bwd_num_warps`` for the backward scan kernel)."""
 
     nc: int
     T: int
@@ -573,6 +574,7 @@ class TritonPlan:
     BN: int
     n_dblk: int
     num_warps: int
+    bwd_num_warps: int
 
 
 def triton_plan(b: int, d: int, n: int, L: int, chunk_size: int | None = None) -> TritonPlan:
@@ -596,7 +598,10 @@ def triton_plan(b: int, d: int, n: int, L: int, chunk_size: int | None = None) -
     K = max(1, math.isqrt(T))
     nblk = triton.cdiv(T, K)
     num_warps = 4 if BD * BN >= 512 else (2 if BD * BN >= 128 else 1)
-    return TritonPlan(nc, T, K, nblk, BD, BN, n_dblk, num_warps)
+    # The backward scan keeps six state-sized tiles live: at 1024 elements, 4 warps run out of registers and spill
+    # inside its inner loop (ptxas, sm_80 and sm_90), 8 warps do not (benchmarks/triton_compile_check.py).
+    bwd_num_warps = 8 if BD * BN >= _STATE_ELEMS else num_warps
+    return TritonPlan(nc, T, K, nblk, BD, BN, n_dblk, num_warps, bwd_num_warps)
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
@@ -734,7 +739,7 @@ class TritonSelectiveScanFn(torch.autograd.Function):
             L, d, n, plan.T, plan.K, plan.nblk,
             *_strides3(u), *_strides3(delta), *_strides3(B), *_strides3(C), *_strides3(zz), *_strides3(gg),
             HAS_GIN=True, HAS_Z=z is not None, HAS_GOUT=gout is not None,
-            SOFTPLUS=ctx.delta_softplus, ATOMIC=atomic, **meta,
+            SOFTPLUS=ctx.delta_softplus, ATOMIC=atomic, **(meta | {"num_warps": plan.bwd_num_warps}),
         )  # fmt: skip
         del ckpt, gin, scratch
         needs = ctx.needs_input_grad
