@@ -80,7 +80,18 @@ def add_train_args(
     g.add_argument("--seed", type=int, default=seed)
     g.add_argument("--resume", default=None, help="checkpoint to continue from (ours or upstream's)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
+    add_compile_arg(g)
     g.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+
+
+def add_compile_arg(group: argparse._ArgumentGroup) -> None:
+    """``--compile``: torch.compile the training forward (see ``FitConfig.compile``)."""
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training: the first steps compile (minutes), later ones may be faster; "
+        "the Mamba scans stay eager",
+    )
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

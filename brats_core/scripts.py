@@ -58,7 +58,8 @@ def train_from_args(
     config = FitConfig(
         savepath=Path(args.savepath), num_epochs=args.num_epochs, batch_size=args.batch_size,
         iter_per_epoch=args.iter_per_epoch, seed=args.seed, workers=args.workers, device=args.device, amp=args.amp,
-        max_steps=args.max_steps, val_epochs=set(val_epochs), resume=args.resume, progress=not args.no_progress,
+        compile=args.compile, max_steps=args.max_steps, val_epochs=set(val_epochs), resume=args.resume,
+        progress=not args.no_progress,
         extra={"method": model.method_name, "config": config_dict(model), "args": args_dict(args)},
     )  # fmt: skip
     log.info(

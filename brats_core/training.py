@@ -97,6 +97,7 @@ class FitConfig:
     workers: int = 0
     device: str = "auto"
     amp: bool = False
+    compile: bool = False  # torch.compile the training forward (the Mamba scans stay eager)
     max_steps: int | None = None
     val_epochs: Collection[int] = ()
     best_key: str = "mean_dice"
@@ -196,6 +197,10 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
+
+    if config.compile:
+        # Compiles on the first steps (minutes); checkpoints still hold the bare model's state dict.
+        train_model = torch.compile(train_model)
 
     writer = None
     if is_main:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brats_core.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from brats_core.cli import add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
+from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
 from brats_core.registry import build_from_config, build_method, config_dict
 from brats_core.splits import read_case_list
 from brats_core.training import FitConfig, fit, seed_everything
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="our model_last.pth to continue from")
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train // batch)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    add_compile_arg(g)
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests)")
     g.add_argument("--patch_size", type=int, default=None, help="window side (default: the preset's, paper 128)")
@@ -122,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=args.batch_size,
         # upstream: a plain DataLoader with drop_last, i.e. N_train // batch steps per epoch
         iter_per_epoch=args.iter_per_epoch or max(1, len(train) // args.batch_size),
-        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, max_steps=args.max_steps,
-        val_epochs=set(range(args.val, args.epochs + 1, args.val)), resume=args.resume,
+        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
+        max_steps=args.max_steps, val_epochs=set(range(args.val, args.epochs + 1, args.val)), resume=args.resume,
         progress=not args.no_progress, extra=extra,
     )  # fmt: skip
 

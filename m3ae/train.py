@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brats_core.checkpoint import load_checkpoint
-from brats_core.cli import add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
+from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
 from brats_core.evaluation import EvalOptions, validate
 from brats_core.losses import region_dice_bce
 from brats_core.registry import build_from_config, build_method, config_dict
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="our model_last.pth to continue from")
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train, upstream)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    add_compile_arg(g)
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests)")
     add_val_args(g)
@@ -201,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = EvalOptions(progress=not args.no_progress)
     config = FitConfig(
         savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=1, iter_per_epoch=args.iter_per_epoch,
-        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, max_steps=args.max_steps,
+        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
+        max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
         val_epochs=set(select_val_epochs(UPSTREAM_VAL_EPOCHS, args.epochs, args.debug, args.val_every)),
-        resume=args.resume, progress=not args.no_progress,
         extra={"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "finetune"},
     )  # fmt: skip
     log.info(

@@ -57,6 +57,10 @@ def test_upstream_readme_flags_parse():
         "--seed 999 --debug --first_skip --resume r".split()
     )
     assert args.mamba_skip and args.interleaved_tokenization and args.first_skip and args.lr == 2e-4
+    assert (
+        not args.compile
+        and train_poly.build_parser().parse_args(["--datapath", "d", "--savepath", "s", "--compile"]).compile
+    )
     test_args = imfuse_test.build_parser().parse_args(
         "--datapath d --dataname BRATS2023 --savepath s --resume r --batch_size 2 --test_file t.csv "
         "--interleaved_tokenization --mamba_skip".split()

@@ -471,6 +471,9 @@ def test_script_flags_accept_the_upstream_commands() -> None:
     assert ft.workers == 3
     defaults = train.build_parser().parse_args(["--datapath", "d", "--pretrained", "p"])
     assert (defaults.mdp, defaults.batch_size, defaults.weight_decay, defaults.weight_kl) == (3, 2, 1e-5, 1.0)
+    assert not defaults.compile and train.build_parser().parse_args(["--datapath", "d", "--pretrained", "p",
+                                                                     "--compile"]).compile  # fmt: skip
+    assert pretrain.build_parser().parse_args(["--datapath", "d", "--compile"]).compile
     args = test.build_parser().parse_args(["--datapath", "d", "--checkpoint", "runs/m3ae_train/best.pth"])
     assert args.checkpoint == "runs/m3ae_train/best.pth" and args.reference_quirks is False
     with pytest.raises(SystemExit):

@@ -469,3 +469,37 @@ def test_causal_conv_matches_nn_conv1d() -> None:
         assert torch.autograd.gradcheck(
             lambda a, w, bb: mamba_mod._CausalConv1dSiLU.apply(a, w, bb), (x, conv.weight, conv.bias)
         )
+
+
+@pytest.mark.slow
+def test_compiled_block_runs_the_scan_eagerly_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    block = Mamba(16, d_state=8, backend="chunked")
+    x = torch.randn(2, 300, 16, requires_grad=True)
+    eager = block(x)
+    eager.square().sum().backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+
+    def compiled_run() -> torch.Tensor:
+        torch._dynamo.reset()
+        x.grad = None
+        block.zero_grad()
+        out = torch.compile(block)(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        for got, want in zip([x.grad, *(p.grad for p in block.parameters())], grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        return out
+
+    monkeypatch.setattr(mamba_mod, "_eager_scan", [])
+    compiled_run()  # the eager wrapper is made while dynamo traces the block
+    assert len(mamba_mod._eager_scan) == 1
+    calls = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return mamba_mod.selective_scan(*args, **kwargs)
+
+    monkeypatch.setattr(mamba_mod, "_eager_scan", [torch.compiler.disable(counted)])
+    compiled_run()
+    assert calls  # the compiled forward handed the scan to the eager path

@@ -143,3 +143,29 @@ def test_upstream_dataparallel_checkpoint_and_mismatch_errors(tmp_path):
         C.load_checkpoint(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         C.load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_compile_wraps_the_training_forward_and_checkpoints_stay_bare(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    compiled = []
+
+    class Wrapped(torch.nn.Module):  # stands in for torch.compile's OptimizedModule (a real compile is slow)
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+            self.calls = 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self._orig_mod(*args)
+
+    def fake_compile(module):
+        compiled.append(Wrapped(module))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, _, result, _ = _run(tmp_path, "c", cases, root, compile=True)
+    assert len(compiled) == 1 and compiled[0]._orig_mod is model and compiled[0].calls == result.global_step == 9
+    saved = C.load_checkpoint(tmp_path / "c" / "model_last.pth")["state_dict"]
+    assert set(saved) == set(model.state_dict())  # no _orig_mod. prefix

@@ -256,6 +256,22 @@ def selective_scan(
     return _BACKENDS[name].fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
 
 
+_eager_scan: list[Callable[..., Any]] = []
+
+
+def _selective_scan_eager() -> Callable[..., Any]:
+    """:func:`selective_scan` behind ``torch.compiler.disable``, for Mamba blocks inside ``torch.compile``.
+
+    Compiled graphs must not trace the scans: the chunked scan's loop over chunks would unroll into an enormous graph
+    (a 32³ IM-Fuse step had not compiled after 10 minutes on CPU); between compiled regions the scan runs eagerly,
+    with whichever backend it resolves to. Made on first use, because ``torch.compiler.disable`` imports dynamo (and
+    with it triton), which importing this module must not.
+    """
+    if not _eager_scan:
+        _eager_scan.append(torch.compiler.disable(selective_scan))
+    return _eager_scan[0]
+
+
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     # The scan state is kept in at least fp32 (as the CUDA kernel does); fp64 inputs stay fp64 for exact tests.
     dtype = torch.float32
@@ -1085,7 +1101,8 @@ class Mamba(nn.Module):
         # dt_proj without its bias: the bias is added inside the scan, before the softplus (as mamba-ssm does).
         delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d)
         A = -torch.exp(_fp32_or_wider(self.A_log))
-        y = selective_scan(
+        scan = _selective_scan_eager() if torch.compiler.is_compiling() else selective_scan
+        y = scan(
             x.transpose(1, 2),
             delta.transpose(1, 2),
             A,
