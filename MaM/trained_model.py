@@ -219,16 +219,17 @@ class NnUNetCasePredictor:
 def open_checkpoint(path: str | Path, device: torch.device, options: EvalOptions) -> NnUNetCasePredictor | None:
     """The ``mam`` method's checkpoint reader for ``predict.py``: an engine for an nnU-Net checkpoint, else None.
 
-    ``options.blend`` None means nnU-Net's Gaussian; ``sw_batch_size`` and ``amp`` do not apply (nnU-Net's predictor
-    runs one window at a time, under autocast on CUDA).
+    ``options.blend`` None means MaM's default (nnU-Net's Gaussian); ``sw_batch_size`` and ``amp`` do not apply
+    (nnU-Net's predictor runs one window at a time, under autocast on CUDA).
     """
     ckpt = read_nnunet_checkpoint(path)
     if ckpt is None:
         return None
     if options.sw_batch_size != 1:
         log.info("MaM (nnU-Net checkpoint): nnU-Net's predictor runs one window at a time; --sw_batch_size ignored")
+    blend = options.blend or MultimodalRecon.default_blend
     trained = load_trained_model(
-        path, device, step_size=1.0 - options.overlap, use_gaussian=(options.blend or "gaussian") == "gaussian",
-        use_mirroring=options.tta, progress=options.progress, ckpt=ckpt,
+        path, device, step_size=1.0 - options.overlap, use_gaussian=blend == "gaussian", use_mirroring=options.tta,
+        progress=options.progress, ckpt=ckpt,
     )  # fmt: skip
     return NnUNetCasePredictor(trained)
