@@ -17,7 +17,7 @@ from brats_core.modalities import MODALITIES
 from brats_core.nn.blocks import FusionDecoder, init_conv3d_kaiming
 from brats_core.nn.fusion import MambaFusionBlock
 from brats_core.nn.multimodal import ModalityFeatures, MultimodalTransformerNet
-from brats_core.registry import register
+from brats_core.registry import RUNTIME_FIELD, register
 
 __all__ = ["IMFuse", "IMFuseConfig", "IMFuseFeatures", "MambaShape", "mamba_shapes", "meta_model"]
 
@@ -60,7 +60,7 @@ class IMFuseConfig:
     d_state_max: int = 256
     d_conv: int = 4
     expand: int = 2
-    mamba_backend: str = "auto"
+    mamba_backend: str = dataclasses.field(default="auto", metadata=RUNTIME_FIELD)
 
     def __post_init__(self) -> None:
         # Four stride-2 stages need a multiple of 16; a 1³ bottleneck breaks InstanceNorm and reflect padding.

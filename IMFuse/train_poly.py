@@ -33,21 +33,28 @@ def upstream_val_epochs(num_epochs: int) -> list[int]:
     return [e for e in range(1, num_epochs + 1) if due(e)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="IMFuse/train_poly.py", description=__doc__.splitlines()[0])
+def build_parser(
+    prog: str = "IMFuse/train_poly.py",
+    description: str = __doc__.splitlines()[0],
+    lr: float = 2e-4,
+    first_skip: bool = True,
+) -> argparse.ArgumentParser:
+    """The upstream flags (METHODS.md §1.8); ``train.py`` has another learning rate and no ``--first_skip``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     add_data_args(p, savepath_required=True)
-    add_train_args(p, batch_size=1, lr=2e-4, weight_decay=3e-5, num_epochs=1000, seed=999)
+    add_train_args(p, batch_size=1, lr=lr, weight_decay=3e-5, num_epochs=1000, seed=999)
     add_runtime_args(p)
     g = p.add_argument_group("IM-Fuse")
     g.add_argument("--mamba_skip", action="store_true", help="fuse the skip connections with Mamba fusion blocks")
     g.add_argument(
         "--interleaved_tokenization", action="store_true", help="I-MFB: interleave the 5 tokens per position"
     )
-    g.add_argument(
-        "--first_skip",
-        action="store_true",
-        help="train upstream's IMFuse.IMFuse (level-1 skip) instead of the default IMFuse_no1skip.Model",
-    )
+    if first_skip:
+        g.add_argument(
+            "--first_skip",
+            action="store_true",
+            help="train upstream's IMFuse.IMFuse (level-1 skip) instead of the default IMFuse_no1skip.Model",
+        )
     g.add_argument("--region_fusion_start_epoch", type=int, default=0, help="epoch from which the fused loss counts")
     g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests/demo)")
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
@@ -56,15 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None, cosine: bool = False) -> int:
+    """Parse the flags and train; ``cosine`` selects ``train.py``'s schedule instead of the poly one."""
+    args = (parser or build_parser()).parse_args(argv)
     setup_logging(args.savepath, "train.txt")
     if args.pretrain:
         log.warning("--pretrain is accepted for compatibility but unused, as upstream")
     seed_everything(args.seed)
     overrides = {
-        "first_skip": args.first_skip,
+        "first_skip": getattr(args, "first_skip", False),
         "mamba_skip": args.mamba_skip,
         "interleaved_tokenization": args.interleaved_tokenization,
     }
@@ -81,7 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         FusedSeparateDeepLoss(args.region_fusion_start_epoch, args.reference_quirks),
         optimizer,
         transform=rfnet_augmentation(model.patch_size, reference_quirks=args.reference_quirks),
-        scheduler=PolyLR(optimizer, args.num_epochs),
+        scheduler=(
+            # train.py: cosine over 100 epochs, stepped per epoch, so the rate cycles every 200 epochs
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=5e-6)
+            if cosine
+            else PolyLR(optimizer, args.num_epochs)
+        ),
         val_epochs=val_epochs,
     )
     return 0

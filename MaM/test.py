@@ -18,7 +18,6 @@ on a re-run. The test cases are those of ``test15splits.csv`` (the same for ever
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import os
@@ -29,8 +28,18 @@ from pathlib import Path
 
 import torch
 
-from brats_core.evaluation import METRICS, PER_CASE_HEADER, format_table, summarize
-from brats_core.io import atomic_path
+from brats_core.cli import add_overwrite_arg
+from brats_core.evaluation import (
+    METRICS,
+    PER_CASE_HEADER,
+    claim_results_folder,
+    format_table,
+    read_rows,
+    shard_file,
+    summarize,
+    weights_digest,
+    write_csv,
+)
 from brats_core.metrics import case_scores
 from brats_core.modalities import Scenario, format_mam_bits, parse_scenarios
 from brats_core.splits import read_case_list
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off in upstream's runs)")
     p.add_argument("--no_hd95", action="store_true", help="skip HD95")
     p.add_argument("--no_nifti", action="store_true", help="do not write the prediction NIfTI files")
+    add_overwrite_arg(p)
     p.add_argument("-device", "--device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -98,20 +108,6 @@ def _cases(args: argparse.Namespace, images: Path) -> list[str]:
     return cases
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(PER_CASE_HEADER), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[str, str]]:
     """Predict and score; returns the summary rows."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
@@ -136,11 +132,11 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     labels = Path(args.labels_path) if args.labels_path else images.parent / "labelsTs"
     out = Path(args.output_path)
     save = Path(args.savepath) if args.savepath else out
-    save.mkdir(parents=True, exist_ok=True)
     cases = _cases(args, images)
-    tag = "all" if len(scenarios) == 15 else "-".join(s.bits for s in scenarios)
-    per_case = save / f"per_case_{tag}.csv"
-    rows = _read_rows(per_case)
+    identity = {"method": "mam", "weights": weights_digest(model.network), "step_size": args.step_size, "tta": args.tta}
+    claim_results_folder(save, identity, args.overwrite)
+    per_case = shard_file(save, scenarios)
+    rows = read_rows(per_case)
     done = {(r["case"], r["scenario"]) for r in rows}
     log.info("%s: %d cases × %d scenarios → %s", ckpt_path, len(cases), len(scenarios), save)
     for n, case in enumerate(cases, 1):
@@ -182,7 +178,7 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
                 "case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{(time.time() - t0) / len(todo):.2f}",
                 **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
             })  # fmt: skip
-        _write_rows(per_case, rows)
+        write_csv(per_case, PER_CASE_HEADER, rows)
         log.info("%d/%d %s done", n, len(cases), case)
     return summarize(save)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from brats_core.nn.rmbts import Contents, ConvSpec, Flavour, Layout, RMBTSNet
-from brats_core.registry import register
+from brats_core.registry import RUNTIME_FIELD, register
 
 FLAVOUR = Flavour(
     conv=ConvSpec("reflect", norm_eps=1e-6, act_slope=0.2),
@@ -68,7 +68,9 @@ class RobustSegConfig:
         style_dims: channels of the style encoder's first conv (32; then 64, 128, 128, 128).
         style_code: style-code width (8).
         inference_dropout: upstream's always-on dropout (p 0.3 in the content encoders' stages 1–3) stays active in
-            eval mode, making predictions stochastic (``--reference-quirks``).
+            eval mode, making predictions stochastic (``--reference-quirks``). A runtime field: a model rebuilt from a
+            checkpoint starts without it (``predict.py`` is deterministic), and ``test_robustseg.py`` sets it from its
+            own ``--reference-quirks``.
     """
 
     patch_size: int = 80
@@ -76,7 +78,7 @@ class RobustSegConfig:
     basic_dims: int = 16
     style_dims: int = 32
     style_code: int = 8
-    inference_dropout: bool = False
+    inference_dropout: bool = dataclasses.field(default=False, metadata=RUNTIME_FIELD)
 
 
 @register(

@@ -8,10 +8,10 @@ the present modalities turns them into voxel-wise weights, and the fused map is 
 Upstream reads its mask in the order T1ce, T1, T2, FLAIR and lists the present contents in that order (which fixes
 their positions in the token sequence); the model takes canonical (FLAIR, T1ce, T1, T2) masks and translates here.
 Upstream also honours only the FIRST sample's mask for the whole batch; here every sample uses its own mask unless
-``first_sample_mask`` (``--reference-quirks``) is set. State-dict keys, order and shapes equal upstream's
-``TF_RMBTS(in_channels=1, out_channels=4, levels=4, feature_maps=16)`` at the paper patch of 128³
-(``spec/state_dicts/sfusion_f16.txt``), with upstream's ``LazyLinear`` layers as plain ``Linear(8, 8F)`` (their input
-is always the 8-wide style code), so a fresh model's state dict equals a trained one's.
+``first_sample_mask`` (``--reference-quirks``) is set, and then only in training mode. State-dict keys, order and
+shapes equal upstream's ``TF_RMBTS(in_channels=1, out_channels=4, levels=4, feature_maps=16)`` at the paper patch of
+128³ (``spec/state_dicts/sfusion_f16.txt``), with upstream's ``LazyLinear`` layers as plain ``Linear(8, 8F)`` (their
+input is always the 8-wide style code), so a fresh model's state dict equals a trained one's.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ class SFusionConfig:
         num_heads: attention heads (4); must divide F.
         token_grid: side g of the pooled token grid; None = P/16 (8 at 128³, upstream's fixed value). Every scale's
             side P/2^(s−1) must be a multiple of g; the DUpsampling factors are P/2^(s−1)/g.
-        first_sample_mask: upstream's quirk: the whole batch uses the first sample's mask (``--reference-quirks``).
+        first_sample_mask: upstream's quirk: the whole training batch uses the first sample's mask
+            (``--reference-quirks``).
     """
 
     patch_size: int = 128
@@ -235,7 +236,8 @@ class SFusion(RMBTSNet):
             4 fused scales (B, C_s, …).
         """
         native = mask[:, _NATIVE]
-        if self.config.first_sample_mask:
+        if self.config.first_sample_mask and self.training:
+            # upstream's training quirk; its evaluation windows share one mask, so eval never needs it
             native = native[:1].expand_as(native)
         groups: dict[tuple[bool, ...], list[int]] = {}
         for b, row in enumerate(native.tolist()):

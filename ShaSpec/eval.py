@@ -14,7 +14,6 @@ Both write ``<savepath>/<mode>_output2.txt`` ("Average score: ET, WT, TC") per s
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_runtime_args, setup_logging
+from brats_core.cli import add_overwrite_arg, add_runtime_args, setup_logging
 from brats_core.data import load_case
-from brats_core.evaluation import EvalOptions, evaluate, format_table
+from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
 from brats_core.scripts import model_from_checkpoint
 from brats_core.training import resolve_device
@@ -82,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original geometry"
     )
     o.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_overwrite_arg(o)
     add_runtime_args(p)
     return p
 
@@ -105,10 +105,7 @@ def evaluate_upstream(
             scores = region_scores(upstream_binarise(p), label)
             rows.append({"case": case, "scenario": s.name, "mode": format_shaspec_mode(s.mask),
                          **{r: f"{scores[r]:.6f}" for r in REGIONS}})  # fmt: skip
-    with (savepath / "per_case_upstream.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "scenario", "mode", *REGIONS])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(savepath / "per_case_upstream.csv", ["case", "scenario", "mode", *REGIONS], rows)
     summary = []
     for s in scenarios:
         means = {r: float(np.mean([float(x[r]) for x in rows if x["scenario"] == s.name])) for r in REGIONS}
@@ -118,10 +115,7 @@ def evaluate_upstream(
         )
     summary.append({"scenario": "mean", "mode": "",
                     **{r: f"{np.mean([float(x[r]) for x in summary]):.4f}" for r in REGIONS}})  # fmt: skip
-    with (savepath / "summary_upstream.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["scenario", "mode", *REGIONS])
-        writer.writeheader()
-        writer.writerows(summary)
+    write_csv(savepath / "summary_upstream.csv", ["scenario", "mode", *REGIONS], summary)
     return summary
 
 
@@ -154,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
         progress=not args.no_progress, scenario_batch=args.scenario_batch,
     )  # fmt: skip
-    summary = evaluate(model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti)
+    summary = evaluate(
+        model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti, overwrite=args.overwrite
+    )
     for r in summary:
         if r["scenario"] != "mean":
             write_output2(

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, permutation
-from brats_core.registry import OutputKind, SegModel, register
+from brats_core.registry import RUNTIME_FIELD, OutputKind, SegModel, register
 
 NEGATIVE_SLOPE = 0.01
 WS_EPS = 1e-12
@@ -59,7 +59,7 @@ class ShaSpecConfig:
     num_classes: int = 3
     weight_std: bool = True
     aspp_pool_quirk: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = dataclasses.field(default=False, metadata=RUNTIME_FIELD)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(n) for n in self.layers)  # type: ignore[assignment]

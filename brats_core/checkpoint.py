@@ -10,9 +10,7 @@ dict), ``args`` (resolved command-line arguments), ``epoch`` (last finished epoc
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,20 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .io import atomic_path
+
 FORMAT = "brats-mm/1"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,10 +54,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    # a checkpoint loaded with map_location="cuda" brings the states on the GPU; the setters take CPU byte tensors
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -123,6 +123,17 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original image geometry"
     )
+    add_overwrite_arg(g)
+
+
+def add_overwrite_arg(group: argparse._ActionsContainer) -> None:
+    """``--overwrite``: replace the results in ``--savepath`` (see ``evaluation.claim_results_folder``)."""
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the results already in --savepath (without it, a folder holding another model's or other "
+        "settings' results is refused; the same evaluation resumes)",
+    )
 
 
 def split_dir(args: argparse.Namespace) -> Path:

@@ -7,17 +7,20 @@ Every test case × every selected scenario: sliding window (window = patch, over
 - ``per_case_<tag>.csv``: one row per (case, scenario); ``<tag>`` is ``all`` or the selected scenarios' bits, so
   array jobs over scenario subsets can share a folder; finished rows are skipped when re-run;
 - ``summary.csv`` / ``summary.md`` / ``summary.json``: 15 rows (upstream order) + mean, merged over all shards;
-- optionally ``predictions/<case>_<bits>.nii.gz`` in the original image geometry (from the preprocessing meta).
+- optionally ``predictions/<case>_<bits>.nii.gz`` in the original image geometry (from the preprocessing meta);
+- ``evaluation.json``: what produced the rows (method, a digest of the weights, the settings that change the numbers).
+  Rows are only ever added by the same model and settings: another evaluation into the folder stops with the
+  differences named, unless ``overwrite`` clears the folder's results first.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .data import check_cases, load_case
 from .inference import outputs_to_labels, predict_scenarios
+from .io import atomic_path, load_json, save_json, save_text
 from .metrics import case_scores
 from .modalities import SCENARIOS, Mask, Scenario
 from .registry import SegModel
@@ -148,24 +152,95 @@ def validate(
     return out
 
 
-def _tag(scenarios: Sequence[Scenario]) -> str:
-    return "all" if len(scenarios) == len(SCENARIOS) else "-".join(s.bits for s in scenarios)
+def shard_file(out: Path, scenarios: Sequence[Scenario]) -> Path:
+    """``per_case_all.csv`` for the 15 scenarios, else ``per_case_<bits>-<bits>….csv`` (array jobs share a folder)."""
+    tag = "all" if len(scenarios) == len(SCENARIOS) else "-".join(s.bits for s in scenarios)
+    return out / f"per_case_{tag}.csv"
 
 
-def _atomic_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, object]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(header), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, object]]) -> None:
+    """Write ``rows`` (columns ``header``; other keys ignored) atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(header), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+RECORD_FILE = "evaluation.json"
+_SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
+
+
+def result_files(out: Path) -> list[Path]:
+    """The per-case shards of this evaluator in ``out`` (``per_case_all.csv``, ``per_case_<bits>-….csv``); other CSVs,
+    e.g. a method's upstream-style scoring, are never merged."""
+    return sorted(p for p in out.glob("per_case_*.csv") if _SHARD.fullmatch(p.name))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of the state dict (names, dtypes, shapes and bytes): identifies the weights that produced results."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ResultsMismatchError(ValueError):
+    """An output folder already holds results of another model or other settings."""
+
+
+def claim_results_folder(out: Path, identity: Mapping[str, Any], overwrite: bool = False) -> None:
+    """Make sure the rows in ``out`` all come from the evaluation ``identity`` describes (JSON-able: method,
+    weights digest, settings that change the numbers).
+
+    The first evaluation writes ``evaluation.json``; a later one with another identity raises
+    :class:`ResultsMismatchError` naming the differences. ``overwrite`` deletes the folder's results first (per-case
+    shards, summaries, the record). A folder with results but no record (written before records existed) is adopted
+    with a warning.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / RECORD_FILE
+    identity = json.loads(json.dumps(identity, default=str))
+    if overwrite:
+        for path in [*result_files(out), record, *(out / f"summary.{ext}" for ext in ("csv", "md", "json"))]:
+            path.unlink(missing_ok=True)
+    elif record.is_file():
+        saved = load_json(record)
+        diff = [
+            f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now"
+            for k in sorted(set(saved) | set(identity))
+            if saved.get(k) != identity.get(k)
+        ]
+        if diff:
+            raise ResultsMismatchError(
+                f"{out} already holds results of another evaluation ({'; '.join(diff)}): choose another --savepath, "
+                "or pass --overwrite to replace them"
+            )
+        return
+    elif result_files(out):
+        log.warning("%s holds results without a %s record: assuming they come from this model", out, RECORD_FILE)
+    save_json(record, identity)
+
+
+def evaluation_identity(model: SegModel, options: EvalOptions) -> dict[str, Any]:
+    """What makes two evaluations' rows comparable: the method and weights, and the settings that change numbers."""
+    return {
+        "method": model.method_name,
+        "weights": weights_digest(model),
+        "overlap": options.overlap,
+        "blend": options.blend or model.default_blend,
+        "tta": options.tta,
+        "amp": options.amp,
+        "scenario_batch": options.scenario_batch > 1,  # batched decoding rounds differently (not bit-exact)
+        "etpp_threshold": options.etpp_threshold,
+    }
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file; none when it does not exist."""
+    if not path.is_file():
+        return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
@@ -182,8 +257,12 @@ def evaluate(
     options: EvalOptions | None = None,
     device: torch.device | str = "cpu",
     save_nifti: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, str]]:
     """Score ``cases`` under every scenario; resumable and shard-friendly (see the module docstring).
+
+    ``overwrite`` discards the results already in ``out_dir``; without it, results of another model or other
+    settings there stop the run (:class:`ResultsMismatchError`).
 
     Returns:
         The summary rows (also written to ``summary.*``).
@@ -191,10 +270,10 @@ def evaluate(
     options = options or EvalOptions()
     device = torch.device(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_cases(root, cases)
-    per_case = out / f"per_case_{_tag(scenarios)}.csv"
-    rows = _read_rows(per_case) if per_case.is_file() else []
+    claim_results_folder(out, evaluation_identity(model, options), overwrite)
+    per_case = shard_file(out, scenarios)
+    rows = read_rows(per_case)
     done = {(r["case"], r["scenario"]) for r in rows}
     model.eval()
     for case in tqdm(cases, desc="cases", disable=not options.progress):
@@ -219,7 +298,7 @@ def evaluate(
             )
             if save_nifti:
                 _save_prediction(root, case, s, pred.numpy(), out / "predictions")
-        _atomic_csv(per_case, PER_CASE_HEADER, rows)
+        write_csv(per_case, PER_CASE_HEADER, rows)
     return summarize(out)
 
 
@@ -243,8 +322,8 @@ def summarize(out_dir: str | Path) -> list[dict[str, str]]:
     """
     out = Path(out_dir)
     merged: dict[tuple[str, str], dict[str, str]] = {}
-    for path in sorted(out.glob("per_case_*.csv")):
-        for r in _read_rows(path):
+    for path in result_files(out):
+        for r in read_rows(path):
             merged[(r["case"], r["scenario"])] = r
     by_scenario: dict[str, list[dict[str, str]]] = {}
     for r in merged.values():
@@ -275,11 +354,11 @@ def summarize(out_dir: str | Path) -> list[dict[str, str]]:
             }
         )
     header = ("scenario", "display", "bits", "cases", *metrics)
-    _atomic_csv(out / "summary.csv", header, summary)
+    write_csv(out / "summary.csv", header, summary)
     md = ["| Scenario | Cases | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
     md += [f"| {r['display']} | {r['cases']} | " + " | ".join(r[m] for m in metrics) + " |" for r in summary]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_text(out / "summary.md", "\n".join(md) + "\n")
+    save_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -263,12 +263,18 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     return Path(path)
 
 
+def save_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 text atomically, without newline translation."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+    return Path(path)
+
+
 def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented UTF-8 JSON atomically."""
-    text = _INNER_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m[1]) + "]", json.dumps(obj, indent=2)) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    return save_text(
+        path, _INNER_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m[1]) + "]", json.dumps(obj, indent=2)) + "\n"
+    )
 
 
 def load_json(path: str | os.PathLike[str]) -> Any:

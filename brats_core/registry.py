@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
@@ -193,16 +194,43 @@ def build_method(name: str, preset: str = "paper", **overrides: Any) -> SegModel
     return info.model_cls(make_config(name, preset, **overrides))
 
 
+RUNTIME_FIELD = {"runtime": True}
+"""``dataclasses.field(metadata=RUNTIME_FIELD)`` marks a config field that may change between sessions of one trained
+model (a kernel backend, activation checkpointing, a reference quirk of evaluation): :func:`config_mismatch` ignores
+it and :func:`build_from_config` leaves it at its default."""
+
+
 def build_from_config(name: str, config: dict[str, Any]) -> SegModel:
-    """Rebuild a model from the config dict stored in a checkpoint (see ``brats_core.checkpoint``)."""
+    """Rebuild a model from the config dict stored in a checkpoint (see ``brats_core.checkpoint``).
+
+    Runtime fields (:data:`RUNTIME_FIELD`) take their defaults: they describe the session that trained the model (a
+    kernel backend, activation checkpointing, a reference quirk of evaluation), not the trained function, and the
+    script that rebuilds the model sets them from its own flags.
+    """
     info = method_info(name)
-    known = {f.name for f in dataclasses.fields(info.config_cls)}
+    known = {f.name for f in dataclasses.fields(info.config_cls) if not f.metadata.get("runtime")}
     return info.model_cls(info.config_cls(**{k: v for k, v in config.items() if k in known}))
 
 
 def config_dict(model: SegModel) -> dict[str, Any]:
     """The model's config as a plain dict (stored in checkpoints)."""
     return dataclasses.asdict(model.config)
+
+
+def config_mismatch(model: SegModel, saved: Mapping[str, Any]) -> list[str]:
+    """One line per architecture field of ``model.config`` whose value in ``saved`` (a checkpoint's config) differs;
+    fields missing from ``saved`` and runtime fields are not compared."""
+
+    def plain(value: Any) -> Any:  # tuples and lists compare equal, as after a JSON round trip
+        return json.loads(json.dumps(value, default=str))
+
+    return [
+        f"{f.name}: {saved[f.name]!r} in the checkpoint, {getattr(model.config, f.name)!r} now"
+        for f in dataclasses.fields(model.config)
+        if not f.metadata.get("runtime")
+        and f.name in saved
+        and plain(saved[f.name]) != plain(getattr(model.config, f.name))
+    ]
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -171,6 +171,7 @@ def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, 
         EvalOptions.from_args(args),
         device,
         save_nifti=args.save_nifti,
+        overwrite=args.overwrite,
     )
     print(format_table(summary))
     print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath}")

@@ -14,12 +14,12 @@ import logging
 import os
 import random
 import re
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import atomic_path, save_text
 from .modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,10 @@ class Split:
         """Write the split in upstream's formats (``train.txt``, ``val15splits.csv``, ``test15splits.csv``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "train.txt", "".join(f"{c}\n" for c in self.train))
+        save_text(out / "train.txt", "".join(f"{c}\n" for c in self.train))
         for name, rows in (("val15splits.csv", self.val), ("test15splits.csv", self.test)):
             lines = ["case,mask\n"] + [f'{c},"{format_bool_list(m)}"\n' for c, m in rows]
-            _atomic_write(out / name, "".join(lines))
+            save_text(out / name, "".join(lines))
 
 
 def _case_id(value: str) -> str:
@@ -153,17 +153,6 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def download(out_dir: str | Path, base_url: str | None = None, overwrite: bool = False) -> list[Path]:
     """Download the paper's split files from the upstream repository and verify their sha256 checksums.
 
@@ -185,17 +174,12 @@ def download(out_dir: str | Path, base_url: str | None = None, overwrite: bool =
         if dest.is_file() and not overwrite and sha256(dest) == digest:
             continue
         url = f"{base_url.rstrip('/')}/{name}" if base_url else f"{UPSTREAM_URL}/{upstream_path}"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(dest) as tmp:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
                 f.write(response.read())
             got = sha256(tmp)
             if got != digest:
                 raise ValueError(f"{url}: sha256 {got} does not match the expected {digest}; file not kept")
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         log.info("downloaded %s", dest)
     return paths
 

@@ -10,12 +10,14 @@ optimiser, scheduler, scaler and RNG states are checkpointed, also mid-epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state, unwrap
 from .data import EpochSampler, seed_worker
+from .registry import config_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,16 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
         e = min(self.last_epoch, self.num_epochs)
         return [round(base * (1 - e / self.num_epochs) ** self.power, 8) for base in self.base_lrs]
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epoch only: upstream recomputes the rate from ``--lr`` and ``--num_epochs`` every epoch, so a
+        resumed run that changes ``--num_epochs`` (e.g. extends 1000 to 1200) follows the new schedule instead of
+        the saved one (which would train every extra epoch at lr 0)."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
 
 @dataclass
 class FitConfig:
@@ -123,6 +136,33 @@ def _distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, next_epoch: int) -> None:
+    """Put ``scheduler`` at ``next_epoch``: from its saved state, or, for checkpoints without one (upstream's), by
+    stepping it ``next_epoch`` times as the interrupted run did."""
+    if state is not None:
+        scheduler.load_state_dict(state)
+    elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        log.warning("the checkpoint has no scheduler state: the plateau scheduler starts afresh")
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            for _ in range(next_epoch):
+                scheduler.step()
+
+
+def _check_same_architecture(model: nn.Module, saved: Mapping[str, Any] | None, path: str | Path) -> None:
+    """Refuse to resume a run with another architecture than the checkpoint's (flags without parameters, such as
+    IM-Fuse's ``--interleaved_tokenization``, would otherwise pass the strict state-dict load silently)."""
+    if saved is None or not dataclasses.is_dataclass(getattr(model, "config", None)):
+        return
+    diff = config_mismatch(model, saved)  # type: ignore[arg-type]
+    if diff:
+        raise ValueError(
+            f"{path}: the checkpoint was trained with another architecture ({'; '.join(diff)}); resume with the "
+            "checkpoint's flags, or start a new run"
+        )
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -175,15 +215,16 @@ def fit(
 
     next_epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if config.resume:
-        ckpt = load_checkpoint(config.resume, map_location=device)
+        ckpt = load_checkpoint(config.resume)  # on the CPU: the loaders below move tensors to the parameters
+        _check_same_architecture(model, ckpt.get("config"), config.resume)
         load_state_dict_strict(model, ckpt["state_dict"], str(config.resume))
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         next_epoch = int(ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1))
+        if scheduler is not None:
+            _resume_scheduler(scheduler, ckpt.get("scheduler"), next_epoch)
         step_in_epoch = int(ckpt.get("step_in_epoch", 0))
         global_step = int(ckpt.get("global_step", next_epoch * steps_per_epoch + step_in_epoch))
         best = float(ckpt.get("best_score", -math.inf))
@@ -277,6 +318,10 @@ def fit(
         metrics: Mapping[str, float] = {}
         if validate is not None and (epoch + 1) in config.val_epochs:
             metrics = validate(unwrap(model), epoch) if is_main else {}
+            if world > 1:  # every rank steps its scheduler with the same scores (a plateau scheduler's lr drop)
+                shared = [metrics]
+                dist.broadcast_object_list(shared, src=0)
+                metrics = shared[0]
             train_model.train()
         if scheduler is not None:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

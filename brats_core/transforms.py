@@ -89,21 +89,24 @@ class RandomRotation:
 class RandomIntensityChange:
     """``x ← x·scale + shift``, shift ~ U(−s, s), scale ~ U(1 − f, 1 + f).
 
-    As upstream, the factors are drawn with shape (H, 1, 1, C): one per index along the FIRST spatial axis and per
-    channel (probably meant per channel only, but it changes the augmentation distribution, so it is kept).
+    As upstream, the factors are drawn with shape (H, 1, 1, C): one per index along the FIRST spatial axis of
+    upstream's array and per channel (probably meant per channel only, but it changes the augmentation distribution,
+    so it is kept). ``axis`` names that axis in the (X, Y, Z, C) image: 0 for the RFNet family (upstream's (H, W, D)
+    volumes), 2 for M3AE (upstream augments (Z, Y, X) arrays).
     """
 
-    def __init__(self, shift: float = 0.1, scale: float = 0.1) -> None:
-        self.shift, self.scale = float(shift), float(scale)
+    def __init__(self, shift: float = 0.1, scale: float = 0.1, axis: int = 0) -> None:
+        self.shift, self.scale, self.axis = float(shift), float(scale), int(axis)
 
     def __call__(self, image, label, rng):
-        shape = (image.shape[0], 1, 1, image.shape[-1])
+        shape = [1, 1, 1, image.shape[-1]]
+        shape[self.axis] = image.shape[self.axis]
         shift = rng.uniform(-self.shift, self.shift, size=shape)
         scale = rng.uniform(1.0 - self.scale, 1.0 + self.scale, size=shape)
         return (image * scale + shift).astype(np.float32), label
 
     def __repr__(self) -> str:
-        return f"RandomIntensityChange({self.shift}, {self.scale})"
+        return f"RandomIntensityChange({self.shift}, {self.scale}, axis={self.axis})"
 
 
 class RandomFlip:

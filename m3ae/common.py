@@ -37,6 +37,19 @@ def add_compat_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[Sequ
         g.add_argument(*names, **{"help": "no effect here", **kwargs})
 
 
+def reject_variants(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """Upstream flags whose other values select variants that are not re-implemented (data fractions,
+    semi-supervision, class weights, a skipped start): their defaults are accepted, anything else is an error
+    rather than a silently different run."""
+    for dest, default in defaults.items():
+        value = getattr(args, dest)
+        if value != default:
+            parser.error(
+                f"--{dest} {value}: upstream's variant with this setting is not re-implemented (only the default, "
+                f"{default}, which the upstream README uses)"
+            )
+
+
 def add_m3ae_data_flags(parser: argparse.ArgumentParser) -> None:
     """``--raw_path`` (build the M3AE cache from NIfTI on the fly) and upstream's ``-j`` for ``--workers``."""
     parser.add_argument(

@@ -372,7 +372,9 @@ class FinetuneDataset(_WindowDataset):
         masks = [sample_modality_drop(rng, self.mdp) for _ in range(self.copies)]
         copies = [np.where(np.asarray(m), image, fill) for m in masks]
         intensity_seed = int(rng.integers(0, 2**63 - 1))
-        copies = [RandomIntensityChange(0.1, 0.1)(c, None, np.random.default_rng(intensity_seed))[0] for c in copies]
+        # upstream augments (Z, Y, X, C) arrays: its per-first-axis factors vary along Z, axis 2 of this window
+        change = RandomIntensityChange(0.1, 0.1, axis=2)
+        copies = [change(c, None, np.random.default_rng(intensity_seed))[0] for c in copies]
         # one flip draw for all copies and the label: flip the copies stacked along the channel axis
         stacked, label = RandomFlip()(np.concatenate(copies, axis=-1), label, rng)
         stacked = np.moveaxis(stacked.reshape(*stacked.shape[:3], self.copies, 4), (3, 4), (0, 1))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brats_core.checkpoint import load_checkpoint
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, permutation
-from brats_core.registry import OutputKind, SegModel, register
+from brats_core.registry import OutputKind, SegModel, build_from_config, register
 
 __all__ = [
     "M3AE",
@@ -415,3 +417,23 @@ def tokens_to_voxels(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
     for dim in (2, 3, 4):
         tokens = tokens.repeat_interleave(side, dim=dim)
     return tokens
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The config of an upstream M3AE state dict (which stores none): widths, heads and the image grid from the
+    weights' shapes (the window has no weights; the config default, 128, applies)."""
+    z, y, x = state_dict["limage"].shape[2:]
+    return {
+        "init_channels": int(state_dict["unet.conv1a.weight"].shape[0]),
+        "pre_train": int(state_dict["unet.up1conv.weight"].shape[0]) == 4,
+        "deep_supervised": "unet.ds_out.0.weight" in state_dict,
+        "image_shape": (int(x), int(y), int(z)),
+    }
+
+
+def model_to_resume(path: str | Path) -> M3AE:
+    """The model of the run that ``--resume path`` continues, built from the checkpoint's config (ours) or, for
+    upstream's ``model_1last.pth.tar`` files, which store none, from the weights' shapes."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"] if "config" in ckpt else infer_architecture(ckpt["state_dict"])
+    return build_from_config("m3ae", dict(config))  # type: ignore[return-value]

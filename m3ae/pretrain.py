@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from brats_core.checkpoint import save_checkpoint, unwrap
 from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
-from brats_core.registry import build_from_config, build_method, config_dict
+from brats_core.registry import build_method, config_dict
 from brats_core.splits import read_case_list
 from brats_core.training import FitConfig, fit, seed_everything
-from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
+from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
 from m3ae.data import PretrainDataset, ensure_cache
-from m3ae.model import M3AE, tokens_to_voxels
+from m3ae.model import model_to_resume, tokens_to_voxels
 
 log = logging.getLogger("m3ae.pretrain")
 
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     default_savepath(args, "patch16mask875_mdp3_inversion_reg2_005")
+    reject_variants(parser, args, {"start_epoch": 0})  # upstream's --start-epoch skips epochs of the schedule
     if args.batch_size < 1 or args.epochs < 1 or args.val < 1:
         parser.error("--batch_size, --epochs and --val must be positive")
     apply_devices(args.devices)
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = read_case_list(split_dir(args) / "train.txt")
     ensure_cache(args.datapath, train, args.raw_path, args.workers)
     if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
-        model: M3AE = build_from_config("m3ae", load_checkpoint(args.resume)["config"])  # type: ignore[assignment]
+        model = model_to_resume(args.resume)
         if not model.config.pre_train:
             parser.error(f"--resume {args.resume} is not a pre-training checkpoint")
     else:

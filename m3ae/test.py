@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,24 +33,12 @@ from brats_core.splits import read_case_list
 from brats_core.training import resolve_device
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
 from m3ae.data import ensure_cache
-from m3ae.model import REGION_ORDER
+from m3ae.model import REGION_ORDER, infer_architecture
 
 log = logging.getLogger("m3ae.test")
 
 UPSTREAM_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 """Column order of upstream's ``test_final.txt``."""
-
-
-def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The config of an upstream M3AE state dict (which stores none): widths, heads and the image grid from the
-    weights' shapes (the window has no weights; the config default, 128, applies)."""
-    z, y, x = state_dict["limage"].shape[2:]
-    return {
-        "init_channels": int(state_dict["unet.conv1a.weight"].shape[0]),
-        "pre_train": int(state_dict["unet.up1conv.weight"].shape[0]) == 4,
-        "deep_supervised": "unet.ds_out.0.weight" in state_dict,
-        "image_shape": (int(x), int(y), int(z)),
-    }
 
 
 def upstream_scenarios() -> list[tuple[str, Scenario]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,13 @@ from brats_core.checkpoint import load_checkpoint
 from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
 from brats_core.evaluation import EvalOptions, validate
 from brats_core.losses import region_dice_bce
-from brats_core.registry import build_from_config, build_method, config_dict
+from brats_core.registry import build_method, config_dict
 from brats_core.scripts import add_val_args, select_val_epochs
 from brats_core.splits import load_split
 from brats_core.training import FitConfig, fit, resolve_device, seed_everything
-from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
+from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
 from m3ae.data import FinetuneDataset, completion_array, ensure_cache
-from m3ae.model import M3AE, REGION_ORDER
+from m3ae.model import M3AE, REGION_ORDER, model_to_resume
 
 log = logging.getLogger("m3ae.train")
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         [
             (["--start_epoch", "--start-epoch"], {"dest": "start_epoch", "type": int, "default": 0}),
-            (["--part", "--data_part"], {"dest": "part", "type": int, "default": 1}),
+            (["--part", "--data_part"], {"dest": "part", "type": float, "default": 1.0}),
             (["--all_data"], {"action": "store_true"}),
             (["--semi_proportion"], {"type": float, "default": 1}),
             (["--use_weight"], {"action": "store_true"}),
@@ -166,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     default_savepath(args, "baseline3_real")
+    reject_variants(
+        parser, args, {"start_epoch": 0, "part": 1.0, "all_data": False, "semi_proportion": 1.0, "use_weight": False}
+    )
     if not args.pretrained and not args.resume:
         parser.error("give the pre-trained checkpoint with --pretrained (or continue a run with --resume)")
     if args.mdp < 0:
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = load_split(split_dir(args))
     ensure_cache(args.datapath, split.train + [c for c, _ in split.val], args.raw_path, args.workers)
     if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
-        model: M3AE = build_from_config("m3ae", load_checkpoint(args.resume)["config"])  # type: ignore[assignment]
+        model = model_to_resume(args.resume)
     else:
         overrides: dict[str, Any] = {"deep_supervised": args.deep_supervised}
         if args.patch_shape:
@@ -201,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     options = EvalOptions(progress=not args.no_progress)
     config = FitConfig(
-        savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=1, iter_per_epoch=args.iter_per_epoch,
+        # a sample is one window's --batch_size copies; under torchrun each process takes its own window
+        savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=int(os.environ.get("WORLD_SIZE", "1")),
+        iter_per_epoch=args.iter_per_epoch,
         seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
         max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
         val_epochs=set(select_val_epochs(UPSTREAM_VAL_EPOCHS, args.epochs, args.debug, args.val_every)),

@@ -62,6 +62,9 @@ def test_intensity_factors_shape():
     assert np.allclose(out, out[:, :1, :1, :])
     assert np.unique(out[:, 0, 0, 0]).size == 8 and np.unique(out[0, 0, 0, :]).size == 4
     assert np.all(np.abs(out - 1) <= 0.1 * 1 + 0.1 + 1e-6)
+    # M3AE's factors vary along Z (axis 2), as upstream augments (Z, Y, X) arrays
+    out, _ = T.RandomIntensityChange(0.1, 0.1, axis=2)(image, None, np.random.default_rng(0))
+    assert np.allclose(out, out[:1, :1, :, :]) and np.unique(out[0, 0, :, 0]).size == 5
 
 
 def test_train_dataset_is_a_function_of_the_sample_seed(tmp_path):

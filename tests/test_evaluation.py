@@ -106,6 +106,37 @@ def test_resume_and_shards(setup, tmp_path, monkeypatch):
     assert calls == [] and again == merged
 
 
+def test_results_of_another_model_or_settings_are_never_mixed(setup, tmp_path):
+    model, root, cases = setup
+    out = tmp_path / "out"
+    opts = EvalOptions(progress=False, hd95=False)
+    first = evaluate(model, root, cases, out, scenarios=SCENARIOS[:2], options=opts)
+    record = json.loads((out / evaluation.RECORD_FILE).read_text())
+    assert record["method"] == model.method_name and record["weights"] == evaluation.weights_digest(model)
+    torch.manual_seed(1)
+    other = ToyModel().eval()
+    with pytest.raises(evaluation.ResultsMismatchError, match=r"out already holds results .*weights: .*--overwrite"):
+        evaluate(other, root, cases, out, scenarios=SCENARIOS[:2], options=opts)
+    with pytest.raises(evaluation.ResultsMismatchError, match=r"overlap: 0\.5 there, 0\.25 now"):
+        evaluate(model, root, cases, out, scenarios=SCENARIOS[2:4], options=EvalOptions(progress=False, overlap=0.25))
+    assert summarize(out) == first  # nothing was added by the refused runs
+    # --overwrite replaces the folder's results: equal to a fresh evaluation of the other model
+    replaced = evaluate(other, root, cases, out, scenarios=SCENARIOS[:1], options=opts, overwrite=True)
+    assert replaced == evaluate(other, root, cases, tmp_path / "fresh", scenarios=SCENARIOS[:1], options=opts)
+    assert [p.name for p in evaluation.result_files(out)] == [f"per_case_{SCENARIOS[0].bits}.csv"]
+
+
+def test_summary_merges_only_the_evaluator_shards(setup, tmp_path):
+    model, root, cases = setup
+    out = tmp_path / "out"
+    summary = evaluate(model, root, cases, out, scenarios=SCENARIOS[:1], options=EvalOptions(progress=False))
+    # e.g. ShaSpec's upstream-style scoring in the same folder: other numbers, never merged into the summary
+    evaluation.write_csv(out / "per_case_upstream.csv", ["case", "scenario", "WT"], [
+        {"case": c, "scenario": SCENARIOS[0].name, "WT": "0.0"} for c in cases
+    ])  # fmt: skip
+    assert summarize(out) == summary
+
+
 def test_validate_uses_each_case_mask(setup):
     model, root, cases = setup
     rows = [(cases[0], SCENARIOS[0].mask), (cases[1], SCENARIOS[14].mask)]

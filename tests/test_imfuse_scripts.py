@@ -1,8 +1,9 @@
-"""IMFuse/train_poly.py and IMFuse/test.py: upstream flags, upstream checkpoints, train-then-test on synthetic data."""
+"""IMFuse/train_poly.py, IMFuse/train.py and IMFuse/test.py: upstream flags, upstream checkpoints, train then test."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from brats_core.preprocessing import main as preprocess
 from brats_core.registry import build_method
 from brats_core.synthetic import write_synthetic_dataset
 from IMFuse import test as imfuse_test
+from IMFuse import train as imfuse_train
 from IMFuse import train_poly
 from IMFuse.model import meta_model
 
@@ -119,6 +121,22 @@ def test_upstream_checkpoint_loads_and_evaluates(dataset, tmp_path):
     )
     with (out / "summary.csv").open() as f:
         assert [r["scenario"] for r in csv.DictReader(f)] == ["flair", "flair+t1ce+t1+t2", "mean"]
+
+
+def test_older_train_script_cosine_schedule_without_first_skip(dataset, tmp_path, capsys):
+    """Upstream's ``train.py``: lr 3e-4, CosineAnnealingLR(T_max=100, eta_min=5e-6) per epoch, no ``--first_skip``."""
+    with pytest.raises(SystemExit):
+        imfuse_train.main(["--datapath", "d", "--savepath", "s", "--first_skip"])
+    assert "unrecognized arguments: --first_skip" in capsys.readouterr().err
+    save = tmp_path / "run"
+    argv = ["--datapath", str(dataset / "pre"), "--savepath", str(save), "-batch_size", "1", "--preset", "tiny",
+            "--mamba_skip", "--num_epochs", "3", "--iter_per_epoch", "1", "--workers", "0", "--device", "cpu",
+            "--no_progress"]  # fmt: skip
+    assert imfuse_train.main(argv) == 0
+    ckpt = load_checkpoint(save / "model_last.pth")
+    assert ckpt["args"]["lr"] == 3e-4 and not ckpt["config"]["first_skip"] and ckpt["config"]["mamba_skip"]
+    lr = ckpt["optimizer"]["param_groups"][0]["lr"]  # the rate the 4th epoch would use
+    assert lr == pytest.approx(5e-6 + (3e-4 - 5e-6) * (1 + math.cos(math.pi * 3 / 100)) / 2, rel=1e-12)
 
 
 @pytest.mark.slow

@@ -19,13 +19,14 @@ from brats_core.data import load_case
 from brats_core.evaluation import case_origin
 from brats_core.inference import predict_scenarios
 from brats_core.modalities import MODALITIES, SCENARIOS
-from brats_core.registry import build_method, count_parameters, state_dict_listing
+from brats_core.registry import build_method, config_dict, count_parameters, state_dict_listing
 from brats_core.scripts import model_from_checkpoint
 from m3ae import data as m3ae_data
 from m3ae import pretrain, test, train
 from m3ae.model import (
     M3AE,
     M3AEConfig,
+    model_to_resume,
     sample_modality_drop,
     sample_pretrain_tokens,
     tokens_to_voxels,
@@ -281,6 +282,15 @@ def test_finetune_copies_share_augmentation(cache) -> None:
     item = full[(0, 7)]
     assert item["image"].shape == (2, 4, 32, 32, 32) and bool(item["mask"].all())
     torch.testing.assert_close(item["image"][0], item["image"][1], atol=0, rtol=0)
+    # the intensity factors vary per axial slice (upstream augments (Z, Y, X) arrays), not per sagittal one
+    const = m3ae_data.FinetuneDataset(root, cases, 32, m3ae_data.completion_array(model), copies=1, mdp=0)
+    const.window = lambda index, rng: (
+        np.ones((32, 32, 32, 4), np.float32),
+        np.zeros((32,) * 3, np.int64),
+        np.zeros(3, np.int64),
+    )
+    image = const[(0, 3)]["image"][0, 0].numpy()  # (X, Y, Z) of one channel, flips included
+    assert np.allclose(image, image[:1, :1, :]) and np.unique(image[0, 0, :]).size == 32
     drop = m3ae_data.FinetuneDataset(root, cases, 32, m3ae_data.completion_array(model), copies=3, mdp=3)
     for seed in range(6):
         item = drop[(1, seed)]
@@ -432,6 +442,19 @@ def test_load_pretrained_keeps_everything_but_the_head(tmp_path) -> None:
         train.load_pretrained(other, tmp_path / "p")
 
 
+def test_resume_rebuilds_the_model_of_upstream_and_our_checkpoints(tmp_path) -> None:
+    from brats_core.checkpoint import load_state_dict_strict, save_checkpoint
+
+    pre = build_method("m3ae", "tiny_pretrain")
+    upstream = {"epoch": 9, "state_dict": {f"module.{k}": v for k, v in pre.state_dict().items()}}
+    torch.save(upstream, tmp_path / "model_1last.pth.tar")  # upstream stores no config
+    model = model_to_resume(tmp_path / "model_1last.pth.tar")
+    assert model.config.pre_train and model.config.init_channels == 8 and model.config.image_shape == SYN_SHAPE
+    load_state_dict_strict(model, upstream["state_dict"])
+    save_checkpoint(tmp_path / "ours.pth", pre, method="m3ae", config=config_dict(pre))
+    assert model_to_resume(tmp_path / "ours.pth").config == pre.config
+
+
 def test_upstream_checkpoint_loads_for_testing(tmp_path) -> None:
     model = _tiny(seed=2)
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -446,7 +469,7 @@ def test_upstream_checkpoint_loads_for_testing(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ scripts and upstream scoring
 
 
-def test_script_flags_accept_the_upstream_commands() -> None:
+def test_script_flags_accept_the_upstream_commands(tmp_path, capsys) -> None:
     pre = pretrain.build_parser().parse_args(
         "--datapath d --exp_name m3ae_pretrain --batch_size 2 --mdp 3 --dataset brats23 --mask_ratio 0.875 "
         "--lr 0.0003".split()
@@ -480,6 +503,16 @@ def test_script_flags_accept_the_upstream_commands() -> None:
         test.build_parser().parse_args(["--datapath", "d"])  # --checkpoint is required
     with pytest.raises(SystemExit):
         train.main(["--datapath", "d", "--savepath", "s"])  # neither --pretrained nor --resume
+    # upstream variants that are not re-implemented: the defaults pass, other values are refused before any work
+    assert train.build_parser().parse_args(["--datapath", "d", "--pretrained", "p", "--part", "0.5"]).part == 0.5
+    for flag in (["--part", "0.5"], ["--use_weight"], ["--semi_proportion", "0.3"], ["--start_epoch", "10"]):
+        with pytest.raises(SystemExit):
+            train.main(["--datapath", "d", "--savepath", str(tmp_path / "s"), "--pretrained", "p", *flag])
+        assert f"{flag[0]} " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.main(["--datapath", "d", "--savepath", str(tmp_path / "s"), "--start-epoch", "5"])
+    assert "--start_epoch 5: upstream's variant" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_upstream_scoring_helpers() -> None:

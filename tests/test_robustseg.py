@@ -15,7 +15,14 @@ from conftest import MASKS, shared_path
 from brats_core import splits
 from brats_core.checkpoint import load_checkpoint
 from brats_core.preprocessing import main as preprocess
-from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
+from brats_core.registry import (
+    OutputKind,
+    build_from_config,
+    build_method,
+    config_dict,
+    count_parameters,
+    state_dict_listing,
+)
 from brats_core.rmbts import kl_divergence, reconstruction_l1
 from brats_core.scripts import select_val_epochs
 from brats_core.synthetic import write_synthetic_dataset
@@ -142,6 +149,9 @@ def test_inference_dropout_quirk_makes_eval_stochastic() -> None:
         assert model.config.inference_dropout and isinstance(model.missing_content_invariant, str)
         assert not torch.equal(model(x, mask), model(x, mask))
     assert build_method("robustseg", "tiny", inference_dropout=True).missing_content_invariant is not True
+    # a checkpoint trained with --reference-quirks records the flag; a rebuilt model (predict.py) starts without it
+    saved = config_dict(build_method("robustseg", "tiny", inference_dropout=True))
+    assert saved["inference_dropout"] and not build_from_config("robustseg", saved).config.inference_dropout
 
 
 def test_bad_inputs_are_rejected() -> None:

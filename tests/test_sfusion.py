@@ -139,9 +139,17 @@ def test_each_sample_uses_its_own_mask_unless_reference_quirks() -> None:
         alone = [model(x[i : i + 1], mask[i : i + 1]) for i in range(2)]
         torch.testing.assert_close(model(x, mask), torch.cat(alone), rtol=1e-4, atol=1e-5)
         model.config.first_sample_mask = True
-        quirk = model(x, mask)
-        torch.testing.assert_close(quirk[1:], model(x[1:], mask[:1]), rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(quirk[1:], alone[1], atol=1e-4)
+        # the quirk is about training batches: evaluation (e.g. --scenario_batch) keeps each sample's own mask
+        torch.testing.assert_close(model(x, mask), torch.cat(alone), rtol=1e-4, atol=1e-5)
+        contents = model.encode(x)
+        expected = model.fuse([[c[1:] for c in scales] for scales in contents], mask[:1])
+        model.train()
+        quirk = model.fuse(contents, mask)
+        for fused, ref in zip(quirk, expected, strict=True):
+            torch.testing.assert_close(fused[1:], ref, rtol=1e-4, atol=1e-5)
+        model.config.first_sample_mask = False
+        own = model.fuse(contents, mask)
+        assert not torch.allclose(quirk[0][1:], own[0][1:], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------ losses

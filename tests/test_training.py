@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from toy import ToyModel, write_preprocessed
 
 from brats_core import checkpoint as C
 from brats_core.data import TrainDataset
+from brats_core.registry import RUNTIME_FIELD
 from brats_core.training import FitConfig, PolyLR, fit, seed_everything
 from brats_core.transforms import rfnet_augmentation
 
@@ -169,3 +171,127 @@ def test_compile_wraps_the_training_forward_and_checkpoints_stay_bare(tmp_path, 
     assert len(compiled) == 1 and compiled[0]._orig_mod is model and compiled[0].calls == result.global_step == 9
     saved = C.load_checkpoint(tmp_path / "c" / "model_last.pth")["state_dict"]
     assert set(saved) == set(model.state_dict())  # no _orig_mod. prefix
+
+
+def _poly(lr0: float, e: int, num_epochs: int) -> float:
+    return round(lr0 * (1 - e / num_epochs) ** 0.9, 8)
+
+
+def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, **kw):
+    """fit() with a poly schedule over ``num_epochs`` (one step per epoch); returns the lr of every step."""
+    opt = torch.optim.RAdam(model.parameters(), lr=1e-2)
+    lrs = []
+
+    def loss(m, batch, epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        return _loss(m, batch, epoch)
+
+    cfg = FitConfig(
+        savepath=tmp_path / "run", num_epochs=num_epochs, batch_size=2, iter_per_epoch=1, seed=3, progress=False, **kw
+    )
+    fit(model, TrainDataset(root, cases, rfnet_augmentation(16)), loss, opt, cfg, scheduler=PolyLR(opt, num_epochs))
+    return lrs
+
+
+def test_resume_from_an_upstream_checkpoint_continues_the_poly_schedule(tmp_path):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    model = ToyModel()
+    opt = torch.optim.RAdam(model.parameters(), lr=1e-2)
+    for group in opt.param_groups:
+        group["lr"] = _poly(1e-2, 1, 5)  # upstream sets the rate at the start of each epoch; epoch 1 was the last
+    torch.save(
+        {
+            "epoch": 1,
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optim_dict": opt.state_dict(),
+        },
+        tmp_path / "up.pth",
+    )
+    lrs = _fit_recording_lr(tmp_path, cases, root, ToyModel(), 5, resume=tmp_path / "up.pth")
+    assert lrs == [_poly(1e-2, e, 5) for e in (2, 3, 4)]
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    seed_everything(0)
+    assert _fit_recording_lr(tmp_path, cases, root, ToyModel(), 2) == [1e-2, _poly(1e-2, 1, 2)]
+    lrs = _fit_recording_lr(tmp_path, cases, root, ToyModel(), 4, resume=tmp_path / "run" / "model_last.pth")
+    assert lrs == [_poly(1e-2, 2, 4), _poly(1e-2, 3, 4)]  # not lr 0 from the saved 2-epoch schedule
+
+
+@dataclasses.dataclass
+class _ToyArch:
+    patch_size: int = 16
+    interleaved: bool = False  # an architecture flag without parameters: the strict weight load cannot catch it
+    backend: str = dataclasses.field(default="auto", metadata=RUNTIME_FIELD)
+
+
+class _ConfiguredToy(ToyModel):
+    def __init__(self, **config):
+        super().__init__()
+        self.config = _ToyArch(**config)
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    seed_everything(0)
+    model = _ConfiguredToy(interleaved=True)
+    extra = {"config": dataclasses.asdict(model.config)}
+    _fit_recording_lr(tmp_path, cases, root, model, 2, max_steps=1, extra=extra)
+    last = tmp_path / "run" / "model_last.pth"
+    with pytest.raises(ValueError, match=r"model_last\.pth: .*interleaved: True in the checkpoint, False now"):
+        _fit_recording_lr(tmp_path, cases, root, _ConfiguredToy(), 2, resume=last)
+    # a runtime field (a kernel backend) may change between sessions of one run
+    assert (
+        len(
+            _fit_recording_lr(
+                tmp_path, cases, root, _ConfiguredToy(interleaved=True, backend="chunked"), 2, resume=last
+            )
+        )
+        == 1
+    )
+
+
+def _ddp_plateau_worker(rank: int, root: str, cases: list[str], save: str, port: int) -> None:
+    """One of two gloo processes: fit() with a plateau scheduler whose scores only rank 0 computes."""
+    import os
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0"}
+    )
+    torch.set_num_threads(1)
+    seed_everything(0)
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    cfg = FitConfig(
+        savepath=save, num_epochs=3, batch_size=2, iter_per_epoch=1, val_epochs={1, 2, 3}, progress=False, device="cpu"
+    )
+    fit(
+        model,
+        TrainDataset(root, cases, rfnet_augmentation(16)),
+        _loss,
+        opt,
+        cfg,
+        scheduler,
+        lambda m, e: {"val_loss": 1.0},
+    )
+    torch.save(opt.param_groups[0]["lr"], f"{save}/lr_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_step_the_plateau_scheduler_with_rank0_scores(tmp_path):
+    """Validation runs on rank 0 only; its scores reach every rank, so the learning rates stay equal."""
+    import socket
+
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_plateau_worker, args=(str(root), cases, str(tmp_path), port), nprocs=2)
+    lrs = [torch.load(tmp_path / f"lr_rank{r}.pt") for r in (0, 1)]
+    assert lrs == [0.025, 0.025]  # no improvement after epochs 2 and 3: two halvings on both ranks
