@@ -145,7 +145,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # unpickling errors come in many types; name the file in every case
-            raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            hint = "empty file" if path.stat().st_size == 0 else "not a PyTorch checkpoint, or truncated"
+            raise RuntimeError(f"cannot load checkpoint {path} ({hint}): {detail}") from err
         if (
             isinstance(ckpt, Mapping)
             and "state_dict" not in ckpt

@@ -14,13 +14,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from brats_core.evaluation import RECORD_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(command: str) -> None:
-    print(f"\n$ {command}", flush=True)
+def _run(argv: list[str]) -> None:
+    print(f"\n$ {shlex.join(argv)}", flush=True)
     t0 = time.time()
-    subprocess.run(shlex.split(command), check=True, cwd=REPO)
+    done = subprocess.run(argv, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"the step above failed (exit status {done.returncode}); re-run the demo to continue")
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -32,27 +36,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_epochs", type=int, default=32, help="IM-Fuse epochs of 25 steps (default: 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.num_epochs < 1 or args.cases < 5:
+        parser.error("--num_epochs must be at least 1 and --cases at least 5 (train, validation and test cases)")
     out = Path(args.out).resolve()
     raw, pre, run, test = out / "raw", out / "preprocessed", out / "imfuse", out / "imfuse_test"
     py = sys.executable
-    shape = " ".join(map(str, args.shape))
 
-    _run(f"{py} -m brats_core.synthetic --out {raw} --n {args.cases} --shape {shape} --seed {args.seed}")
-    _run(f"{py} preprocess.py --input-path {raw} --output-path {pre} --patch_size 32")
+    _run([py, "-m", "brats_core.synthetic", "--out", str(raw), "--n", str(args.cases), "--shape",
+          *map(str, args.shape), "--seed", str(args.seed)])  # fmt: skip
+    _run([py, "preprocess.py", "--input-path", str(raw), "--output-path", str(pre), "--patch_size", "32"])
     if not (pre / "splits" / "train.txt").is_file():
-        _run(f"{py} -m brats_core.splits generate --datapath {pre} --out {pre / 'splits'} --seed {args.seed}")
+        _run([py, "-m", "brats_core.splits", "generate", "--datapath", str(pre), "--out", str(pre / "splits"),
+              "--seed", str(args.seed)])  # fmt: skip
     # The paper configuration (--mamba_skip --interleaved_tokenization) at the tiny preset; a higher learning rate
-    # than the paper's 2e-4 so that a few hundred CPU steps suffice on the synthetic data.
-    resume = f" --resume {run / 'model_last.pth'}" if (run / "model_last.pth").is_file() else ""
-    _run(
-        f"{py} IMFuse/train_poly.py --datapath {pre} --dataname BRATS2023 --savepath {run} --mamba_skip "
-        f"--interleaved_tokenization --preset tiny --num_epochs {args.num_epochs} --iter_per_epoch 25 "
-        f"--batch_size 2 --lr 5e-3 --val_every 4 --workers 2 --device cpu --no_progress{resume}"
-    )
-    _run(
-        f"{py} IMFuse/test.py --datapath {pre} --dataname BRATS2023 --savepath {test} --resume {run / 'best.pth'} "
-        f"--mamba_skip --interleaved_tokenization --device cpu --no_progress"
-    )
+    # than the paper's 2e-4 so that a few hundred CPU steps suffice on the synthetic data. Validation every 4
+    # epochs (every epoch for shorter runs) keeps best.pth.
+    resume = ["--resume", str(run / "model_last.pth")] if (run / "model_last.pth").is_file() else []
+    _run([py, "IMFuse/train_poly.py", "--datapath", str(pre), "--dataname", "BRATS2023", "--savepath", str(run),
+          "--mamba_skip", "--interleaved_tokenization", "--preset", "tiny", "--num_epochs", str(args.num_epochs),
+          "--iter_per_epoch", "25", "--batch_size", "2", "--lr", "5e-3", "--val_every", str(min(4, args.num_epochs)),
+          "--workers", "2", "--device", "cpu", "--no_progress", *resume])  # fmt: skip
+    # best.pth needs a validation case (10 or more synthetic cases); otherwise the last checkpoint is tested
+    best = run / "best.pth" if (run / "best.pth").is_file() else run / "model_last.pth"
+    record = test / RECORD_FILE
+    # a best.pth newer than the last evaluation (more epochs since) replaces its results; otherwise they resume
+    stale = record.is_file() and best.stat().st_mtime > record.stat().st_mtime
+    _run([py, "IMFuse/test.py", "--datapath", str(pre), "--dataname", "BRATS2023", "--savepath", str(test),
+          "--resume", str(best), "--mamba_skip", "--interleaved_tokenization", "--device", "cpu", "--no_progress",
+          *(["--overwrite"] if stale else [])])  # fmt: skip
     print(f"\nPer-case scores: {test / 'per_case_all.csv'}\nSummary table:   {test / 'summary.md'}")
     return 0
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .evaluation import result_files
+from .io import save_text
 from .modalities import SCENARIOS, Scenario, parse_scenarios
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def load_run(method: str, path: str | Path, name: str | None = None) -> Run:
         ValueError: a file is not a per-case CSV, or names an unknown scenario.
     """
     path = Path(path)
-    files = sorted(path.glob("per_case_*.csv")) if path.is_dir() else [path]
+    files = result_files(path) if path.is_dir() else [path]
     if not files or not files[0].is_file():
         raise FileNotFoundError(f"{path}: no per_case_*.csv found (run the method's test script with --savepath)")
     known = {s.name for s in SCENARIOS}
@@ -188,6 +190,29 @@ def paired_tests(runs: Sequence[Run], metrics: Sequence[str]) -> list[PairTest]:
     return out
 
 
+def coverage_warnings(runs: Sequence[Run]) -> list[str]:
+    """What makes the runs' numbers incomparable: missing scenarios, scenarios scored on fewer cases than others,
+    and runs scored on different cases (a failed array task or a test list that differs)."""
+    out: list[str] = []
+    case_sets = {r.name: {c for per in r.scores.values() for c in per.get("WT", {})} for r in runs}
+    for r in runs:
+        missing = [s.display for s in SCENARIOS if s.name not in r.scores]
+        if missing:
+            out.append(f"{r.name}: {len(missing)} of 15 scenarios missing ({', '.join(missing)})")
+        counts = {len(per.get("WT", {})) for per in r.scores.values()}
+        if len(counts) > 1:
+            out.append(f"{r.name}: scenarios scored on {min(counts)} to {max(counts)} cases (an incomplete evaluation)")
+    first = runs[0].name if runs else ""
+    for r in runs[1:]:
+        a, b = case_sets[first], case_sets[r.name]
+        if a != b:
+            out.append(
+                f"{r.name}: {len(b)} cases, {first}: {len(a)} ({len(a & b)} in common); the paired tests use the "
+                "common cases, the means each run's own"
+            )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Table
 
@@ -201,9 +226,12 @@ class Table:
     values: dict[str, dict[tuple[str, str], float]]
     best: dict[str, set[tuple[str, str]]]
     significant: dict[str, set[tuple[str, str]]]
+    mean_over: int = len(SCENARIOS)  # scenarios the mean row averages (those every run has)
 
     def row_label(self, row: str) -> str:
-        return "Mean" if row == "mean" else next(s.display for s in SCENARIOS if s.name == row)
+        if row == "mean":
+            return "Mean" if self.mean_over == len(SCENARIOS) else f"Mean ({self.mean_over} scenarios)"
+        return next(s.display for s in SCENARIOS if s.name == row)
 
 
 def build_table(
@@ -229,10 +257,11 @@ def build_table(
     values: dict[str, dict[tuple[str, str], float]] = {}
     for s in SCENARIOS:
         values[s.name] = {(n, m): by_name[n].mean(s.name, m) for n, m in columns}
-    # mean over the scenarios a run has (upstream's "Avg scores"); NaN when a run has none for that metric
+    # mean over scenarios (upstream's "Avg scores"), over the scenarios EVERY run has, so that the means compare
+    shared = [s.name for s in SCENARIOS if all(s.name in r.scores for r in runs)]
     values["mean"] = {}
     for col in columns:
-        finite = [values[s.name][col] for s in SCENARIOS if math.isfinite(values[s.name][col])]
+        finite = [values[name][col] for name in shared if math.isfinite(values[name][col])]
         values["mean"][col] = float(np.mean(finite)) if finite else math.nan
     lookup = {(t.a, t.b, t.scenario, t.metric): t.pvalue for t in tests}
     best: dict[str, set[tuple[str, str]]] = {}
@@ -257,7 +286,7 @@ def build_table(
             ]
             if pvals and all(p < alpha for p in pvals):
                 significant[row].add(winners[0])
-    return Table(rows, columns, values, best, significant)
+    return Table(rows, columns, values, best, significant, len(shared))
 
 
 def _fmt(value: float, metric: str, scale: float) -> str:
@@ -284,7 +313,7 @@ def table_markdown(table: Table, scale: float = 100.0) -> str:
                 text += "\\*"
             cells.append(text)
         label = table.row_label(row)
-        lines.append(f"| {'**Mean**' if row == 'mean' else label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {f'**{label}**' if row == 'mean' else label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -619,6 +648,14 @@ def make_report(
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}: give NAME in METHOD:NAME=PATH")
+    if datapath is not None and not Path(datapath).is_dir():
+        raise FileNotFoundError(f"--datapath {datapath}: no such folder (the preprocessed data, for the panel)")
+    known_cases = {c for r in runs for per in r.scores.values() for c in per.get("WT", {})}
+    if case is not None and case not in known_cases:
+        raise ValueError(f"--case {case}: not among the runs' cases (e.g. {', '.join(sorted(known_cases)[:3])})")
+    warnings = coverage_warnings(runs)
+    for text in warnings:
+        log.warning("%s", text)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if metrics is None:
@@ -627,11 +664,11 @@ def make_report(
     tests = paired_tests(runs, metrics)
     table = build_table(runs, metrics, tests, alpha, layout)
     files = [out / "table.md", out / "table.csv", out / "table.tex", out / "wilcoxon.csv", out / "wilcoxon.md"]
-    files[0].write_text(table_markdown(table))
+    save_text(files[0], table_markdown(table))
     table_csv(table, files[1])
-    files[2].write_text(table_latex(table))
+    save_text(files[2], table_latex(table))
     tests_csv(tests, files[3])
-    files[4].write_text(tests_markdown(tests, alpha))
+    save_text(files[4], tests_markdown(tests, alpha))
     counts: dict[str, int] = {}
     for run in runs:
         n = (params or {}).get(run.name) or (params or {}).get(run.method)
@@ -679,13 +716,15 @@ def make_report(
         "",
         table_markdown(table),
     ]
+    if warnings:
+        lines += ["**Incomplete or unequal evaluations:**", "", *(f"- {w}" for w in warnings), ""]
     if counts:
         lines += [
             "Parameters (paper configuration): " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()),
             "",
         ]
     lines += ["## Paired tests", "", tests_markdown(tests, alpha), *figure_lines]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    save_text(out / "report.md", "\n".join(lines) + "\n")
     files.append(out / "report.md")
     return ReportResult(table, tests, files)
 
@@ -768,22 +807,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = sorted(set(metrics or []) - {*DICE_REGIONS, *OPTIONAL_METRICS})
         if unknown:
             parser.error(f"--metrics: unknown {unknown}; known: {', '.join((*DICE_REGIONS, *OPTIONAL_METRICS))}")
+        result = make_report(
+            runs,
+            args.out,
+            metrics=metrics,
+            params=params,
+            alpha=args.alpha,
+            layout=args.layout,
+            figures=not args.no_figures,
+            datapath=args.datapath,
+            case=args.case,
+            panel_scenarios=panel,
+            prediction_dirs=preds,
+            count_params=not args.no_param_count,
+        )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    result = make_report(
-        runs,
-        args.out,
-        metrics=metrics,
-        params=params,
-        alpha=args.alpha,
-        layout=args.layout,
-        figures=not args.no_figures,
-        datapath=args.datapath,
-        case=args.case,
-        panel_scenarios=panel,
-        prediction_dirs=preds,
-        count_params=not args.no_param_count,
-    )
     print(table_markdown(result.table))
     print("written: " + ", ".join(str(p) for p in result.files))
     return 0

@@ -158,8 +158,9 @@ RECIPES: dict[str, Recipe] = {
         "sfusion",
         "SFusion/train_sfusion.py",
         "SFusion/test_sfusion.py",
-        ("--num_epochs", "200", "--batch_size", "1", "--feature_maps", "16"),
-        notes="Adam(amsgrad) 1e-4, poly, 200 epochs, batch 1, F = 16 (upstream README/test script).",
+        ("--num_epochs", "200", "--batch_size", "1", "--feature_maps", "16", "--train_file", "{split_dir}/train2.txt"),
+        notes="Adam(amsgrad) 1e-4, poly, 200 epochs, batch 1, F = 16 (upstream README/test script), on train2.txt "
+        "(872 cases, derived by `brats_core.splits download`).",
     ),
     "uhved": _rfnet_family(
         "uhved",
@@ -483,6 +484,13 @@ class Context:
         }
 
 
+def _uses_raw(recipe: Recipe) -> bool:
+    """Whether a step of ``recipe`` reads the BraTS NIfTI folder (``{raw}``)."""
+    return any(
+        "{raw}" in item for step in recipe.steps for item in (*step.args, *step.paper, *step.smoke, *step.resume_args)
+    ) or any("{raw}" in v for _, v in recipe.env)
+
+
 def _fill(items: Sequence[str], values: dict[str, str]) -> list[str]:
     return [item.format(**values) for item in items]
 
@@ -531,7 +539,7 @@ def shell_lines(recipe: Recipe, step: Step, ctx: Context, python: str = "python"
         check = shlex.quote(step.resume_file.format(**values))
         extra = shlex.join(_fill(step.resume_args, values))
         lines.append(f"RESUME=(); if [ -f {check} ]; then RESUME=({extra}); fi")
-        command += ' "${RESUME[@]}"'
+        command += ' ${RESUME[@]+"${RESUME[@]}"}'  # bash < 4.4 calls an empty array unbound under set -u
     if array and step.scenario_array:
         command += ' --scenarios "$SLURM_ARRAY_TASK_ID"'
     return [*lines, command]
@@ -775,6 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = smoke(Path(args.smoke_dir), methods, args.cases, args.shape, args.seed)
         print(f"\nsmoke run finished: {report / 'report.md'}")
         return 0
+    if (args.run or args.slurm) and not args.raw:
+        need = [m for m in methods if _uses_raw(RECIPES[m])]
+        if need:
+            parser.error(f"{', '.join(need)} read the BraTS NIfTI folder: pass --raw")
     datapath = Path(args.datapath)
     ctx = Context(
         datapath,

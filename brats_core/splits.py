@@ -43,6 +43,22 @@ REFERENCE_FILES: dict[str, tuple[str, str]] = {
     "test.txt": ("templates/datalist/test.txt", "02403f8f23b4a9aff2aa290290f9cd87a935c6cd71f6ae27292b77c689f5646a"),
 }
 
+SFUSION_TRAIN_FILE = "train2.txt"
+SFUSION_EXCLUDED: tuple[str, ...] = ("BraTS-GLI-00165-000", "BraTS-GLI-00498-001", "BraTS-GLI-01130-000")
+"""The paper's SFusion run trained on ``train2.txt`` (872 cases): upstream's ``train.txt`` minus these three (the copies
+in upstream's RobustSeg/ and UHVED/ folders; METHODS.md §0.2, §4.2). :func:`download` derives it."""
+
+
+def write_sfusion_train_list(split_dir: str | Path) -> Path:
+    """Write ``train2.txt`` = ``train.txt`` minus :data:`SFUSION_EXCLUDED` into ``split_dir`` (atomically)."""
+    d = Path(split_dir)
+    train = read_case_list(d / "train.txt")
+    absent = [c for c in SFUSION_EXCLUDED if c not in train]
+    if absent:
+        raise ValueError(f"{d / 'train.txt'} is not the paper's training list: it lacks {', '.join(absent)}")
+    return save_text(d / SFUSION_TRAIN_FILE, "".join(f"{c}\n" for c in train if c not in SFUSION_EXCLUDED))
+
+
 # The order in which upstream's val/test CSVs cycle through the 15 subsets (canonical bits), read off the files.
 CSV_CYCLE: tuple[str, ...] = (
     "0001", "0010", "0100", "1000", "0011", "0110", "1100", "0101",
@@ -163,7 +179,8 @@ def download(out_dir: str | Path, base_url: str | None = None, overwrite: bool =
         overwrite: re-download files that are already present and valid.
 
     Returns:
-        The five file paths. A file whose checksum does not match is deleted and a ``ValueError`` raised.
+        The five file paths (``train2.txt`` for SFusion is derived beside them, see :data:`SFUSION_EXCLUDED`). A file
+        whose checksum does not match is deleted and a ``ValueError`` raised.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +198,7 @@ def download(out_dir: str | Path, base_url: str | None = None, overwrite: bool =
             if got != digest:
                 raise ValueError(f"{url}: sha256 {got} does not match the expected {digest}; file not kept")
         log.info("downloaded %s", dest)
+    write_sfusion_train_list(out)
     return paths
 
 

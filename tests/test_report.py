@@ -256,3 +256,33 @@ def test_cli_and_paper_parameter_counts(two_methods, tmp_path: Path, capsys) -> 
     torch.manual_seed(0)
     assert report.paper_parameter_count("uhved") == count_parameters(build_method("uhved", "paper"))
     assert report.paper_parameter_count("not-a-method") is None
+
+
+def test_incomplete_runs_are_flagged_and_means_compare_like_with_like(two_methods, tmp_path: Path, capsys) -> None:
+    pa, _, a, _ = two_methods
+    partial = {k: v for k, v in a.items() if k[1] in (SCENARIOS[0].name, SCENARIOS[14].name) and k[0] != "C7"}
+    _write_per_case(tmp_path / "partial" / f"per_case_{SCENARIOS[0].bits}-{SCENARIOS[14].bits}.csv", partial)
+    # an upstream-style scoring file in the same folder is not one of the evaluator's shards: never read
+    (tmp_path / "partial" / "per_case_upstream.csv").write_text("case,scenario,mode,WT\nC0,t2,3,0.0\n")
+    runs = [report.load_run("alpha", pa), report.load_run("alpha", tmp_path / "partial", "part")]
+    assert runs[1].mean(SCENARIOS[0].name, "WT") == pytest.approx(np.mean([a[(c, "t2")]["WT"] for c in CASES[:7]]))
+    warnings = report.coverage_warnings(runs)
+    assert warnings == [
+        "part: 13 of 15 scenarios missing (" + ", ".join(s.display for s in SCENARIOS[1:14]) + ")",
+        "part: 7 cases, alpha: 8 (7 in common); the paired tests use the common cases, the means each run's own",
+    ]
+    result = report.make_report(runs, tmp_path / "out", figures=False, count_params=False)
+    # the mean row averages the 2 scenarios both runs have, for both runs
+    assert result.table.row_label("mean") == "Mean (2 scenarios)" and result.table.mean_over == 2
+    shared = (SCENARIOS[0].name, SCENARIOS[14].name)
+    assert result.table.values["mean"][("alpha", "WT")] == pytest.approx(
+        np.mean([np.mean([a[(c, s)]["WT"] for c in CASES]) for s in shared])
+    )
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**Incomplete or unequal evaluations:**" in text and "| **Mean (2 scenarios)** |" in text
+    # bad --case / --datapath: a usage error before anything is written
+    for extra in (["--case", "nosuch"], ["--datapath", str(tmp_path / "nowhere")]):
+        with pytest.raises(SystemExit):
+            report.main(["--run", f"alpha={pa}", "--out", str(tmp_path / "never"), "--no_param_count", *extra])
+        assert "--" + extra[0][2:] in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -18,8 +18,8 @@ RFNET = {"imfuse", "mmformer", "robustseg", "sfusion", "uhved"}  # the methods o
 
 
 def _parse_command(line: str, resume_line: str | None) -> tuple[str, list[str]]:
-    """(script, argv) of a generated command line: launcher dropped, ``"${RESUME[@]}"`` replaced by the flags that
-    the preceding ``RESUME=(...)`` line sets, the array task id replaced by 7."""
+    """(script, argv) of a generated command line: launcher dropped, the ``${RESUME[@]+…}`` expansion replaced by
+    the flags that the preceding ``RESUME=(...)`` line sets, the array task id replaced by 7."""
     tokens = shlex.split(line)
     script_at = next(i for i, t in enumerate(tokens) if t.endswith(".py"))
     script, argv = tokens[script_at], tokens[script_at + 1 :]
@@ -28,7 +28,7 @@ def _parse_command(line: str, resume_line: str | None) -> tuple[str, list[str]]:
         resume = shlex.split(re.search(r"then RESUME=\((.*)\); fi", resume_line).group(1))
     out: list[str] = []
     for t in argv:
-        out += resume if t == "${RESUME[@]}" else ["7" if t == "$SLURM_ARRAY_TASK_ID" else t]
+        out += resume if t == "${RESUME[@]+${RESUME[@]}}" else ["7" if t == "$SLURM_ARRAY_TASK_ID" else t]
     return script, out
 
 
@@ -148,6 +148,31 @@ def test_rejects_unknown_methods(capsys) -> None:
     with pytest.raises(SystemExit):
         reproduce.main(["--method", "nosuch"])
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_run_and_slurm_need_raw_only_for_methods_that_read_it(tmp_path: Path, capsys) -> None:
+    base = ["--datapath", str(tmp_path / "d"), "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        reproduce.main([*base, "--slurm", str(tmp_path / "s"), "--method", "imfuse", "--method", "m3ae"])
+    assert "m3ae read the BraTS NIfTI folder: pass --raw" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert reproduce.main([*base, "--slurm", str(tmp_path / "s"), "--method", "imfuse"]) == 0
+
+
+def test_generated_resume_lines_run_under_strict_bash(tmp_path: Path) -> None:
+    """The resume expansion works with ``set -u`` whether or not a checkpoint exists (bash < 4.4 included)."""
+    import subprocess
+
+    ctx = reproduce.Context(tmp_path / "d", tmp_path / "d" / "splits", None, tmp_path / "runs")
+    recipe = reproduce.RECIPES["imfuse"]
+    lines = reproduce.shell_lines(recipe, recipe.steps[0], ctx, "echo")
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    first = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert first.startswith("IMFuse/train_poly.py ") and first.endswith(" --interleaved_tokenization\n")
+    (tmp_path / "runs" / "imfuse").mkdir(parents=True)
+    (tmp_path / "runs" / "imfuse" / "model_last.pth").write_bytes(b"")
+    again = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert again.endswith(f" --resume {tmp_path / 'runs' / 'imfuse' / 'model_last.pth'}\n")
 
 
 @pytest.mark.slow

@@ -35,6 +35,15 @@ def test_download_verifies_checksums(tmp_path):
     paths = splits.download(out, base_url=mirror.as_uri())
     assert [p.name for p in paths] == list(splits.REFERENCE_FILES)
     assert all(splits.verify(out).values())
+    # SFusion's train2.txt: the paper's train list minus three cases (872)
+    train2 = splits.read_case_list(out / "train2.txt")
+    train = splits.read_case_list(out / "train.txt")
+    assert len(train2) == 872 and train2 == [c for c in train if c not in splits.SFUSION_EXCLUDED]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.txt").write_text("BraTS-GLI-00498-001\n")
+    with pytest.raises(ValueError, match="not the paper's training list: it lacks BraTS-GLI-00165-000"):
+        splits.write_sfusion_train_list(other)
     # a tampered file is rejected and nothing is kept
     (mirror / "train.txt").write_text("BraTS-GLI-99999-000\n")
     bad = tmp_path / "bad"

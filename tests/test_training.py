@@ -295,3 +295,14 @@ def test_ddp_ranks_step_the_plateau_scheduler_with_rank0_scores(tmp_path):
     torch.multiprocessing.spawn(_ddp_plateau_worker, args=(str(root), cases, str(tmp_path), port), nprocs=2)
     lrs = [torch.load(tmp_path / f"lr_rank{r}.pt") for r in (0, 1)]
     assert lrs == [0.025, 0.025]  # no improvement after epochs 2 and 3: two halvings on both ranks
+
+
+def test_unreadable_checkpoints_are_named_with_a_reason(tmp_path):
+    (tmp_path / "garbage.pth").write_text("not a checkpoint")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"garbage\.pth \(not a PyTorch checkpoint, or truncated\): \w+"):
+        C.load_checkpoint(tmp_path / "garbage.pth")
+    with pytest.raises(RuntimeError, match=r"empty\.pth \(empty file\): EOFError"):
+        C.load_checkpoint(tmp_path / "empty.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        C.load_checkpoint(tmp_path / "missing.pth")
