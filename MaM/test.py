@@ -41,7 +41,7 @@ from brats_core.evaluation import (
     write_csv,
 )
 from brats_core.metrics import case_scores
-from brats_core.modalities import Scenario, format_mam_bits, parse_scenarios
+from brats_core.modalities import Scenario, format_mam_bits, parse_mam_mask, parse_scenarios, scenario_for
 from brats_core.splits import read_case_list
 from MaM.prepare_dataset import CONFIGURATION, FILE_ENDING, PLANS, TRAINER, dataset_folder_name
 
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test list (.txt or CSV with a case column; default: test15splits.csv of the raw dataset, "
                         "else every case of --input-path)")  # fmt: skip
     p.add_argument("--scenarios", default="all", help="'all' or names (flair+t1ce), canonical bits (1100), 1-15")
+    p.add_argument("-mask", dest="mask", nargs="+", default=None,
+                   help="upstream nnUNetv2_predict's scenario: MaM-order bits FLAIR,T1,T1ce,T2 (1 = present), "
+                        "e.g. -mask 1,0,1,0; one scenario, instead of --scenarios")  # fmt: skip
+    p.add_argument("--disable_tta", action="store_true", help="accepted (mirroring is off unless --tta)")
+    p.add_argument("-npp", dest="npp", type=int, default=None, help="accepted for nnUNetv2_predict compatibility")
+    p.add_argument("-nps", dest="nps", type=int, default=None, help="accepted for nnUNetv2_predict compatibility")
     p.add_argument("-step_size", "--step_size", dest="step_size", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off in upstream's runs)")
     p.add_argument("--no_hd95", action="store_true", help="skip HD95")
@@ -187,8 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.tta and args.disable_tta:
+        parser.error("--tta and --disable_tta contradict each other")
     try:
-        scenarios = parse_scenarios(args.scenarios)
+        if args.mask is not None:
+            if args.scenarios != "all":
+                parser.error("give the scenarios with --scenarios or with -mask, not both")
+            scenarios = [scenario_for(parse_mam_mask(args.mask))]
+        else:
+            scenarios = parse_scenarios(args.scenarios)
     except ValueError as err:
         parser.error(str(err))
     summary = run(args, scenarios)

@@ -21,14 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from brats_core.modalities import Mask, parse_mam_bits
+from brats_core.modalities import parse_mam_mask
 from MaM.prepare_dataset import CONFIGURATION, PLANS, TRAINER
-
-
-def _mam_mask(values: Sequence[str]) -> Mask:
-    """Upstream's ``-mask`` (``1,1,0,1`` or ``1 1 0 1``, FLAIR, T1, T1ce, T2) → canonical mask."""
-    bits = "".join(v.strip() for value in values for v in value.replace(",", " ").split())
-    return parse_mam_bits(bits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +92,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device):  # -> nnUNetT
         )
     trainer.val_csv = args.val_csv
     if args.mask is not None:
-        trainer.final_validation_mask = _mam_mask(args.mask)
+        trainer.final_validation_mask = parse_mam_mask(args.mask)
     if args.seed is not None:
         trainer.scenario_rng = random.Random(args.seed)
     if args.disable_checkpointing:
@@ -117,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--c and --val cannot be combined")
     if args.mask is not None:
         try:
-            _mam_mask(args.mask)
+            parse_mam_mask(args.mask)
         except ValueError as err:
             parser.error(f"-mask: {err}")
     if args.seed is not None:

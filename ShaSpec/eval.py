@@ -31,7 +31,7 @@ from brats_core.training import resolve_device
 from ShaSpec.data import prepare_cache
 from ShaSpec.model import ShaSpec
 from ShaSpec.scoring import REGIONS, region_scores, upstream_binarise, upstream_sliding_window
-from ShaSpec.train_SS import parse_input_size, read_entries, resolve_list
+from ShaSpec.train_SS import apply_input_size, read_entries, resolve_list
 
 log = logging.getLogger("ShaSpec.eval")
 
@@ -49,6 +49,13 @@ def parse_modes(text: str) -> list[Scenario]:
     out: list[Scenario] = []
     for part in text.split(";"):
         s = scenario_for(parse_shaspec_mode(part))
+        listed = [int(t) for t in part.replace(" ", "").split(",") if t]
+        if listed != sorted(listed):
+            log.warning(
+                "--mode %s: missing modalities take the shared feature of the first present one in ShaSpec order "
+                "(%d); upstream took the first listed (%d). The README's modes are all in ascending order.",
+                part, min(listed), listed[0],
+            )  # fmt: skip
         if s not in out:
             out.append(s)
     return out
@@ -130,11 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(savepath, "eval_log.txt")
     device = resolve_device(args.device)
     flags: dict = {"weight_std": args.weight_std, "num_classes": args.num_classes}
-    if args.input_size:
-        depth, size, _ = parse_input_size(args.input_size)
-        flags |= {"patch_depth": depth, "patch_size": size}
     model, _ = model_from_checkpoint(args.restore_from, "shaspec", flags, lambda sd: {}, device)
     assert isinstance(model, ShaSpec)
+    apply_input_size(parser, model, args.input_size)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.restore_from).resolve().parent.parent / "cache"
     cases = prepare_cache(args.data_dir, read_entries(resolve_list(args.data_dir, args.data_list)), cache)
     log.info("ShaSpec eval: %d cases x %d scenarios, %s scoring", len(cases), len(scenarios),

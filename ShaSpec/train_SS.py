@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import time
@@ -33,8 +34,8 @@ from brats_core.cli import add_runtime_args, args_dict, setup_logging
 from brats_core.data import EpochSampler, load_case, seed_worker
 from brats_core.losses import region_dice_bce
 from brats_core.modalities import FULL, METHOD_ORDERS, Mask, parse_bool_list, parse_shaspec_mode
-from brats_core.registry import build_from_config, build_method, config_dict, make_config
-from brats_core.training import amp_context, resolve_device, seed_everything
+from brats_core.registry import build_from_config, build_method, config_dict
+from brats_core.training import amp_context, grad_scaler, resolve_device, seed_everything
 from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
 from ShaSpec.model import ShaSpec, ShaSpecOutput
 from ShaSpec.scoring import REGIONS, soft_validation_score
@@ -207,12 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_input_size(text: str) -> tuple[int, int, int]:
-    parts = [int(t) for t in text.split(",")]
+    """``--input_size "D,H,W"`` → (D, H, W); a ``ValueError`` names the problem."""
+    try:
+        parts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f'--input_size must be "D,H,W" integers, got {text!r}') from None
     if len(parts) != 3:
         raise ValueError(f'--input_size must be "D,H,W", got {text!r}')
     if parts[1] != parts[2]:
         raise ValueError(f"--input_size: H and W must be equal (square in-plane window), got {text!r}")
     return parts[0], parts[1], parts[2]
+
+
+def apply_input_size(parser: argparse.ArgumentParser, model: ShaSpec, text: str | None) -> None:
+    """Set the crop/window of a built model from ``--input_size`` (ShaSpec is fully convolutional: the window is
+    not part of the weights, so it may differ from the checkpoint's); a bad value is a usage error."""
+    if not text:
+        return
+    try:
+        depth, size, _ = parse_input_size(text)
+        model.config = dataclasses.replace(model.config, patch_depth=depth, patch_size=size)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def cache_dir_of(args: argparse.Namespace) -> Path:
@@ -248,27 +265,25 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
             "weight_std": args.weight_std, "aspp_pool_quirk": args.reference_quirks,
             "activation_checkpointing": args.activation_checkpointing, "num_classes": args.num_classes,
         }  # fmt: skip
-        if args.input_size:
-            depth, size, _ = parse_input_size(args.input_size)
-            overrides |= {"patch_depth": depth, "patch_size": size}
-        make_config("shaspec", args.preset, **overrides)  # validates the sizes before building
         model = build_method("shaspec", args.preset, **overrides)
     assert isinstance(model, ShaSpec)
+    apply_input_size(parser, model, args.input_size)
     crop = (model.config.patch_depth, model.config.patch_size, model.config.patch_size)
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=MOMENTUM, nesterov=True)
+    scaler = grad_scaler(device, args.amp)
 
     start, best = args.start_iters, -math.inf
     if ckpt is not None:
         load_state_dict_strict(model, ckpt["state_dict"], str(resume_path))
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iter"]) + 1
-        # a checkpoint of this very run (its own snapshot_dir, or -c) keeps its best score; reloading another run's
-        # (warm-up best.pth → random-missing run) starts the new run's best from scratch, as upstream
-        same_run = Path(str(resume_path)).resolve().parent == snapshot.resolve()
-        if args.continue_path or same_run:
-            best = float(ckpt.get("best_score", -math.inf))
+        # upstream restores val_Dice_best on every reload, the warm-up's best.pth included: the random-missing run
+        # then writes its best.pth only when it beats the warm-up's score
+        best = float(ckpt.get("best_score", -math.inf))
         if args.continue_path and "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         log.info("continuing from %s at global iteration %d", resume_path, start)
@@ -298,7 +313,7 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
     def save(name: str, iteration: int) -> None:
         save_checkpoint(
             snapshot / name, model, iter=iteration, best_score=best, optimizer=optimizer.state_dict(),
-            rng=rng_state(), **extra,
+            scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rng_state(), **extra,
         )  # fmt: skip
 
     log.info(
@@ -322,8 +337,9 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {iteration}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if on_step is not None:
             on_step(iteration, lr)
         if iteration % args.log_every == 0:

@@ -181,6 +181,11 @@ def parse_mam_bits(text: str) -> Mask:
     return _check_mask(to_canonical([c == "1" for c in text], METHOD_ORDERS["mam"]), f"MaM bits {text!r}")
 
 
+def parse_mam_mask(values: Sequence[str]) -> Mask:
+    """MaM's ``-mask`` flag (``1,1,0,1`` or ``1 1 0 1`` or ``1101``; FLAIR, T1, T1ce, T2) → canonical mask."""
+    return parse_mam_bits("".join(v.strip() for value in values for v in value.replace(",", " ").split()))
+
+
 def format_mam_bits(mask: Sequence[bool]) -> str:
     return "".join("1" if m else "0" for m in from_canonical(mask, METHOD_ORDERS["mam"]))
 

@@ -73,6 +73,13 @@ def amp_context(device: torch.device, enabled: bool) -> Any:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaler that fp16 autocast needs (:func:`amp_context` picks fp16 only on GPUs without bf16); a
+    disabled pass-through otherwise."""
+    fp16 = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=fp16)
+
+
 class PolyLR(torch.optim.lr_scheduler.LRScheduler):
     """Upstream's poly schedule, stepped once per epoch: ``lr_e = round(lr0 · (1 − e/E)^0.9, 8)`` (§0.8)."""
 
@@ -209,9 +216,7 @@ def fit(
     steps_per_epoch = config.iter_per_epoch or len(train_set)
     per_rank_batch = config.batch_size // world
     sampler = EpochSampler(len(train_set), steps_per_epoch * per_rank_batch, config.seed, rank, world)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=config.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    )
+    scaler = grad_scaler(device, config.amp)
 
     next_epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if config.resume:

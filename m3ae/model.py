@@ -27,6 +27,7 @@ supervision); 35,712,000 of them are ``limage``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,6 +63,8 @@ REGION_ORDER: tuple[str, ...] = ("ET", "TC", "WT")
 _TO_NATIVE: list[int] = permutation(NATIVE_ORDER)  # canonical channel indices in upstream's order
 _TO_CANONICAL: list[int] = [NATIVE_ORDER.index(m) for m in MODALITIES]  # upstream channel indices in canonical order
 GROUPS = 8  # GroupNorm groups of every residual block
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -255,6 +258,14 @@ class M3AE(SegModel):
         from m3ae.data import preprocess_arrays  # m3ae.data imports this module
 
         vol, _, meta = preprocess_arrays(dict(images), require_all=False)
+        grid = tuple(int(n) for n in meta["original_shape"])
+        if len(images) < len(MODALITIES) and grid != tuple(self.config.image_shape):
+            log.warning(
+                "M3AE fills missing modalities from its completion image, learnt on the %s grid of its training data "
+                "(BraTS: 1 mm, SRI-24 atlas space); this case's grid is %s, so the filled content is misplaced. "
+                "Register the scans as BraTS does for reliable results.",
+                "×".join(map(str, self.config.image_shape)), "×".join(map(str, grid)),
+            )  # fmt: skip
         return vol, meta
 
     def completion(

@@ -574,3 +574,19 @@ def test_pretrain_train_test_through_the_scripts(tmp_path, monkeypatch) -> None:
     lines = (quirks / "test_final.txt").read_text().splitlines()
     assert len(lines) == 16 and lines[0].startswith("Performance missing scenario = [False, False, False, True]")
     assert lines[-1].startswith("Overall Averages: WT = ")
+
+
+def test_predict_warns_when_the_completion_image_does_not_fit_the_grid(caplog) -> None:
+    model = _tiny()
+    rng = np.random.default_rng(0)
+
+    def images(shape):
+        brain = np.zeros(shape, np.float32)
+        brain[4:-4, 4:-4, 4:-4] = rng.uniform(1, 2, size=[n - 8 for n in shape])
+        return {"t1ce": brain, "t2": brain * 2}
+
+    with caplog.at_level("WARNING", logger="m3ae.model"):
+        model.preprocess(images(SYN_SHAPE))
+        assert caplog.text == ""  # the training grid: the completion image lines up
+        model.preprocess(images((60, 56, 44)))
+    assert "learnt on the 48×48×40 grid" in caplog.text and "this case's grid is 60×56×44" in caplog.text

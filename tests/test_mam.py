@@ -18,7 +18,7 @@ from conftest import MASKS, shared_path
 
 from brats_core import predict
 from brats_core.labels import regions_to_labels
-from brats_core.modalities import SCENARIOS, from_canonical, parse_mam_bits
+from brats_core.modalities import SCENARIOS, from_canonical, parse_mam_bits, parse_mam_mask
 from brats_core.registry import build_method, count_parameters, make_config, state_dict_listing
 from brats_core.splits import Split
 from brats_core.synthetic import write_synthetic_dataset
@@ -269,7 +269,7 @@ def test_region_order_writes_brats_labels() -> None:
 # ----------------------------------------------------------------------------------------------- scripts
 
 
-def test_upstream_flags_are_accepted() -> None:
+def test_upstream_flags_are_accepted(tmp_path, capsys) -> None:
     p = prepare_dataset.build_parser()
     a = p.parse_args(["--input-path", "in", "--output-path", "out"])
     b = p.parse_args(["--input-dir", "in", "--output-dir", "out"])
@@ -281,10 +281,22 @@ def test_upstream_flags_are_accepted() -> None:
     )
     assert (r.dataset_name_or_id, r.configuration, r.fold, r.c) == ("138", "3d_fullres_multiencoder_recon", "0", True)
     # -mask is MaM order (FLAIR, T1, T1ce, T2): 0,1,0,0 is T1, i.e. canonical (F, F, T, F)
-    assert train._mam_mask(["0,1,0,0"]) == train._mam_mask(["0", "1", "0", "0"]) == (False, False, True, False)
+    assert parse_mam_mask(["0,1,0,0"]) == parse_mam_mask(["0", "1", "0", "0"]) == (False, False, True, False)
     assert from_canonical(parse_mam_bits("0010"), NATIVE_ORDER) == (False, False, True, False)
     with pytest.raises(SystemExit):
         train.main(["-tr", "nnUNetTrainer"])
+    # nnUNetv2_predict's flags on the test script: -mask (one scenario, MaM order), --disable_tta, -npp, -nps
+    u = test.build_parser().parse_args(["-o", "o", "-mask", "1,0,1,0", "--disable_tta", "-npp", "3", "-nps", "3"])
+    assert u.mask == ["1,0,1,0"] and u.disable_tta and not u.tta
+    bad_flags = (
+        (["-mask", "1,0,1,0", "--scenarios", "t1"], "not both"),
+        (["--tta", "--disable_tta"], "contradict"),
+        (["-mask", "0,0,0,0"], "at least one"),
+    )
+    for bad, reason in bad_flags:
+        with pytest.raises(SystemExit):
+            test.main(["-o", str(tmp_path / "o"), *bad])
+        assert reason in capsys.readouterr().err
 
 
 def test_trainer_schedule_defaults() -> None:

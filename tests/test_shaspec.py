@@ -231,6 +231,25 @@ def test_mode_parser_covers_the_15_readme_strings() -> None:
             shaspec_eval.parse_modes(bad)
 
 
+def test_unsorted_mode_warns_that_the_substitute_differs_from_upstream(caplog) -> None:
+    with caplog.at_level("WARNING", logger="ShaSpec.eval"):
+        assert shaspec_eval.parse_modes("2,0")[0].name == "flair+t1ce"
+    assert "first present one in ShaSpec order (0); upstream took the first listed (2)" in caplog.text
+    caplog.clear()
+    shaspec_eval.parse_modes("0,2")
+    assert caplog.text == ""
+
+
+def test_input_size_sets_the_window_of_a_built_model(tiny, capsys) -> None:
+    parser = train_SS.build_parser()
+    train_SS.apply_input_size(parser, tiny, "32,64,64")
+    assert (tiny.config.patch_depth, tiny.config.patch_size) == (32, 64)
+    for bad, reason in (("a,b,c", "integers"), ("24,64,64", "multiple of 16"), ("32,64,32", "must be equal")):
+        with pytest.raises(SystemExit):
+            train_SS.apply_input_size(parser, tiny, bad)
+        assert reason in capsys.readouterr().err
+
+
 def test_learning_rate_schedule_over_the_two_runs() -> None:
     lr0, warm_steps, total = 1e-2, 245_000, 406_000
     warm = [train_SS.poly_lr(lr0, i, warm_steps) for i in range(0, warm_steps + 5000, 997)]
@@ -312,6 +331,8 @@ def test_warm_up_then_random_then_eval_15_scenarios(tmp_path) -> None:
     rand = ["--snapshot_dir", str(tmp_path / "rand"), "--num_steps", "4", "--mode", "random",
             "--reload_from_checkpoint", "--reload_path", str(tmp_path / "warm" / "best.pth")]  # fmt: skip
     assert train_SS.main([*common, *rand], on_step=record) == 0
+    # as upstream, the reload keeps the warm-up's best score: the random run's best is never below it
+    assert load_checkpoint(tmp_path / "rand" / "last.pth")["best_score"] >= best["best_score"]
     # one global counter: warm-up 0, 1 of a 2-step schedule, then 2, 3 of the 4-step schedule, nothing beyond
     assert [i for i, _ in steps] == [0, 1, 2, 3]
     expected = [1e-2, 1e-2 * 0.5**0.9, 1e-2 * 0.5**0.9, 1e-2 * 0.25**0.9]
