@@ -35,6 +35,7 @@ from brats_core.evaluation import (
     claim_results_folder,
     format_table,
     read_rows,
+    results_folder_errors,
     shard_file,
     summarize,
     weights_digest,
@@ -204,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             scenarios = parse_scenarios(args.scenarios)
     except ValueError as err:
         parser.error(str(err))
-    summary = run(args, scenarios)
+    with results_folder_errors():
+        summary = run(args, scenarios)
     print(format_table(summary))
     print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath or args.output_path}")
     return 0

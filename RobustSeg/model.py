@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from brats_core.nn.rmbts import Contents, ConvSpec, Flavour, Layout, RMBTSNet
-from brats_core.registry import RUNTIME_FIELD, register
+from brats_core.registry import RUNTIME_OUTPUT_FIELD, register
 
 FLAVOUR = Flavour(
     conv=ConvSpec("reflect", norm_eps=1e-6, act_slope=0.2),
@@ -78,7 +78,7 @@ class RobustSegConfig:
     basic_dims: int = 16
     style_dims: int = 32
     style_code: int = 8
-    inference_dropout: bool = dataclasses.field(default=False, metadata=RUNTIME_FIELD)
+    inference_dropout: bool = dataclasses.field(default=False, metadata=RUNTIME_OUTPUT_FIELD)
 
 
 @register(

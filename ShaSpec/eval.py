@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from brats_core.cli import add_overwrite_arg, add_runtime_args, setup_logging
 from brats_core.data import load_case
-from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
+from brats_core.evaluation import EvalOptions, evaluate, format_table, results_folder_errors, write_csv
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
 from brats_core.scripts import model_from_checkpoint
 from brats_core.training import resolve_device
@@ -153,9 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
         progress=not args.no_progress, scenario_batch=args.scenario_batch,
     )  # fmt: skip
-    summary = evaluate(
-        model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti, overwrite=args.overwrite
-    )
+    with results_folder_errors():
+        summary = evaluate(
+            model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti,
+            overwrite=args.overwrite,
+        )  # fmt: skip
     for r in summary:
         if r["scenario"] != "mean":
             write_output2(

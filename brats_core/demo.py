@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from brats_core.evaluation import RECORD_FILE
+from brats_core.io import RECORD_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,10 @@ import hashlib
 import json
 import logging
 import math
-import re
+import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ from tqdm.auto import tqdm
 
 from .data import check_cases, load_case
 from .inference import outputs_to_labels, predict_scenarios
-from .io import atomic_path, load_json, save_json, save_text
+from .io import RECORD_FILE, atomic_path, load_json, result_files, save_json, save_text
 from .metrics import case_scores
 from .modalities import SCENARIOS, Mask, Scenario
-from .registry import SegModel
+from .registry import SegModel, output_config
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,6 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, obj
         writer.writerows(rows)
 
 
-RECORD_FILE = "evaluation.json"
-_SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
-
-
-def result_files(out: Path) -> list[Path]:
-    """The per-case shards of this evaluator in ``out`` (``per_case_all.csv``, ``per_case_<bits>-….csv``); other CSVs,
-    e.g. a method's upstream-style scoring, are never merged."""
-    return sorted(p for p in out.glob("per_case_*.csv") if _SHARD.fullmatch(p.name))
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of the state dict (names, dtypes, shapes and bytes): identifies the weights that produced results."""
     h = hashlib.sha256()
@@ -190,37 +181,57 @@ class ResultsMismatchError(ValueError):
     """An output folder already holds results of another model or other settings."""
 
 
-def claim_results_folder(out: Path, identity: Mapping[str, Any], overwrite: bool = False) -> None:
+def claim_results_folder(
+    out: Path, identity: Mapping[str, Any], overwrite: bool = False, shard: Path | None = None
+) -> None:
     """Make sure the rows in ``out`` all come from the evaluation ``identity`` describes (JSON-able: method,
     weights digest, settings that change the numbers).
 
     The first evaluation writes ``evaluation.json``; a later one with another identity raises
-    :class:`ResultsMismatchError` naming the differences. ``overwrite`` deletes the folder's results first (per-case
-    shards, summaries, the record). A folder with results but no record (written before records existed) is adopted
-    with a warning.
+    :class:`ResultsMismatchError` naming the differences (keys only one side has are not compared, so records of
+    older versions stay valid). ``overwrite`` replaces results: those of another identity entirely (per-case shards,
+    summaries, saved label maps, the record); with the same identity only ``shard``, the caller's own, so that the
+    other tasks of a SLURM array keep theirs. A folder with results but no record is adopted with a warning.
     """
     out.mkdir(parents=True, exist_ok=True)
     record = out / RECORD_FILE
     identity = json.loads(json.dumps(identity, default=str))
+    saved = load_json(record) if record.is_file() else None
+    diff = [
+        f"{k}: {saved[k]!r} there, {identity[k]!r} now"
+        for k in sorted(set(saved or {}) & set(identity))
+        if saved is not None and saved[k] != identity[k]
+    ]
+    if overwrite and saved is not None and not diff:
+        if shard is not None:
+            shard.unlink(missing_ok=True)
+        return
     if overwrite:
-        for path in [*result_files(out), record, *(out / f"summary.{ext}" for ext in ("csv", "md", "json"))]:
+        predictions = out / "predictions"
+        stale = [*result_files(out), record, *(out / f"summary.{ext}" for ext in ("csv", "md", "json"))]
+        stale += sorted(predictions.glob("*_[01][01][01][01].nii.gz")) if predictions.is_dir() else []
+        for path in stale:
             path.unlink(missing_ok=True)
-    elif record.is_file():
-        saved = load_json(record)
-        diff = [
-            f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now"
-            for k in sorted(set(saved) | set(identity))
-            if saved.get(k) != identity.get(k)
-        ]
-        if diff:
-            raise ResultsMismatchError(
-                f"{out} already holds results of another evaluation ({'; '.join(diff)}): choose another --savepath, "
-                "or pass --overwrite to replace them"
-            )
+    elif diff:
+        raise ResultsMismatchError(
+            f"{out} already holds results of another evaluation ({'; '.join(diff)}): choose another --savepath, "
+            "or pass --overwrite to replace them"
+        )
+    elif saved is not None:
         return
     elif result_files(out):
         log.warning("%s holds results without a %s record: assuming they come from this model", out, RECORD_FILE)
     save_json(record, identity)
+
+
+@contextmanager
+def results_folder_errors() -> Iterator[None]:
+    """Turn a :class:`ResultsMismatchError` into a one-line command-line error (exit status 2), not a traceback."""
+    try:
+        yield
+    except ResultsMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def evaluation_identity(model: SegModel, options: EvalOptions) -> dict[str, Any]:
@@ -228,12 +239,17 @@ def evaluation_identity(model: SegModel, options: EvalOptions) -> dict[str, Any]
     return {
         "method": model.method_name,
         "weights": weights_digest(model),
+        # the window is not part of the weights (ShaSpec's --input_size), and runtime fields such as RobustSeg's
+        # inference dropout change the outputs of the same weights
+        "window": model.patch_size,
+        "config": output_config(model),
         "overlap": options.overlap,
         "blend": options.blend or model.default_blend,
         "tta": options.tta,
         "amp": options.amp,
         "scenario_batch": options.scenario_batch > 1,  # batched decoding rounds differently (not bit-exact)
         "etpp_threshold": options.etpp_threshold,
+        "hd95": options.hd95,
     }
 
 
@@ -271,8 +287,8 @@ def evaluate(
     device = torch.device(device)
     out = Path(out_dir)
     check_cases(root, cases)
-    claim_results_folder(out, evaluation_identity(model, options), overwrite)
     per_case = shard_file(out, scenarios)
+    claim_results_folder(out, evaluation_identity(model, options), overwrite, per_case)
     rows = read_rows(per_case)
     done = {(r["case"], r["scenario"]) for r in rows}
     model.eval()

@@ -263,6 +263,17 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     return Path(path)
 
 
+RECORD_FILE = "evaluation.json"
+"""What produced an evaluation folder's rows (see ``brats_core.evaluation.claim_results_folder``)."""
+_SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
+
+
+def result_files(out: Path) -> list[Path]:
+    """The evaluator's per-case shards in ``out`` (``per_case_all.csv``, ``per_case_<bits>-….csv``); other CSVs,
+    e.g. a method's upstream-style scoring, are never merged."""
+    return sorted(p for p in Path(out).glob("per_case_*.csv") if _SHARD.fullmatch(p.name))
+
+
 def save_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 text atomically, without newline translation."""
     with atomic_path(path) as tmp:

@@ -196,8 +196,12 @@ def build_method(name: str, preset: str = "paper", **overrides: Any) -> SegModel
 
 RUNTIME_FIELD = {"runtime": True}
 """``dataclasses.field(metadata=RUNTIME_FIELD)`` marks a config field that may change between sessions of one trained
-model (a kernel backend, activation checkpointing, a reference quirk of evaluation): :func:`config_mismatch` ignores
-it and :func:`build_from_config` leaves it at its default."""
+model (a kernel backend, activation checkpointing): :func:`config_mismatch` ignores it and :func:`build_from_config`
+leaves it at its default."""
+
+RUNTIME_OUTPUT_FIELD = {"runtime": True, "changes_outputs": True}
+"""A runtime field that changes what the same weights output (RobustSeg's reference-quirk inference dropout): part
+of :func:`output_config`."""
 
 
 def build_from_config(name: str, config: dict[str, Any]) -> SegModel:
@@ -231,6 +235,17 @@ def config_mismatch(model: SegModel, saved: Mapping[str, Any]) -> list[str]:
         and f.name in saved
         and plain(saved[f.name]) != plain(getattr(model.config, f.name))
     ]
+
+
+def output_config(model: SegModel) -> dict[str, Any]:
+    """The config fields that decide what ``model``'s weights output: all but the output-neutral runtime fields."""
+    if not dataclasses.is_dataclass(model.config):
+        return {}
+    return {
+        f.name: getattr(model.config, f.name)
+        for f in dataclasses.fields(model.config)
+        if not f.metadata.get("runtime") or f.metadata.get("changes_outputs")
+    }
 
 
 def count_parameters(module: nn.Module) -> int:

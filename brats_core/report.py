@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import result_files
-from .io import save_text
+from .io import result_files, save_text
 from .modalities import SCENARIOS, Scenario, parse_scenarios
 
 log = logging.getLogger(__name__)
@@ -113,6 +112,8 @@ def load_run(method: str, path: str | Path, name: str | None = None) -> Run:
             if row["scenario"] not in known:
                 raise ValueError(f"{file}: unknown scenario {row['scenario']!r}")
             merged[(row["case"], row["scenario"])] = row
+    if not merged:
+        raise ValueError(f"{path}: the per-case CSV holds no rows (an evaluation that has not finished a case yet)")
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for (case, scenario), row in merged.items():
         per = scores.setdefault(scenario, {})
@@ -505,7 +506,7 @@ def plot_dice_vs_params(
         )
     ax.set_xscale("log")
     ax.set_xlabel("parameters (millions, log scale)")
-    ax.set_ylabel(f"average Dice ({', '.join(regions)}; 15 scenarios)")
+    ax.set_ylabel(f"average Dice ({', '.join(regions)}; {table.mean_over} scenarios)")
     ax.grid(alpha=0.3)
     ys = [p[2] for p in points]
     pad = max(0.02, (max(ys) - min(ys)) * 0.3)

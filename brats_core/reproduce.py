@@ -788,9 +788,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if need:
             parser.error(f"{', '.join(need)} read the BraTS NIfTI folder: pass --raw")
     datapath = Path(args.datapath)
+    split_dir = Path(args.split_dir) if args.split_dir else datapath / "splits"
+    from .splits import SFUSION_TRAIN_FILE  # imports torch, which printing the plan does not need
+
+    if (args.run or args.slurm) and "sfusion" in methods and not (split_dir / SFUSION_TRAIN_FILE).is_file():
+        parser.error(
+            f"sfusion trains on {split_dir / SFUSION_TRAIN_FILE} (the paper's 872 cases), which is missing: run "
+            f"`python -m brats_core.splits download --out {split_dir}` (it derives the file from train.txt)"
+        )
     ctx = Context(
         datapath,
-        Path(args.split_dir) if args.split_dir else datapath / "splits",
+        split_dir,
         Path(args.raw) if args.raw else None,
         Path(args.runs),
         args.device,

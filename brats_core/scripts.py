@@ -23,7 +23,7 @@ from .cli import (
     split_dir,
 )
 from .data import MaskSampler, TrainDataset, uniform_scenario
-from .evaluation import EvalOptions, evaluate, format_table, validate
+from .evaluation import EvalOptions, evaluate, format_table, results_folder_errors, validate
 from .registry import SegModel, build_from_config, config_dict
 from .splits import Split, load_split, read_case_list
 from .training import FitConfig, FitResult, LossFn, fit, resolve_device
@@ -162,17 +162,18 @@ def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, 
         )
     cases = read_case_list(test_file)
     device = resolve_device(args.device)
-    summary = evaluate(
-        model.to(device).eval(),
-        args.datapath,
-        cases,
-        args.savepath,
-        args.scenario_list,
-        EvalOptions.from_args(args),
-        device,
-        save_nifti=args.save_nifti,
-        overwrite=args.overwrite,
-    )
+    with results_folder_errors():
+        summary = evaluate(
+            model.to(device).eval(),
+            args.datapath,
+            cases,
+            args.savepath,
+            args.scenario_list,
+            EvalOptions.from_args(args),
+            device,
+            save_nifti=args.save_nifti,
+            overwrite=args.overwrite,
+        )
     print(format_table(summary))
     print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath}")
     return summary

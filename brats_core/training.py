@@ -149,10 +149,19 @@ def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, next_epoc
     """Put ``scheduler`` at ``next_epoch``: from its saved state, or, for checkpoints without one (upstream's), by
     stepping it ``next_epoch`` times as the interrupted run did."""
     if state is not None:
+        span = getattr(scheduler, "T_max", None)
         scheduler.load_state_dict(state)
+        if span is not None and scheduler.T_max != span:
+            log.warning(
+                "the checkpoint's cosine schedule spans %d epochs, this run %d: continuing the saved schedule (as "
+                "upstream; past its end the rate rises again)", scheduler.T_max, span,
+            )  # fmt: skip
     elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         log.warning("the checkpoint has no scheduler state: the plateau scheduler starts afresh")
     else:
+        # replay from the initial rates: recursive schedules (cosine) would otherwise decay the restored rate again
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             for _ in range(next_epoch):

@@ -65,7 +65,8 @@ class FinetuneLoss:
 
     Args:
         weight_kl: weight of the consistency term (README 0.1; upstream default 1).
-        feature_level: index into ``style`` for the 3-copy consistency.
+        feature_level: the features the consistency compares: 3 copies ``[c2d, c3d, c4d][level]``, 2 copies
+            ``[c3d, c4d, out4][level]`` (upstream's indexing; the README's 2 gives out4 for its 2 copies).
     """
 
     def __init__(self, weight_kl: float = 1.0, feature_level: int = 2) -> None:
@@ -79,7 +80,9 @@ class FinetuneLoss:
         target = region_targets(batch["label"]).expand(copies, -1, -1, -1, -1)
         seg = sum(edice(o, target) for o in out.outputs)
         if copies == 2:
-            consistency = F.mse_loss(out.outputs[0][0].float(), out.outputs[0][1].float())
+            # upstream's style[feature_level + 1] of [c2d, c3d, c4d, out4]: out4 for the README's feature_level 2
+            level = [*out.style, out.outputs[0]][self.feature_level + 1].float()
+            consistency = F.mse_loss(level[0], level[1])
         elif copies == 3:
             style = out.style[self.feature_level].float()
             consistency = sum(F.mse_loss(style[i], style[j]) for i, j in itertools.combinations(range(3), 2)) / 6
@@ -135,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wd", "--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-5)
     g.add_argument("--mdp", type=int, default=3, help="at most this many modalities dropped per copy (README 3)")
     g.add_argument("--weight_kl", type=float, default=1.0, help="weight of the consistency term (README 0.1)")
-    g.add_argument("--feature_level", type=int, default=2, choices=[0, 1, 2], help="style level for 3 copies")
+    g.add_argument(
+        "--feature_level", type=int, default=2, choices=[0, 1, 2],
+        help="features of the consistency term: 2 copies c3d/c4d/out4, 3 copies c2d/c3d/c4d (README 2)",
+    )  # fmt: skip
     g.add_argument("--deep_supervised", action="store_true", help="deep-supervision heads (README: on)")
     g.add_argument("--patch_shape", type=int, default=None, help="window side (default: the preset's, paper 128)")
     g.add_argument("--num_classes", type=int, default=3, choices=[3], help="region outputs (3)")

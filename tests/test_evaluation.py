@@ -126,6 +126,28 @@ def test_results_of_another_model_or_settings_are_never_mixed(setup, tmp_path):
     assert [p.name for p in evaluation.result_files(out)] == [f"per_case_{SCENARIOS[0].bits}.csv"]
 
 
+def test_overwrite_by_an_array_task_keeps_the_other_tasks_shards(setup, tmp_path):
+    model, root, cases = setup
+    out = tmp_path / "out"
+    opts = EvalOptions(progress=False, hd95=False)
+    first = evaluate(model, root, cases, out, scenarios=SCENARIOS[:1], options=opts)
+    evaluate(model, root, cases, out, scenarios=SCENARIOS[1:2], options=opts)
+    # the same evaluation re-run with --overwrite (e.g. every task of a SLURM array): only its own shard is redone
+    evaluate(model, root, cases, out, scenarios=SCENARIOS[1:2], options=opts, overwrite=True)
+    assert len(evaluation.result_files(out)) == 2 and summarize(out)[0] == first[0]
+    # another window (ShaSpec's --input_size) is another evaluation, although the weights are the same
+    with pytest.raises(evaluation.ResultsMismatchError, match="window: 16 there, 8 now"):
+        resized = ToyModel().eval()
+        resized.load_state_dict(model.state_dict())
+        resized.config = type("Cfg", (), {"patch_size": 8})()
+        evaluate(resized, root, cases, out, scenarios=SCENARIOS[2:3], options=opts)
+    # a record of another version (a key more or less) still matches on the keys both have
+    saved = (out / evaluation.RECORD_FILE).read_text()
+    newer = {k: v for k, v in json.loads(saved).items() if k != "hd95"} | {"future_setting": 1}
+    evaluation.claim_results_folder(out, newer)
+    assert (out / evaluation.RECORD_FILE).read_text() == saved
+
+
 def test_summary_merges_only_the_evaluator_shards(setup, tmp_path):
     model, root, cases = setup
     out = tmp_path / "out"

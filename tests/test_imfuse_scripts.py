@@ -85,7 +85,7 @@ def test_architecture_inferred_from_upstream_weights(first_skip, mamba_skip):
     }
 
 
-def test_upstream_checkpoint_loads_and_evaluates(dataset, tmp_path):
+def test_upstream_checkpoint_loads_and_evaluates(dataset, tmp_path, capsys):
     torch.manual_seed(0)
     model = build_method("imfuse", "tiny", first_skip=True, mamba_skip=True)
     upstream = {
@@ -121,6 +121,15 @@ def test_upstream_checkpoint_loads_and_evaluates(dataset, tmp_path):
     )
     with (out / "summary.csv").open() as f:
         assert [r["scenario"] for r in csv.DictReader(f)] == ["flair", "flair+t1ce+t1+t2", "mean"]
+    # another checkpoint into the same folder: a one-line usage error, not a table of mixed rows
+    torch.manual_seed(1)
+    other = build_method("imfuse", "tiny", first_skip=True, mamba_skip=True)
+    torch.save({**upstream, "state_dict": other.state_dict()}, tmp_path / "other.pth")
+    argv = ["--datapath", str(dataset / "pre"), "--resume", str(tmp_path / "other.pth"), "--savepath", str(out),
+            "--scenarios", "flair", "--device", "cpu", "--no_hd95", "--no_progress"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        imfuse_test.main(argv)
+    assert exit_info.value.code == 2 and "already holds results of another evaluation" in capsys.readouterr().err
 
 
 def test_older_train_script_cosine_schedule_without_first_skip(dataset, tmp_path, capsys):

@@ -401,6 +401,10 @@ def test_finetune_loss_consistency_terms() -> None:
     cons = torch.nn.functional.mse_loss(out.outputs[0][0], out.outputs[0][1])
     assert float(loss.detach()) == pytest.approx(float(seg + 0.1 * cons), rel=1e-5)
     assert scalars["consistency"] == pytest.approx(float(cons), rel=1e-5)
+    # 2 copies, upstream's style[feature_level + 1] of [c2d, c3d, c4d, out4]: feature_level 1 → c4d
+    _, scalars = train.FinetuneLoss(feature_level=1)(model, batch, 0)
+    c4d = out.style[2]
+    assert scalars["consistency"] == pytest.approx(float(torch.nn.functional.mse_loss(c4d[0], c4d[1])), rel=1e-5)
     three = {**batch, "image": torch.rand(1, 3, 4, 16, 16, 16)}
     _, scalars = train.FinetuneLoss(feature_level=1)(model, three, 0)
     with torch.no_grad():

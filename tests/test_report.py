@@ -218,6 +218,9 @@ def test_load_run_merges_shards_and_rejects_bad_input(tmp_path: Path) -> None:
         report.parse_run_spec("no-path")
     with pytest.raises(FileNotFoundError, match="per_case"):
         report.load_run("imfuse", tmp_path / "empty")
+    _write_per_case(tmp_path / "started" / "per_case_all.csv", {})  # header only: no case finished yet
+    with pytest.raises(ValueError, match="holds no rows"):
+        report.load_run("imfuse", tmp_path / "started")
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
     with pytest.raises(ValueError, match="not a per-case CSV"):
         report.load_run("imfuse", tmp_path / "bad.csv")

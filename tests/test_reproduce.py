@@ -59,6 +59,8 @@ def test_landed_methods_are_registered_and_have_scripts() -> None:
 def test_slurm_scripts_parse_with_each_method_parser(tmp_path: Path) -> None:
     out = tmp_path / "slurm"
     data, runs = tmp_path / "data", tmp_path / "runs"
+    (data / "splits").mkdir(parents=True)
+    (data / "splits" / "train2.txt").write_text("")  # SFusion's list (`brats_core.splits download` derives it)
     assert reproduce.main(["--slurm", str(out), "--datapath", str(data), "--runs", str(runs), "--raw", "raw"]) == 0
     n_parsed = 0
     for method in LANDED:
@@ -157,6 +159,9 @@ def test_run_and_slurm_need_raw_only_for_methods_that_read_it(tmp_path: Path, ca
     assert "m3ae read the BraTS NIfTI folder: pass --raw" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     assert reproduce.main([*base, "--slurm", str(tmp_path / "s"), "--method", "imfuse"]) == 0
+    with pytest.raises(SystemExit):  # SFusion's paper list must exist before anything runs
+        reproduce.main([*base, "--slurm", str(tmp_path / "s2"), "--method", "sfusion"])
+    assert "sfusion trains on" in capsys.readouterr().err and not (tmp_path / "s2").exists()
 
 
 def test_generated_resume_lines_run_under_strict_bash(tmp_path: Path) -> None:

@@ -177,8 +177,8 @@ def _poly(lr0: float, e: int, num_epochs: int) -> float:
     return round(lr0 * (1 - e / num_epochs) ** 0.9, 8)
 
 
-def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, **kw):
-    """fit() with a poly schedule over ``num_epochs`` (one step per epoch); returns the lr of every step."""
+def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, schedule=PolyLR, **kw):
+    """fit() with a poly (or ``schedule(opt, num_epochs)``) schedule, one step per epoch; the lr of every step."""
     opt = torch.optim.RAdam(model.parameters(), lr=1e-2)
     lrs = []
 
@@ -189,7 +189,7 @@ def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, **kw):
     cfg = FitConfig(
         savepath=tmp_path / "run", num_epochs=num_epochs, batch_size=2, iter_per_epoch=1, seed=3, progress=False, **kw
     )
-    fit(model, TrainDataset(root, cases, rfnet_augmentation(16)), loss, opt, cfg, scheduler=PolyLR(opt, num_epochs))
+    fit(model, TrainDataset(root, cases, rfnet_augmentation(16)), loss, opt, cfg, scheduler=schedule(opt, num_epochs))
     return lrs
 
 
@@ -210,6 +210,26 @@ def test_resume_from_an_upstream_checkpoint_continues_the_poly_schedule(tmp_path
     )
     lrs = _fit_recording_lr(tmp_path, cases, root, ToyModel(), 5, resume=tmp_path / "up.pth")
     assert lrs == [_poly(1e-2, e, 5) for e in (2, 3, 4)]
+
+
+def test_resume_without_scheduler_state_replays_a_recursive_cosine_schedule(tmp_path):
+    """A cosine schedule is recursive in the current rate: the replay must start from the initial rate."""
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+
+    def cosine(opt, _):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=1e-4)
+
+    seed_everything(0)
+    full = _fit_recording_lr(tmp_path / "full", cases, root, ToyModel(), 4, schedule=cosine)
+    model, opt = ToyModel(), torch.optim.RAdam(ToyModel().parameters(), lr=1e-2)
+    for group in opt.param_groups:
+        group["lr"] = full[2]  # the rate upstream's optimiser state holds after epoch 1
+    torch.save({"epoch": 1, "state_dict": model.state_dict(), "optim_dict": opt.state_dict()}, tmp_path / "up.pth")
+    resumed = _fit_recording_lr(
+        tmp_path / "up", cases, root, ToyModel(), 4, schedule=cosine, resume=tmp_path / "up.pth"
+    )
+    assert resumed == pytest.approx(full[2:], rel=1e-12)
 
 
 def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
