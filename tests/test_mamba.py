@@ -491,15 +491,15 @@ def test_compiled_block_runs_the_scan_eagerly_and_matches_eager(monkeypatch: pyt
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         return out
 
-    monkeypatch.setattr(mamba_mod, "_eager_scan", [])
+    monkeypatch.setattr(mamba_mod, "_eager_fns", {})
     compiled_run()  # the eager wrapper is made while dynamo traces the block
-    assert len(mamba_mod._eager_scan) == 1
+    assert mamba_mod.selective_scan in mamba_mod._eager_fns and mamba_mod.resolve_backend in mamba_mod._eager_fns
     calls = []
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return mamba_mod.selective_scan(*args, **kwargs)
 
-    monkeypatch.setattr(mamba_mod, "_eager_scan", [torch.compiler.disable(counted)])
+    monkeypatch.setattr(mamba_mod, "_eager_fns", {mamba_mod.selective_scan: torch.compiler.disable(counted)})
     compiled_run()
     assert calls  # the compiled forward handed the scan to the eager path

@@ -40,12 +40,20 @@ CASES: dict[str, tuple[int, int, int, int, int | None, dict[str, Any]]] = {
     "several_d_blocks_atomic": (1, 10, 130, 9, 4, {"max_partial_dblk": 1}),
     "several_d_blocks_partials": (1, 10, 130, 9, 4, {}),
     "softplus_threshold": (1, 4, 3, 12, 5, {"delta_shift": 20.0}),
+    # dt ≈ e^-7 ≈ 1e-3, IM-Fuse's initial range: softplus must keep fp32 accuracy where log(1 + e) rounds
+    "small_dt": (1, 4, 3, 12, 5, {"delta_shift": -7.0}),
     "z_without_bias": (2, 4, 4, 11, 3, {"bias": False}),
     "chunk_of_one_step": (1, 3, 2, 5, 1, {}),
     # 13 chunks in carry tiles of 4 (64 by default): the carry passes chain 4 tiles, the last one partial.
     "several_carry_tiles": (1, 3, 2, 25, 2, {"carry_tile": 4}),
 }
-FAST_CASES = ["chunks_padding", "no_z_no_bias_no_softplus", "several_d_blocks_atomic", "several_carry_tiles"]
+FAST_CASES = [
+    "chunks_padding",
+    "no_z_no_bias_no_softplus",
+    "several_d_blocks_atomic",
+    "several_carry_tiles",
+    "small_dt",
+]
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -117,6 +125,7 @@ def test_mamba_block_triton_backend_selection_probe_and_backward_fallback() -> N
     # a failing backward kernel: chunked gradients instead, and the backend is retired
     _assert_errors(res["fallback_errors"], "backward fallback")
     assert res["backward_failed"] is True and res["after_failure_explicit_cpu"] == "chunked"
+    assert res["probe_with_failing_backward"] is False  # a fallen-back backward does not pass the probe
 
 
 @needs_triton
@@ -218,6 +227,24 @@ def test_kernel_failure_falls_back_to_chunked_once(monkeypatch: pytest.MonkeyPat
     assert FailingModule.calls == 1  # not retried
     monkeypatch.setattr(mamba, "_mamba_ssm_cache", [None])
     assert mamba.resolve_backend(None, "cuda") == "chunked"
+
+
+def test_out_of_memory_does_not_retire_the_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input too big for the GPU is not a broken kernel: the error reaches the caller, the backend stays."""
+    from brats_core.nn import mamba
+
+    class OutOfMemory:
+        @staticmethod
+        def selective_scan_triton(*args: Any) -> torch.Tensor:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    monkeypatch.setattr(mamba, "_triton_state", {"module": OutOfMemory, "probe:cuda": True})
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(torch.OutOfMemoryError):
+        mamba._selective_scan_triton(x, x, -torch.ones(2, 2), x[:, :2], x[:, :2], None, None, None, True, False, None)
+    assert not mamba._triton_state.get("broken")
+    monkeypatch.setattr(mamba, "_mamba_ssm_cache", [None])
+    assert mamba.resolve_backend(None, "cuda") == "triton"
 
 
 def test_triton_not_usable_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,7 +482,17 @@ def _backward_fallback_check() -> dict[str, Any]:
         },
         "backward_failed": triton_scan.backward_failed(),
         "after_failure_explicit_cpu": mamba.resolve_backend("triton", "cpu"),
+        "probe_with_failing_backward": _probe_again(),
     }
+
+
+def _probe_again() -> bool:
+    """The probe's verdict when its backward falls back to the chunked scan (chunked vs chunked gradients agree)."""
+    from brats_core.nn import mamba, triton_scan
+
+    triton_scan._backward_failures.clear()
+    mamba._triton_state.pop("probe:cpu", None)
+    return mamba._triton_probe(torch.device("cpu"))
 
 
 def _worker(argv: list[str]) -> None:

@@ -256,20 +256,21 @@ def selective_scan(
     return _BACKENDS[name].fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
 
 
-_eager_scan: list[Callable[..., Any]] = []
+_eager_fns: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def _selective_scan_eager() -> Callable[..., Any]:
-    """:func:`selective_scan` behind ``torch.compiler.disable``, for Mamba blocks inside ``torch.compile``.
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind ``torch.compiler.disable``, for Mamba blocks inside ``torch.compile``.
 
     Compiled graphs must not trace the scans: the chunked scan's loop over chunks would unroll into an enormous graph
     (a 32³ IM-Fuse step had not compiled after 10 minutes on CPU); between compiled regions the scan runs eagerly,
-    with whichever backend it resolves to. Made on first use, because ``torch.compiler.disable`` imports dynamo (and
-    with it triton), which importing this module must not.
+    with whichever backend it resolves to. Backend resolution, which may run the one-time Triton probe, stays eager
+    too. Made on first use, because ``torch.compiler.disable`` imports dynamo (and with it triton), which importing
+    this module must not.
     """
-    if not _eager_scan:
-        _eager_scan.append(torch.compiler.disable(selective_scan))
-    return _eager_scan[0]
+    if fn not in _eager_fns:
+        _eager_fns[fn] = torch.compiler.disable(fn)
+    return _eager_fns[fn]
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -786,6 +787,8 @@ def _selective_scan_mamba_ssm(
     if lib is not None and u.is_cuda:
         try:
             return lib.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:
             _mark_mamba_ssm_broken(exc)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
@@ -833,7 +836,10 @@ def _triton_probe(device: torch.device) -> bool:
                     for fn in (mod.selective_scan_triton, selective_scan_chunked):
                         y = fn(*ins, delta_softplus=True, chunk_size=8)
                         outs.append((y, *torch.autograd.grad(y.square().sum(), ins)))
-                ok = all(torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(*outs, strict=True))
+                # the backward falls back to the chunked scan by itself: that must not pass for a working kernel
+                ok = not mod.backward_failed() and all(
+                    torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(*outs, strict=True)
+                )
                 if not ok:
                     _warn_once("probe:triton", "the Triton scan probe gave wrong results; not using it")
             except Exception as exc:
@@ -876,6 +882,8 @@ def _selective_scan_triton(
             return mod.selective_scan_triton(
                 u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size
             )
+        except torch.OutOfMemoryError:
+            raise  # the input is too big for the GPU, not a broken kernel: the chunked scan would not fit either
         except Exception as exc:
             # e.g. a kernel variant (new dtype or flag combination) that fails to compile after the probe passed.
             _triton_state["broken"] = True
@@ -1087,7 +1095,9 @@ class Mamba(nn.Module):
         Returns:
             (b, L, d_model), same dtype as the parameters' computation (fp32 in, fp32 out).
         """
-        backend = resolve_backend(self.backend, hidden_states.device)
+        # the first resolve may run the Triton probe: never inside a graph that dynamo traces (--compile)
+        resolve = _eager(resolve_backend) if torch.compiler.is_compiling() else resolve_backend
+        backend = resolve(self.backend, hidden_states.device)
         if backend == "mamba_ssm" and self.use_fast_path:
             out = self._forward_mamba_inner(hidden_states)
             if out is not None:
@@ -1101,7 +1111,7 @@ class Mamba(nn.Module):
         # dt_proj without its bias: the bias is added inside the scan, before the softplus (as mamba-ssm does).
         delta = F.linear(dt, self.dt_proj.weight)  # (b, L, d)
         A = -torch.exp(_fp32_or_wider(self.A_log))
-        scan = _selective_scan_eager() if torch.compiler.is_compiling() else selective_scan
+        scan = _eager(selective_scan) if torch.compiler.is_compiling() else selective_scan
         y = scan(
             x.transpose(1, 2),
             delta.transpose(1, 2),
@@ -1146,6 +1156,8 @@ class Mamba(nn.Module):
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
             )
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:
             _mark_mamba_ssm_broken(exc)
             return None
