@@ -44,6 +44,13 @@ _FILE_RE = re.compile(
 )
 
 
+def file_key(name: str) -> str | None:
+    """What a file name is by its ending: a modality key (``-t2f``/``_flair`` → ``flair``, …), ``seg`` for a label
+    map, or None."""
+    match = _FILE_RE.match(name)
+    return _SUFFIX_TO_KEY[match["suffix"].lower()] if match else None
+
+
 # An indented JSON list without nested lists or objects, e.g. an affine row: written on one line for readability.
 _INNER_LIST = re.compile(r"\[\s*\n\s*([^\[\]{}]*?)\s*\n\s*\]")
 
@@ -65,12 +72,14 @@ class CaseFiles:
         folder: the case folder.
         images: modality key -> file, in canonical order, only for modalities that were found.
         label: the label map, or None (e.g. test data).
+        ignored: NIfTI files in the folder that match neither a modality nor the label map.
     """
 
     case: str
     folder: Path
     images: dict[str, Path] = field(default_factory=dict)
     label: Path | None = None
+    ignored: tuple[str, ...] = ()  # NIfTI files named like neither a modality nor a label (e.g. BIDS names)
 
     @property
     def available(self) -> tuple[str, ...]:
@@ -97,7 +106,10 @@ def _describe(key: str) -> str:
 
 
 def find_case_files(
-    case_dir: str | os.PathLike[str], require: Collection[str] = MODALITIES, require_label: bool = False
+    case_dir: str | os.PathLike[str],
+    require: Collection[str] = MODALITIES,
+    require_label: bool = False,
+    label: bool = True,
 ) -> CaseFiles:
     """Discover the modality files and the optional label map of one case folder.
 
@@ -110,6 +122,7 @@ def find_case_files(
         require: modality keys that must be present (canonical names, e.g. ``("flair", "t1ce")``); a predict
             command passes the subset it was given. At least one modality must be found in any case.
         require_label: raise when the label map is absent.
+        label: look for the label map at all (prediction does not read it, so an ambiguous one must not stop it).
 
     Returns:
         The files found, including modalities beyond ``require``.
@@ -127,12 +140,16 @@ def find_case_files(
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     candidates: dict[str, list[str]] = {}
     own_prefix: set[str] = set()
+    ignored: list[str] = []
     for name in names:
-        match = _FILE_RE.match(name)
-        if match:
-            candidates.setdefault(_SUFFIX_TO_KEY[match["suffix"].lower()], []).append(name)
-            if match["stem"] == folder.name:
-                own_prefix.add(name)
+        key = file_key(name)
+        if key is None or (key == LABEL_KEY and not label):
+            if key is None and name.lower().endswith((".nii", ".nii.gz")):
+                ignored.append(name)
+            continue
+        candidates.setdefault(key, []).append(name)
+        if _FILE_RE.match(name)["stem"] == folder.name:  # type: ignore[index]
+            own_prefix.add(name)
 
     def found_listing() -> str:
         return f"files found: {', '.join(names) if names else '(none)'}"
@@ -157,6 +174,7 @@ def find_case_files(
         folder=folder,
         images={m: chosen[m] for m in MODALITIES if m in chosen},
         label=chosen.get(LABEL_KEY),
+        ignored=tuple(ignored),
     )
 
 
@@ -171,10 +189,11 @@ def load_nifti(
             (e.g. uint8 for a label map without scaling).
 
     Returns:
-        ``(array (X, Y, Z[, ...]), affine (4, 4) float64, header)``.
+        ``(array (X, Y, Z), affine (4, 4) float64, header)``; trailing axes of length 1 are dropped.
 
     Raises:
-        NiftiError: the file is missing, not NIfTI, or corrupt (e.g. a truncated ``.gz``); the message names it.
+        NiftiError: the file is missing, not NIfTI, corrupt (e.g. a truncated ``.gz``) or not 3-D; the message names
+            it.
     """
     path = Path(path)
     try:
@@ -185,7 +204,12 @@ def load_nifti(
         raise NiftiError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise NiftiError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
-    return np.asarray(data), np.asarray(img.affine, dtype=np.float64), img.header
+    data = np.asarray(data)
+    while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) as some converters write single volumes
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise NiftiError(f"{path}: not a 3-D volume (shape {data.shape})")
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
 
 
 def load_nifti_header(path: str | os.PathLike[str]) -> tuple[np.ndarray, nib.Nifti1Header]:
@@ -243,6 +267,8 @@ def save_nifti(
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
     img.set_data_dtype(np.asarray(array).dtype)
     img.header.set_slope_inter(None, None)
+    # the source's display window (e.g. cal_max 2000) would show labels 0-3 as black in viewers that honour it
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
     if header is None:
         # BraTS ships the affine as both qform and sform with code 1 (scanner anatomical); mirror that.
         img.set_qform(img.affine, code=1)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, load_state_dict_strict
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
-from .io import CaseFiles, atomic_path, find_case_files, load_nifti_header, save_nifti
+from .io import LABEL_KEY, CaseFiles, atomic_path, file_key, find_case_files, load_nifti_header, save_nifti
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
 from .preprocessing import load_case, uncrop
@@ -77,9 +77,10 @@ def case_name_from_files(files: Mapping[str, str | os.PathLike[str]]) -> str:
     return _ENDING_RE.sub("", _strip_nifti(ref.name)) or _strip_nifti(ref.name)
 
 
-def tumour_volumes_ml(labels: np.ndarray, header: nib.Nifti1Header | None) -> dict[str, float]:
-    """WT/TC/ET volumes in ml of a label map ``(X, Y, Z)``, from the header's voxel spacing (1 mm³ without one)."""
-    voxel_mm3 = float(np.prod(header.get_zooms()[:3])) if header is not None else 1.0
+def tumour_volumes_ml(labels: np.ndarray, affine: np.ndarray | None) -> dict[str, float]:
+    """WT/TC/ET volumes in ml of a label map ``(X, Y, Z)``; the voxel volume is that of ``affine`` (the one the label
+    map is written with, whatever the header's pixdim say), 1 mm³ without one."""
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) if affine is not None else 1.0
     return {r: float(np.count_nonzero(np.isin(labels, REGIONS[r]))) * voxel_mm3 / 1000.0 for r in REGION_NAMES}
 
 
@@ -262,6 +263,7 @@ class Predictor:
         files = resolve_case(case)
         images, _, _ = load_case(CaseFiles(files.case, files.folder, files.images))
         affine, header = load_nifti_header(files.images[files.available[0]])
+        _warn_unlike_brats(files.case, affine)
         return LoadedCase(images, affine, header, tuple(files.available))
 
     def predict_case(
@@ -273,6 +275,19 @@ class Predictor:
         pred = self.predict(loaded.images, probabilities, tuple(float(z) for z in loaded.header.get_zooms()[:3]))
         pred.affine, pred.header = loaded.affine, loaded.header
         return pred
+
+
+def _warn_unlike_brats(case: str, affine: np.ndarray) -> None:
+    """Nothing is reoriented or resampled (except by MaM's nnU-Net pipeline, which resamples): the models learnt
+    BraTS's voxel grid, LPS-oriented at 1 mm, so say when a case differs."""
+    axes = "".join(nib.aff2axcodes(affine))
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    if axes != "LPS" or np.any(np.abs(spacing - 1.0) > 0.1):
+        log.warning(
+            "%s: voxel axes %s at %s mm, the BraTS training data are LPS at 1 mm; the voxel grid is used as it is "
+            "(no reorientation or resampling), which may lower the accuracy",
+            case, axes, "×".join(f"{v:.2g}" for v in spacing),
+        )  # fmt: skip
 
 
 def resolve_case(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]) -> CaseFiles:
@@ -289,7 +304,13 @@ def resolve_case(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[s
                 raise FileNotFoundError(f"{path}: no such file")
         first = next(iter(given.values()))
         return CaseFiles(case_name_from_files(given), first.parent, given)
-    return find_case_files(case, require=())
+    files = find_case_files(case, require=(), label=False)  # the label map is never read here
+    if files.ignored:
+        log.warning(
+            "%s: ignored %s (not named like a modality: -t2f/-t1c/-t1n/-t2w or _flair/_t1ce/_t1/_t2)",
+            files.folder, ", ".join(files.ignored),
+        )  # fmt: skip
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,9 +346,9 @@ def _is_nifti_path(path: str | os.PathLike[str]) -> bool:
 
 
 def _has_case_files(folder: Path) -> bool:
-    """A folder holding NIfTI files is a case (its discovery errors, e.g. an ambiguous modality, surface later);
-    otherwise it is a folder of cases."""
-    return any(p.is_file() and _is_nifti_path(p) for p in folder.iterdir())
+    """A folder holding modality files is a case (its discovery errors, e.g. an ambiguous modality, surface later);
+    otherwise it is a folder of cases (label maps, predictions or other NIfTI files beside them do not count)."""
+    return any(p.is_file() and file_key(p.name) not in (None, LABEL_KEY) for p in folder.iterdir())
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
@@ -356,6 +377,37 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
             raise PredictError(f"-o {output} is a file name but {root} holds {len(folders)} cases: give a folder")
         return [Job(folders[0].name, folders[0], output)]
     return [Job(f.name, f, output / f"{f.name}-seg.nii.gz") for f in folders]
+
+
+def check_outputs(jobs: Sequence[Job]) -> None:
+    """Refuse outputs that would overwrite or shadow inputs, and make sure every output folder can be written,
+    before any model runs.
+
+    Raises:
+        PredictError: an output inside a case folder (BraTS 2023 names the ground truth ``<case>-seg.nii.gz``) or
+            equal to an input file, a non-lower-case NIfTI suffix, or an output folder that cannot be created or
+            written.
+    """
+    for job in jobs:
+        inputs = list(job.source.values()) if isinstance(job.source, dict) else []
+        folder = job.source if isinstance(job.source, Path) else None
+        name = job.output.name
+        if _is_nifti_path(name) and not name.endswith((".nii", ".nii.gz")):
+            raise PredictError(f"{job.output}: write the suffix in lower case (.nii.gz or .nii)")
+        if folder is not None and job.output.parent.resolve() == folder.resolve():
+            raise PredictError(
+                f"-o {job.output.parent}: the output would go into the case folder {folder}, where it would overwrite "
+                "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
+            )
+        if any(job.output.resolve() == Path(f).resolve() for f in inputs):
+            raise PredictError(f"{job.output}: this is an input file of case {job.case}; choose another output")
+    for parent in sorted({job.output.parent for job in jobs}):
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PredictError(f"cannot create the output folder {parent}: {err.strerror or err}") from err
+        if not os.access(parent, os.W_OK):
+            raise PredictError(f"the output folder {parent} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint, args.device, overlap=args.overlap, blend=args.blend, tta=args.tta,
             sw_batch_size=args.sw_batch_size, amp=args.amp, progress=not args.no_progress,
         )  # fmt: skip
+        check_outputs(jobs)  # before any case runs, after the checkpoint (which creates nothing) was found good
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -483,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(job, err)
             return
         written += 1
-        line = _summary_line(job.case, pred.modalities, tumour_volumes_ml(pred.labels, pred.header), started)
+        line = _summary_line(job.case, pred.modalities, tumour_volumes_ml(pred.labels, pred.affine), started)
         tqdm.write(line, file=sys.stdout)
         bar.update()
 
@@ -530,6 +583,7 @@ __all__ = [
     "PredictError",
     "Prediction",
     "Predictor",
+    "check_outputs",
     "main",
     "plan_jobs",
     "resolve_case",

@@ -178,6 +178,7 @@ def test_validate_uses_each_case_mask(setup):
 def test_predictions_written_in_original_geometry(tmp_path):
     import nibabel as nib
 
+    from brats_core.preprocessing import load_meta, output_paths, uncrop
     from brats_core.preprocessing import main as preprocess
     from brats_core.synthetic import write_synthetic_dataset
 
@@ -198,4 +199,6 @@ def test_predictions_written_in_original_geometry(tmp_path):
         # the crop re-embedded: equal to the evaluator's label map inside the box, background outside
         image, _ = load_case(tmp_path / "pre", case)
         crop = segment(model, torch.from_numpy(image), [s.mask], EvalOptions(), torch.device("cpu"))[0].numpy()
-        assert (data != 0).sum() == (crop != 0).sum()
+        meta = load_meta(output_paths(tmp_path / "pre", case).meta)
+        np.testing.assert_array_equal(data, uncrop(crop, meta))
+        assert (data != 0).sum() == (crop != 0).sum() > 0

@@ -271,3 +271,71 @@ def test_ambiguous_modality_is_reported_with_the_files_found(
     err = capsys.readouterr().err
     assert "ambiguous flair" in err and "other-t2f.nii.gz" in err and "scan-t2f.nii.gz" in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_outputs_never_touch_inputs_and_folders_are_checked_first(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (folder,) = _dataset(tmp_path / "in", 1)
+    truth = (folder / f"{folder.name}-seg.nii.gz").read_bytes()
+    base = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no_progress"]
+    # -o = the case folder: BraTS 2023 names the ground truth <case>-seg.nii.gz, the name of the output
+    assert main([*base, "-i", str(folder), "-o", str(folder)]) == 1
+    assert "into the case folder" in capsys.readouterr().err
+    assert (folder / f"{folder.name}-seg.nii.gz").read_bytes() == truth
+    flair = folder / f"{folder.name}-t2f.nii.gz"
+    assert main([*base, "--flair", str(flair), "-o", str(flair)]) == 1
+    assert "is an input file" in capsys.readouterr().err
+    assert main([*base, "-i", str(folder), "-o", str(tmp_path / "X.NII.GZ")]) == 1
+    assert "lower case" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main([*base, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "a_file" / "out")]) == 1
+    err = capsys.readouterr()
+    assert "cannot create the output folder" in err.err and "written" not in err.out  # nothing was predicted
+
+
+def test_case_discovery_ignores_labels_predictions_and_stray_files(
+    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = _dataset(tmp_path / "in", 2)
+    # predictions written into the root, a stray atlas and a BIDS-named file: still a folder of two cases
+    (tmp_path / "in" / "atlas.nii.gz").write_bytes((cases[0] / f"{cases[0].name}-t2f.nii.gz").read_bytes())
+    (tmp_path / "in" / f"{cases[0].name}-seg.nii.gz").write_bytes(b"")
+    (cases[1] / "sub-01_T1w.nii.gz").write_bytes(b"")
+    # two label maps (BraTS 2023 and legacy names) do not matter: prediction never reads them
+    (cases[1] / f"{cases[1].name}_seg.nii.gz").write_bytes(b"")
+    base = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no_progress", "-i", str(tmp_path / "in")]
+    with caplog.at_level("WARNING", logger="brats_core.predict"):
+        assert main([*base, "-o", str(tmp_path / "out")]) == 0
+    assert "2 written" in capsys.readouterr().out
+    assert "ignored sub-01_T1w.nii.gz (not named like a modality" in caplog.text
+
+
+def test_inputs_unlike_brats_are_read_and_flagged(tmp_path: Path, checkpoint: Path, caplog) -> None:
+    """A (X, Y, Z, 1) file, a display window and a RAS 2 mm grid: read, written without the window, warned about."""
+    (folder,) = _dataset(tmp_path / "in", 1, seed=2)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # RAS at 2 mm
+    for m, suffix in SUFFIX_2023.items():
+        path = folder / f"{folder.name}-{suffix}.nii.gz"
+        data = np.asarray(nib.load(path).dataobj)
+        img = nib.Nifti1Image(data[..., None] if m == "flair" else data, affine)
+        img.header["cal_max"] = 2000.0
+        nib.save(img, path)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="brats_core.predict"):
+        assert main(["--checkpoint", str(checkpoint), "--device", "cpu", "--no_progress", "-i", str(folder),
+                     "-o", str(out)]) == 0  # fmt: skip
+    assert "voxel axes RAS at 2×2×2 mm, the BraTS training data are LPS at 1 mm" in caplog.text
+    written = nib.load(out / f"{folder.name}-seg.nii.gz")
+    assert written.shape == SHAPE and float(written.header["cal_max"]) == 0.0
+    np.testing.assert_allclose(written.affine, affine)
+
+
+def test_tumour_volumes_follow_the_written_affine() -> None:
+    from brats_core.predict import tumour_volumes_ml
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[0, 0, :3] = [1, 2, 3]  # NCR, ED, ET: WT 3 voxels, TC 2, ET 1
+    sheared = np.array([[2.0, 0.5, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])  # 8 mm³ voxels
+    assert tumour_volumes_ml(labels, sheared) == pytest.approx({"WT": 0.024, "TC": 0.016, "ET": 0.008})
+    assert tumour_volumes_ml(labels, None) == pytest.approx({"WT": 0.003, "TC": 0.002, "ET": 0.001})

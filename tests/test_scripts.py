@@ -23,3 +23,47 @@ def test_val_flags_and_test_parser():
     assert (args.savepath, args.batch_size, args.val_every, args.scenarios) == ("eval", 2, 3, "all")
     with pytest.raises(SystemExit):
         p.parse_args(["--datapath", "d", "--resume", "r.pth", "--val_every", "0"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every training script of the shared trainer takes one optimiser step in the default suite (the end-to-end
+# train-then-test runs of each method are `slow`)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    from brats_core import splits
+    from brats_core.preprocessing import main as preprocess
+    from brats_core.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("scripts")
+    cases = write_synthetic_dataset(root / "raw", 3, shape=(36, 36, 34), seed=1)
+    assert preprocess(["--input-path", str(root / "raw"), "--output-path", str(root / "pre"), "--patch_size", "32",
+                       "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+    splits.Split(cases[:2], [(cases[2], (True, True, False, True))], []).write(root / "pre" / "splits")
+    return root / "pre"
+
+
+@pytest.mark.parametrize(
+    ("method", "script"),
+    [
+        ("imfuse", "IMFuse.train_poly"),
+        ("mmformer", "mmFormer.train"),
+        ("robustseg", "RobustSeg.train_robustseg"),
+        ("sfusion", "SFusion.train_sfusion"),
+        ("uhved", "UHVED.train_uhved"),
+    ],
+)
+def test_training_script_takes_a_step(preprocessed, tmp_path, method, script):
+    import importlib
+
+    from brats_core.checkpoint import load_checkpoint
+
+    save = tmp_path / "run"
+    argv = ["--datapath", str(preprocessed), "--dataname", "BRATS2023", "--savepath", str(save), "--preset", "tiny",
+            "--num_epochs", "1", "--max_steps", "1", "--batch_size", "1", "--workers", "0", "--device", "cpu",
+            "--no_progress"]  # fmt: skip
+    assert importlib.import_module(script).main(argv) == 0
+    ckpt = load_checkpoint(save / "model_last.pth")
+    assert ckpt["method"] == method and ckpt["global_step"] == 1 and ckpt["config"]["patch_size"] == 32
+    assert ckpt["optimizer"]["state"]  # the optimiser stepped

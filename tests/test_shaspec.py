@@ -125,8 +125,13 @@ def test_encode_decode_equals_forward_for_all_scenarios(tiny) -> None:
             torch.testing.assert_close(tiny.decode(features, mask), tiny(x, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_activation_checkpointing_gives_identical_gradients() -> None:
-    grads = []
+def test_activation_checkpointing_gives_identical_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ShaSpec import model as shaspec_model
+
+    calls: list[int] = []
+    real = shaspec_model.checkpoint
+    monkeypatch.setattr(shaspec_model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads, counts = [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = build_method("shaspec", "tiny", activation_checkpointing=checkpointing).train()
@@ -135,7 +140,10 @@ def test_activation_checkpointing_gives_identical_gradients() -> None:
         loss, _ = train_SS.shaspec_loss(out, (torch.rand(1, 3, 32, 32, 32, generator=torch.Generator()) > 0.8).float())
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        counts.append(len(calls))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # every stem, stage, ASPP and decoder stage is recomputed with the flag, nothing without it
+    assert counts[0] == 0 and counts[1] >= 10
 
 
 def test_aspp_pooling_quirk_is_an_input_independent_constant() -> None:
