@@ -8,8 +8,12 @@ target compute capability down to a cubin, with the ``ptxas`` that ships with th
 gives the registers per thread and the spill bytes. No GPU and no CUDA driver are needed.
 
 The variants are recorded from the real launch code: the kernels are replaced by recorders and the autograd
-``Function`` runs on small CPU tensors with a chunk length of 1, so every launch sees the chunk count of the real
-sequence (hence the same tile and carry-pass constants) without the real sequence's memory.
+``Function`` runs on meta tensors (sizes and strides, no memory) laid out as the Mamba block passes them, at the real
+sequence lengths, so every launch gets the real plan. Each launch's arguments go through Triton's own launch-time
+specialisation (strides of 1 become constants, values divisible by 16 get alignment hints): what is compiled here is
+what a GPU would compile (recording unspecialised arguments of contiguous inputs instead overstates the registers by
+up to ~130 and shows spills that the launched kernels do not have). One extra scan of (b, d, L)-contiguous inputs
+past 2^31 elements covers the variants with int64 strides.
 
 Exit status 1 if a variant fails to compile. This catches what Triton's CPU interpreter (the numerical tests)
 cannot: type errors of the compiled dialect, unsupported operations, and register spills.
@@ -18,8 +22,8 @@ cannot: type errors of the compiled dialect, unsupported operations, and registe
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -36,7 +40,8 @@ import torch
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature  # the launcher's binder (triton is pinned)
 
 from brats_core.nn import triton_scan
 from brats_core.registry import make_config
@@ -49,48 +54,97 @@ KERNELS = (
     "_chunk_bwd_reduce_kernel",
     "_chunk_scan_bwd_kernel",
 )
-_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _SHOWN = ("REVERSE", "NCB", "BLOCK", "ATOMIC")  # constants that tell variants of one tile size apart in the table
 _PTXAS = Path(triton.backends.nvidia.__file__).parent / "bin" / "ptxas-blackwell"  # the newest ptxas of the wheel
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled form of a kernel: its constexpr values, argument types and warps."""
+    """One compiled form of a kernel, as Triton's launcher specialises it: argument types, constexpr values (the
+    kernel's constants and every integer argument equal to 1), alignment attributes, warps."""
 
     kernel: str
-    constexprs: tuple[tuple[str, Any], ...]
     signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[tuple[int, ...], Any], ...]
+    attrs: tuple[tuple[tuple[int, ...], tuple[tuple[str, int], ...]], ...]
     num_warps: int
+
+    def constant(self, name: str) -> Any:
+        index = [k for k, _ in self.signature].index(name)
+        return dict(self.constexprs)[(index,)]
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` records the variant, runs nothing."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` records the variant, runs nothing.
+
+    The arguments are specialised by Triton's own launch-time binder (integers equal to 1 become constants, pointers
+    and integers divisible by 16 get alignment hints), so the compiled variant is the one a real launch compiles.
+    """
 
     def __init__(self, name: str, jit: Any, seen: set[Variant]) -> None:
         self.name, self.jit, self.seen = name, jit, seen
+        self.backend = make_backend(GPUTarget("cuda", 90, 32))
+        self.binder = create_function_from_signature(jit.signature, jit.params, self.backend)
 
     def __getitem__(self, grid: Any) -> Any:
-        def launch(*args: Any, num_warps: int = 4, **constexprs: Any) -> None:
-            signature = {}
-            for param, value in zip(inspect.signature(self.jit.fn).parameters, args, strict=False):
+        def launch(*args: Any, **meta: Any) -> None:
+            bound, specialization, options = self.binder(*args, **meta)
+            # meta tensors have no address: the pointer hint comes from the view's offset (allocations are aligned)
+            for k, value in enumerate(bound.values()):
                 if isinstance(value, torch.Tensor):
-                    signature[param] = _POINTER[value.dtype]
-                else:
-                    signature[param] = "i64" if abs(int(value)) >= 2**31 else "i32"
-            signature |= dict.fromkeys(constexprs, "constexpr")
+                    aligned = value.storage_offset() * value.element_size() % 16 == 0
+                    specialization[k] = (specialization[k][0], "D" if aligned else "")
+            _, signature, constexprs, attrs = self.jit._pack_args(self.backend, meta, bound, specialization, options)
             self.seen.add(
-                Variant(self.name, tuple(sorted(constexprs.items())), tuple(signature.items()), int(num_warps))
+                Variant(
+                    self.name,
+                    tuple(signature.items()),
+                    tuple(sorted(constexprs.items())),
+                    tuple(sorted((k, tuple(map(tuple, v))) for k, v in attrs.items())),
+                    int(meta.get("num_warps", 4)),
+                )
             )
 
         return launch
 
 
-def record_variants(batch_sizes: Sequence[int] = (1, 2), dtype: torch.dtype = torch.float32) -> list[Variant]:
-    """The kernel variants of a forward + backward through each IM-Fuse Mamba block shape (see the module docstring).
+def _mamba_scan_inputs(b: int, d_model: int, n: int, L: int) -> tuple[Any, ...]:
+    """The scan's arguments as :class:`brats_core.nn.mamba.Mamba` passes them (views of its projections), on the
+    meta device: real sizes and strides, no memory."""
+    d, r = 2 * d_model, math.ceil(d_model / 16)
 
-    ``dtype`` is that of the scan inputs (the Mamba blocks run their scan in fp32, also under AMP).
-    """
+    def empty(*size: int) -> torch.Tensor:
+        return torch.empty(*size, device="meta")
+
+    x, z = empty(b, L, 2 * d).chunk(2, dim=-1)  # in_proj: x is replaced by the (contiguous) conv output, z stays a view
+    x = empty(b, L, d)
+    _, B, C = torch.split(empty(b, L, r + 2 * n), [r, n, n], dim=-1)  # x_proj
+    delta = empty(b, L, d)  # dt_proj
+    leaves = [t.requires_grad_() for t in (x, delta, empty(d, n), B, C, empty(d), z, empty(d))]
+    u, delta, A, B, C, D, z, bias = (t.transpose(1, 2) if t.dim() == 3 else t for t in leaves)
+    return u, delta, A, B, C, D, z, bias
+
+
+def _wide_scan_inputs() -> tuple[Any, ...]:
+    """(b, d, L)-contiguous inputs with d·L = 2^32 elements: strides past int32 make Triton compile variants with
+    int64 stride arguments, which IM-Fuse never launches but other callers may."""
+    b, d, n, L = 1, 16, 8, 2**28
+    shapes = [(b, d, L), (b, d, L), (d, n), (b, n, L), (b, n, L), (d,), (b, d, L), (d,)]
+    return tuple(torch.empty(*size, device="meta", requires_grad=True) for size in shapes)
+
+
+def _record_scan(inputs: tuple[Any, ...]) -> None:
+    """Forward and backward of one scan; the output's gradient arrives token-major (from ``out_proj``)."""
+    out, last = triton_scan.TritonSelectiveScanFn.apply(*inputs, True, True, None)
+    b, d, L = out.shape
+    gout = torch.empty(b, L, d, device="meta").transpose(1, 2)
+    torch.autograd.backward((out, last), (gout, torch.empty_like(last)))
+
+
+def record_variants(batch_sizes: Sequence[int] = (1, 2)) -> list[Variant]:
+    """The kernel variants of a forward + backward through each IM-Fuse Mamba block (see the module docstring), and
+    of one scan past 2^31 elements: the autograd ``Function`` runs on meta tensors of the real sizes and layouts,
+    with the real launch plan."""
     cfg = make_config("imfuse", "paper", first_skip=True, mamba_skip=True)
     seen: set[Variant] = set()
     originals = {name: getattr(triton_scan, name) for name in KERNELS}
@@ -98,22 +152,13 @@ def record_variants(batch_sizes: Sequence[int] = (1, 2), dtype: torch.dtype = to
         for name, jit in originals.items():
             setattr(triton_scan, name, _Recorder(name, jit, seen))
         for shape in mamba_shapes(cfg):
-            d, n = 2 * shape.d_model, shape.d_state  # Mamba's d_inner = expand (2) × d_model
             for b in batch_sizes:
-                nc = triton_scan.triton_plan(b, d, n, shape.L).nc
-                g = torch.Generator().manual_seed(0)
-
-                def rnd(*size: int, g: torch.Generator = g) -> torch.Tensor:
-                    return torch.randn(*size, generator=g, dtype=dtype).requires_grad_()
-
-                inputs = (rnd(b, d, nc), rnd(b, d, nc), rnd(d, n), rnd(b, n, nc), rnd(b, n, nc), rnd(d), rnd(b, d, nc))
-                bias = rnd(d)
-                out, last = triton_scan.TritonSelectiveScanFn.apply(*inputs, bias, True, True, 1)
-                (out.sum() + last.sum()).backward()
+                _record_scan(_mamba_scan_inputs(b, shape.d_model, shape.d_state, shape.L))
+        _record_scan(_wide_scan_inputs())
     finally:
         for name, jit in originals.items():
             setattr(triton_scan, name, jit)
-    return sorted(seen, key=lambda v: (KERNELS.index(v.kernel), v.constexprs, v.num_warps))
+    return sorted(seen, key=lambda v: (KERNELS.index(v.kernel), repr(v.constexprs), v.num_warps))
 
 
 def compile_variant(variant: Variant, capability: int) -> dict[str, Any]:
@@ -122,10 +167,16 @@ def compile_variant(variant: Variant, capability: int) -> dict[str, Any]:
         fn=getattr(triton_scan, variant.kernel),
         signature=dict(variant.signature),
         constexprs=dict(variant.constexprs),
+        attrs={k: [list(a) for a in v] for k, v in variant.attrs},
     )
+    names = [k for k, _ in variant.signature]
+    types = [t for _, t in variant.signature]
     row: dict[str, Any] = {
         "kernel": variant.kernel.strip("_"), "target": f"sm_{capability}", "num_warps": variant.num_warps,
-        **{k: v for k, v in variant.constexprs if k in ("BD", "BN", *_SHOWN)},
+        **{k: variant.constant(k) for k in ("BD", "BN", *_SHOWN) if k in names},
+        # integer arguments specialised to constants (strides of 1), beyond the kernel's declared constexprs
+        "constant_args": sum(t == "constexpr" for t in types) - sum(p.is_constexpr for p in source.fn.params),
+        "i64_args": sum(t == "i64" for t in types),
     }  # fmt: skip
     t0 = time.perf_counter()
     try:
@@ -169,7 +220,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         tile = f"{r['BD']} × {r['BN']}" if "BD" in r else ""
-        other = ", ".join(f"{k} {r[k]}" for k in ("NCB", "BLOCK", "ATOMIC") if k in r)
+        others = [f"{k} {r[k]}" for k in ("NCB", "BLOCK", "ATOMIC") if k in r] + ["int64 strides"] * bool(r["i64_args"])
+        other = ", ".join(others)
         if "error" in r:
             lines.append(
                 f"| {r['kernel']} | {r['target']} | {r['num_warps']} | {tile} | {other} | error: {r['error']} |||"

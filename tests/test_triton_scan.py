@@ -129,6 +129,18 @@ def test_mamba_block_triton_backend_selection_probe_and_backward_fallback() -> N
 
 
 @needs_triton
+def test_triton_scan_offsets_past_int32() -> None:
+    # (b, d, L)-contiguous inputs with d·L ≥ 2^31 elements: int32 offset products overflow (a crash or wrong reads)
+    results = _run_worker("large_strides")
+    for name, res in results.items():
+        if "skipped" in res:
+            pytest.skip(res["skipped"])
+        assert res.pop("n_dblk") == (3 if name == "block_base" else 1), name
+        _assert_errors(res, name)
+        assert {"out", "last", "grad_u", "grad_delta", "grad_B", "grad_C", "grad_z"} <= set(res), name
+
+
+@needs_triton
 def test_triton_plan_geometry() -> None:
     # Importing triton_scan in this process is fine: triton_plan launches nothing.
     from brats_core.nn.triton_scan import triton_plan
@@ -495,11 +507,63 @@ def _probe_again() -> bool:
     return mamba._triton_probe(torch.device("cpu"))
 
 
+# name → (d, n, d-stride, n-stride or None for contiguous B and C): offsets past 2^31 within the lanes of one block,
+# or only at the start of the third d-block (BD = 4 as n = 130)
+LARGE_STRIDES = {"wide_lanes": (3, 3, 2**30 + 8, 2**30 + 8), "block_base": (10, 130, 2**28 + 8, None)}
+
+
+def _large_stride_errors(name: str) -> dict[str, Any]:
+    """The scan of (1, ·, 5) inputs with huge strides, against the fp64 reference on contiguous copies.
+
+    The strided inputs are views into one lazily allocated buffer of ~9 GB of address space; only the few pages they
+    use are touched. The kernels are called directly: a failure must not be hidden by the backend's chunked fallback.
+    """
+    from brats_core.nn import triton_scan
+    from brats_core.nn.mamba import selective_scan_reference
+
+    d, n, stride_d, stride_n = LARGE_STRIDES[name]
+    L = 5
+    try:
+        storage = torch.empty(stride_d * (d - 1) + 5 * L)
+    except RuntimeError as exc:  # a machine that refuses the virtual allocation
+        return {"skipped": f"cannot reserve {4 * stride_d * d / 1e9:.1f} GB of address space: {exc}"}
+    g = torch.Generator().manual_seed(3)
+    values = [torch.randn(1, c, L, generator=g) for c in (d, d, n, n, d)]  # u, delta, B, C, z
+    views = []
+    for k, v in enumerate(values):
+        stride = stride_d if v.shape[1] == d else stride_n
+        if stride is None:
+            view = v.clone()
+        else:
+            view = storage.as_strided(v.shape, (stride * v.shape[1], stride, 1), k * L)
+            view.copy_(v)
+        views.append(view.requires_grad_())
+    A = -torch.rand(d, n, generator=g) - 0.5
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    u, delta, B, C, z = views
+    plan = triton_scan.triton_plan(1, d, n, L, 2)
+    out, last = triton_scan.selective_scan_triton(u, delta, A, B, C, D, z, bias, True, True, 2)
+    grads = torch.autograd.grad(out.sum() + last.sum(), views)
+    ref = [v.double().requires_grad_() for v in values]
+    ru, rdelta, rB, rC, rz = ref
+    ref_out, ref_last = selective_scan_reference(
+        ru, rdelta, A.double(), rB, rC, D.double(), rz, bias.double(), delta_softplus=True, return_last_state=True
+    )
+    ref_grads = torch.autograd.grad(ref_out.sum() + ref_last.sum(), ref)
+    errors: dict[str, Any] = {"out": _rel(out, ref_out), "last": _rel(last, ref_last)}
+    for key, gt, gr in zip(("u", "delta", "B", "C", "z"), grads, ref_grads, strict=True):
+        errors[f"grad_{key}"] = _rel(gt, gr)
+    errors["n_dblk"] = plan.n_dblk  # not an error: popped by the test
+    return errors
+
+
 def _worker(argv: list[str]) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
     torch.set_num_threads(1)
     if argv[0] == "cases":
         result: dict[str, Any] = {name: _case_errors(name) for name in argv[1:]}
+    elif argv[0] == "large_strides":
+        result = {name: _large_stride_errors(name) for name in LARGE_STRIDES}
     else:
         result = _module_check()
     print(json.dumps(result))
@@ -530,9 +594,16 @@ def _compile_check(tmp_path: Path, targets: str) -> list[dict[str, Any]]:
         assert {(r["BD"], r["BN"]) for r in rows if r["kernel"] == kernel} == TILES, kernel
     carries = {(r["REVERSE"], r["NCB"]) for r in rows if r["kernel"] == "carry_kernel"}
     assert {reverse for reverse, _ in carries} == {False, True} and {ncb for _, ncb in carries} >= {64}
+    # the per-step loops of the scans and the carry pass's associative scan must not spill
+    hot = [r for r in rows if r["kernel"] in ("chunk_scan_bwd_kernel", "chunk_scan_fwd_kernel", "carry_kernel")]
+    assert all(r["spill_stores"] == 0 and 0 < r["registers"] <= 255 for r in hot), hot
     bwd = [r for r in rows if r["kernel"] == "chunk_scan_bwd_kernel"]
-    assert all(r["spill_stores"] == 0 and 0 < r["registers"] <= 255 for r in bwd), bwd
     assert {r["num_warps"] for r in bwd if r["BD"] * r["BN"] >= 1024} == {8}
+    # strides of 1 are compiled in as constants, as a real launch does (the Mamba block's token-major layout)
+    assert all(r["constant_args"] > 0 for r in rows if r["kernel"] != "carry_kernel")
+    # and the form with int64 strides (inputs past 2^31 elements) for every kernel that reads strided sequences
+    wide = {r["kernel"] for r in rows if r["i64_args"]}
+    assert wide == {"chunk_state_kernel", "chunk_scan_fwd_kernel", "chunk_bwd_reduce_kernel", "chunk_scan_bwd_kernel"}
     return rows
 
 

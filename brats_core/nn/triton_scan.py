@@ -43,6 +43,7 @@ tensors); that is how ``tests/test_triton_scan.py`` checks them against the fp64
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,6 +68,8 @@ _STATE_ELEMS = 1024
 # Carry pass: chunks per associative-scan tile, and elements per (chunks × d·n) tile.
 _CARRY_TILE = 64
 _CARRY_TILE_ELEMS = 4096
+# 4 warps spill on sm_90 in the scan of a 64 × 64 tile (255 registers); 8 warps need at most 148.
+_CARRY_WARPS = 8
 # Up to this many d-blocks dB/dC are reduced through deterministic per-block partial buffers, beyond atomically.
 _MAX_PARTIAL_DBLK = 8
 
@@ -103,6 +106,17 @@ def _softplus_dt(delta_ptrs, bias, mask_d, SOFTPLUS: tl.constexpr):
     else:
         dt = pre
     return tl.where(mask_d, dt, 0.0), pre
+
+
+@triton.jit
+def _seq_ptrs(ptr, pid_b, s_b, pid_blk, BLK: tl.constexpr, s_x, t0, s_l):
+    """Pointers to element (pid_b, pid_blk·BLK + lane, t0) of a strided (b, ·, L) tensor, for the BLK lanes.
+
+    All offsets are int64: strides fit in int32, but offset · stride of a (b, d, L)-contiguous input passes 2^31 once
+    d·L ≥ 2^31 (as launched for IM-Fuse, this costs no registers: benchmarks/triton_compile_check.py).
+    """
+    base = pid_b * s_b + tl.cast(pid_blk * BLK, tl.int64) * s_x + t0 * s_l  # scalar: the block's first lane
+    return ptr + base + tl.arange(0, BLK).to(tl.int64) * s_x
 
 
 @triton.jit
@@ -145,9 +159,9 @@ def _chunk_state_kernel(
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
     t0 = pid_c.to(tl.int64) * T
     steps = tl.minimum(T, L - t0)
-    u_p = u_ptr + pid_b * su_b + offs_d * su_d + t0 * su_l
-    dl_p = delta_ptr + pid_b * sd_b + offs_d * sd_d + t0 * sd_l
-    B_p = B_ptr + pid_b * sB_b + offs_n * sB_n + t0 * sB_l
+    u_p = _seq_ptrs(u_ptr, pid_b, su_b, pid_d, BD, su_d, t0, su_l)
+    dl_p = _seq_ptrs(delta_ptr, pid_b, sd_b, pid_d, BD, sd_d, t0, sd_l)
+    B_p = _seq_ptrs(B_ptr, pid_b, sB_b, 0, BN, sB_n, t0, sB_l)
     h = tl.zeros((BD, BN), dtype=tl.float32)
     dtsum = tl.zeros((BD,), dtype=tl.float32)
     for i in range(steps):
@@ -279,12 +293,12 @@ def _chunk_scan_fwd_kernel(
     steps = tl.minimum(T, L - t0)
     state_off = ((pid_b * nc + pid_c) * d + offs_d)[:, None] * n + offs_n[None, :]
     h = tl.load(H0_ptr + state_off, mask=mask_dn, other=0.0) if HAS_H0 else tl.zeros((BD, BN), dtype=tl.float32)
-    u_p = u_ptr + pid_b * su_b + offs_d * su_d + t0 * su_l
-    dl_p = delta_ptr + pid_b * sd_b + offs_d * sd_d + t0 * sd_l
-    B_p = B_ptr + pid_b * sB_b + offs_n * sB_n + t0 * sB_l
-    C_p = C_ptr + pid_b * sC_b + offs_n * sC_n + t0 * sC_l
-    z_p = z_ptr + pid_b * sz_b + offs_d * sz_d + t0 * sz_l
-    o_p = out_ptr + pid_b * so_b + offs_d * so_d + t0 * so_l
+    u_p = _seq_ptrs(u_ptr, pid_b, su_b, pid_d, BD, su_d, t0, su_l)
+    dl_p = _seq_ptrs(delta_ptr, pid_b, sd_b, pid_d, BD, sd_d, t0, sd_l)
+    B_p = _seq_ptrs(B_ptr, pid_b, sB_b, 0, BN, sB_n, t0, sB_l)
+    C_p = _seq_ptrs(C_ptr, pid_b, sC_b, 0, BN, sC_n, t0, sC_l)
+    z_p = _seq_ptrs(z_ptr, pid_b, sz_b, pid_d, BD, sz_d, t0, sz_l)
+    o_p = _seq_ptrs(out_ptr, pid_b, so_b, pid_d, BD, so_d, t0, so_l)
     for i in range(steps):
         dt, _ = _softplus_dt(dl_p + i * sd_l, bias, mask_d, SOFTPLUS)
         u = tl.load(u_p + i * su_l, mask=mask_d, other=0.0).to(tl.float32)
@@ -366,12 +380,12 @@ def _chunk_bwd_reduce_kernel(
         h = tl.load(H0_ptr + chunk * d * n + dn_off, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros((BD, BN), dtype=tl.float32)
-    u_p = u_ptr + pid_b * su_b + offs_d * su_d + t0 * su_l
-    dl_p = delta_ptr + pid_b * sd_b + offs_d * sd_d + t0 * sd_l
-    B_p = B_ptr + pid_b * sB_b + offs_n * sB_n + t0 * sB_l
-    C_p = C_ptr + pid_b * sC_b + offs_n * sC_n + t0 * sC_l
-    z_p = z_ptr + pid_b * sz_b + offs_d * sz_d + t0 * sz_l
-    g_p = gout_ptr + pid_b * sg_b + offs_d * sg_d + t0 * sg_l
+    u_p = _seq_ptrs(u_ptr, pid_b, su_b, pid_d, BD, su_d, t0, su_l)
+    dl_p = _seq_ptrs(delta_ptr, pid_b, sd_b, pid_d, BD, sd_d, t0, sd_l)
+    B_p = _seq_ptrs(B_ptr, pid_b, sB_b, 0, BN, sB_n, t0, sB_l)
+    C_p = _seq_ptrs(C_ptr, pid_b, sC_b, 0, BN, sC_n, t0, sC_l)
+    z_p = _seq_ptrs(z_ptr, pid_b, sz_b, pid_d, BD, sz_d, t0, sz_l)
+    g_p = _seq_ptrs(gout_ptr, pid_b, sg_b, pid_d, BD, sg_d, t0, sg_l)
     cum = tl.full((BD, BN), 1.0, dtype=tl.float32)
     red = tl.zeros((BD, BN), dtype=tl.float32)
     dtsum = tl.zeros((BD,), dtype=tl.float32)
@@ -475,12 +489,12 @@ def _chunk_scan_bwd_kernel(
         G = tl.load(Gin_ptr + chunk * d * n + dn_off, mask=mask_dn, other=0.0)
     else:
         G = tl.zeros((BD, BN), dtype=tl.float32)
-    u_p = u_ptr + pid_b * su_b + offs_d * su_d + t0 * su_l
-    dl_p = delta_ptr + pid_b * sd_b + offs_d * sd_d + t0 * sd_l
-    B_p = B_ptr + pid_b * sB_b + offs_n * sB_n + t0 * sB_l
-    C_p = C_ptr + pid_b * sC_b + offs_n * sC_n + t0 * sC_l
-    z_p = z_ptr + pid_b * sz_b + offs_d * sz_d + t0 * sz_l
-    g_p = gout_ptr + pid_b * sg_b + offs_d * sg_d + t0 * sg_l
+    u_p = _seq_ptrs(u_ptr, pid_b, su_b, pid_d, BD, su_d, t0, su_l)
+    dl_p = _seq_ptrs(delta_ptr, pid_b, sd_b, pid_d, BD, sd_d, t0, sd_l)
+    B_p = _seq_ptrs(B_ptr, pid_b, sB_b, 0, BN, sB_n, t0, sB_l)
+    C_p = _seq_ptrs(C_ptr, pid_b, sC_b, 0, BN, sC_n, t0, sC_l)
+    z_p = _seq_ptrs(z_ptr, pid_b, sz_b, pid_d, BD, sz_d, t0, sz_l)
+    g_p = _seq_ptrs(gout_ptr, pid_b, sg_b, pid_d, BD, sg_d, t0, sg_l)
     # Token-major (b, L, d) gradient outputs and (b, n_dblk, L, n) partials.
     row_p = (pid_b * L + t0) * d + offs_d
     part_p = ((pid_b * ndb + pid_d) * L + t0) * n + offs_n if not ATOMIC else (pid_b * L + t0) * n + offs_n
@@ -600,10 +614,15 @@ def triton_plan(b: int, d: int, n: int, L: int, chunk_size: int | None = None) -
     K = max(1, math.isqrt(T))
     nblk = triton.cdiv(T, K)
     num_warps = 4 if BD * BN >= 512 else (2 if BD * BN >= 128 else 1)
-    # The backward scan keeps six state-sized tiles live: at 1024 elements, 4 warps run out of registers and spill
-    # inside its inner loop (ptxas, sm_80 and sm_90), 8 warps do not (benchmarks/triton_compile_check.py).
+    # The backward scan keeps six state-sized tiles live: at 1024 elements 4 warps need 216–247 registers per thread
+    # (ptxas, sm_80 and sm_90, as launched for IM-Fuse), 8 warps 191–206 (benchmarks/triton_compile_check.py).
     bwd_num_warps = 8 if BD * BN >= _STATE_ELEMS else num_warps
     return TritonPlan(nc, T, K, nblk, BD, BN, n_dblk, num_warps, bwd_num_warps)
+
+
+def _device_of(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device: make it ``t``'s (a no-op on CPU under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
@@ -675,7 +694,8 @@ class TritonSelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         try:
-            return TritonSelectiveScanFn._backward(ctx, *grads)
+            with _device_of(ctx.saved_tensors[0]):
+                return TritonSelectiveScanFn._backward(ctx, *grads)
         except torch.OutOfMemoryError:
             raise  # too big for the GPU, not a broken kernel
         except Exception as exc:
@@ -800,7 +820,7 @@ def _launch_carry(E: Tensor, dtsum: Tensor, A32: Tensor, init: Tensor | None, re
     block = max(1, min(triton.next_power_of_2(dn), _CARRY_TILE_ELEMS // ncb))
     _carry_kernel[(triton.cdiv(dn, block), b)](
         E, dtsum, A32, init if init is not None else E, out, nc, dn, n,
-        HAS_INIT=init is not None, REVERSE=reverse, NCB=ncb, BLOCK=block, num_warps=4,
+        HAS_INIT=init is not None, REVERSE=reverse, NCB=ncb, BLOCK=block, num_warps=_CARRY_WARPS,
     )  # fmt: skip
     return out
 
@@ -827,6 +847,7 @@ def selective_scan_triton(
         raise RuntimeError(
             f"the Triton selective scan needs CUDA tensors (or TRITON_INTERPRET=1 for CPU); got {u.device}"
         )
-    return TritonSelectiveScanFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size
-    )
+    with _device_of(u):
+        return TritonSelectiveScanFn.apply(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size
+        )
