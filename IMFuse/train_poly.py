@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from brats_core.cli import add_data_args, add_runtime_args, add_train_args, setup_logging
+from brats_core.cli import add_data_args, add_runtime_args, add_train_args, run_main, setup_logging
 from brats_core.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
@@ -100,4 +100,4 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -33,6 +33,7 @@ from brats_core.evaluation import (
     METRICS,
     PER_CASE_HEADER,
     claim_results_folder,
+    data_identity,
     format_table,
     read_rows,
     results_folder_errors,
@@ -140,9 +141,13 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     out = Path(args.output_path)
     save = Path(args.savepath) if args.savepath else out
     cases = _cases(args, images)
-    identity = {"method": "mam", "weights": weights_digest(model.network), "step_size": args.step_size, "tta": args.tta}
-    claim_results_folder(save, identity, args.overwrite)
+    identity = {
+        **data_identity(images, cases), "labels": str(labels.resolve()),
+        "method": "mam", "weights": weights_digest(model.network), "step_size": args.step_size, "tta": args.tta,
+        "hd95": not args.no_hd95,
+    }  # fmt: skip
     per_case = shard_file(save, scenarios)
+    claim_results_folder(save, identity, args.overwrite, per_case)
     rows = read_rows(per_case)
     done = {(r["case"], r["scenario"]) for r in rows}
     log.info("%s: %d cases × %d scenarios → %s", ckpt_path, len(cases), len(scenarios), save)

@@ -10,7 +10,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from brats_core.cli import setup_logging
+from brats_core.cli import run_main, setup_logging
 from brats_core.rmbts import build_train_parser, train_main
 
 log = logging.getLogger("RobustSeg.train_robustseg")
@@ -44,4 +44,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

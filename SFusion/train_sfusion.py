@@ -14,7 +14,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from brats_core.cli import setup_logging, split_dir
+from brats_core.cli import run_main, setup_logging, split_dir
 from brats_core.rmbts import build_train_parser, train_main
 from brats_core.splits import Split, load_split, read_case_list
 
@@ -72,4 +72,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

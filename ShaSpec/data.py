@@ -32,11 +32,14 @@ from skimage.transform import resize
 from torch.utils.data import Dataset
 
 from brats_core.data import MaskSampler, label_path, volume_path
-from brats_core.io import find_case_files, load_nifti, save_json, save_npy
+from brats_core.io import find_case_files, load_json, load_nifti, save_json, save_npy
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
 from brats_core.preprocessing import case_meta, output_paths
+from ShaSpec.model import ShaSpec
 
 log = logging.getLogger(__name__)
+PIPELINE = str(ShaSpec.data_pipeline)
+"""Value of ``"pipeline"`` in the metadata of the cases cached here."""
 
 HIST_MIN_COUNT = 50  # the clip level is the highest histogram bin holding at least this many voxels
 STD_EPS = 1e-7
@@ -99,7 +102,14 @@ def prepare_cache(data_dir: str | Path, entries: Sequence[str], cache_dir: str |
         cases.append(case)
         paths = output_paths(cache_dir, case)
         if paths.vol.is_file() and paths.seg.is_file() and paths.meta.is_file():
-            continue
+            found = load_json(paths.meta).get("pipeline")
+            if found == PIPELINE:
+                continue
+            # e.g. --cache_dir pointed at a preprocess.py folder: cropped and otherwise normalised, never reused
+            raise ValueError(
+                f"{paths.meta}: {cache_dir} holds case {case} prepared by "
+                f"{f'the {found} pipeline' if found else 'preprocess.py'}, not ShaSpec's: choose another --cache_dir"
+            )
         files = find_case_files(case_dir, require_label=True)
         loaded = [load_nifti(files.images[m]) for m in MODALITIES]
         channels = [normalise_modality(data) for data, _, _ in loaded]
@@ -112,7 +122,7 @@ def prepare_cache(data_dir: str | Path, entries: Sequence[str], cache_dir: str |
         shape = [int(n) for n in label.shape]
         array_meta = {"original_shape": shape, "crop_box": [[0, n] for n in shape], "cropped_shape": shape,
                       "channels": list(MODALITIES), "available": list(MODALITIES), "has_label": True,
-                      "pipeline": "shaspec"}  # fmt: skip
+                      "pipeline": PIPELINE}  # fmt: skip
         save_json(paths.meta, case_meta(files, loaded[0][1], array_meta, True))
         log.info("cached %s", case)
     return cases

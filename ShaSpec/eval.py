@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_overwrite_arg, add_runtime_args, setup_logging
+from brats_core.cli import add_overwrite_arg, add_runtime_args, run_main, setup_logging
 from brats_core.data import load_case
 from brats_core.evaluation import EvalOptions, evaluate, format_table, results_folder_errors, write_csv
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
@@ -168,4 +168,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -359,6 +359,7 @@ class ShaSpec(SegModel):
 
     output_kind = OutputKind.REGION_LOGITS
     region_order = ("ET", "WT", "TC")
+    data_pipeline = "shaspec"
 
     def __init__(self, config: ShaSpecConfig) -> None:
         super().__init__(config)

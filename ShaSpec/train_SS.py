@@ -30,17 +30,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from brats_core.checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state
-from brats_core.cli import add_runtime_args, args_dict, setup_logging
+from brats_core.cli import UsageError, add_runtime_args, add_train_overwrite_arg, args_dict, run_main, setup_logging
 from brats_core.data import EpochSampler, load_case, seed_worker
 from brats_core.losses import region_dice_bce
 from brats_core.modalities import FULL, METHOD_ORDERS, Mask, parse_bool_list, parse_shaspec_mode
 from brats_core.registry import build_from_config, build_method, config_dict
-from brats_core.training import amp_context, grad_scaler, resolve_device, seed_everything
+from brats_core.training import amp_context, claim_run_folder, grad_scaler, resolve_device, seed_everything
 from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
 from ShaSpec.model import ShaSpec, ShaSpecOutput
 from ShaSpec.scoring import REGIONS, soft_validation_score
 
 log = logging.getLogger("ShaSpec.train_SS")
+SNAPSHOTS = ("last.pth", "best.pth", "final.pth")
+"""The checkpoints a run writes into ``--snapshot_dir``."""
 
 MOMENTUM = 0.99  # hard-coded upstream
 SHARED_WEIGHT, SPECIFIC_WEIGHT = 0.1, 0.02
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--activation_checkpointing", action="store_true", help="recompute activations (less memory)")
     o.add_argument("--no_augmentation", action="store_true", help="skip the batchgenerators augmentation")
     o.add_argument("--log_every", type=int, default=50)
+    add_train_overwrite_arg(o)
     add_runtime_args(p)
     p.set_defaults(workers=1)
     return p
@@ -251,6 +254,12 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
             parser.error(str(err))
 
     resume_path = args.continue_path or (args.reload_path if args.reload_from_checkpoint else None)
+    try:
+        claim_run_folder(
+            snapshot, resume_path, args.overwrite, checkpoints=SNAPSHOTS, continue_with="--continue {savepath}/last.pth"
+        )
+    except UsageError as err:
+        parser.error(str(err))
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None and ckpt.get("method", "shaspec") != "shaspec":
         parser.error(f"{resume_path} holds a {ckpt['method']!r} model, not ShaSpec")
@@ -366,4 +375,4 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_data_args, add_runtime_args, add_train_args, setup_logging
+from brats_core.cli import add_data_args, add_runtime_args, add_train_args, run_main, setup_logging
 from brats_core.data import load_case
 from brats_core.inference import predict_scenarios
 from brats_core.modalities import Mask
@@ -128,4 +128,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

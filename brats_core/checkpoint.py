@@ -80,6 +80,10 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
     return out
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (empty, truncated, not a PyTorch checkpoint) or holds another model."""
+
+
 class StateDictMismatchError(RuntimeError):
     """A checkpoint does not fit the model: names the missing, unexpected and mis-shaped keys."""
 
@@ -147,7 +151,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         except Exception as err:  # unpickling errors come in many types; name the file in every case
             detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             hint = "empty file" if path.stat().st_size == 0 else "not a PyTorch checkpoint, or truncated"
-            raise RuntimeError(f"cannot load checkpoint {path} ({hint}): {detail}") from err
+            raise CheckpointError(f"cannot load checkpoint {path} ({hint}): {detail}") from err
         if (
             isinstance(ckpt, Mapping)
             and "state_dict" not in ckpt

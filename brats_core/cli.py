@@ -11,10 +11,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .modalities import parse_scenarios
+
+
+class UsageError(Exception):
+    """A problem with the command line or the files it names, found after parsing: :func:`run_main` reports it in
+    one line (``<script>: error: …``, exit status 2) instead of a traceback."""
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a script's ``main()`` and return its exit status; a :class:`UsageError` becomes a one-line message."""
+    try:
+        return main()
+    except UsageError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def positive_int(text: str) -> int:
@@ -79,9 +95,20 @@ def add_train_args(
     )
     g.add_argument("--seed", type=int, default=seed)
     g.add_argument("--resume", default=None, help="checkpoint to continue from (ours or upstream's)")
+    add_train_overwrite_arg(g)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
     add_compile_arg(g)
     g.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+
+
+def add_train_overwrite_arg(group: argparse._ArgumentGroup) -> None:
+    """``--overwrite``: start afresh in a ``--savepath`` that holds a run (see ``training.claim_run_folder``)."""
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output folder that holds one: its checkpoints and TensorBoard logs are deleted "
+        "(without it such a folder is refused; a run is continued with --resume)",
+    )
 
 
 def add_compile_arg(group: argparse._ArgumentGroup) -> None:
@@ -166,6 +193,8 @@ def setup_logging(savepath: str | Path | None = None, name: str = "log.txt") -> 
     main_process = int(os.environ.get("RANK", "0")) == 0
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if savepath is not None and main_process:
+        if Path(savepath).exists() and not Path(savepath).is_dir():
+            raise UsageError(f"{savepath} exists and is not a folder: choose another output folder")
         Path(savepath).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(savepath) / name))
     logging.basicConfig(

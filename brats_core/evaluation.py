@@ -234,9 +234,42 @@ def results_folder_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def evaluation_identity(model: SegModel, options: EvalOptions) -> dict[str, Any]:
-    """What makes two evaluations' rows comparable: the method and weights, and the settings that change numbers."""
+def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> None:
+    """Refuse cases preprocessed by another method's pipeline (other normalisation and crop: wrong numbers).
+
+    Raises:
+        ValueError: naming the first such case, its pipeline and the one ``model`` needs.
+    """
+    from .preprocessing import output_paths
+
+    for case in cases:
+        meta = output_paths(root, case).meta
+        found = load_json(meta).get("pipeline") if meta.is_file() else None
+        if found != model.data_pipeline:
+
+            def name(p: str | None) -> str:
+                return f"the {p} pipeline" if p else "preprocess.py"
+
+            raise ValueError(
+                f"{meta}: case {case} was prepared by {name(found)}, but {model.method_name} is evaluated on data "
+                f"prepared by {name(model.data_pipeline)}: point --datapath at that folder"
+            )
+
+
+def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
+    """The data an evaluation scores: the (resolved) data folder and the case list (count and digest)."""
+    digest = hashlib.sha256("\n".join(sorted(cases)).encode()).hexdigest()[:16]
+    count = f"{len(cases)} case" + "s" * (len(cases) != 1)
+    return {"data": str(Path(root).resolve()), "cases": f"{count}, sha256 {digest}"}
+
+
+def evaluation_identity(
+    model: SegModel, options: EvalOptions, root: str | Path, cases: Sequence[str]
+) -> dict[str, Any]:
+    """What makes two evaluations' rows comparable: the method and weights, the data and cases, and the settings
+    that change numbers."""
     return {
+        **data_identity(root, cases),
         "method": model.method_name,
         "weights": weights_digest(model),
         # the window is not part of the weights (ShaSpec's --input_size), and runtime fields such as RobustSeg's
@@ -247,7 +280,9 @@ def evaluation_identity(model: SegModel, options: EvalOptions) -> dict[str, Any]
         "blend": options.blend or model.default_blend,
         "tta": options.tta,
         "amp": options.amp,
-        "scenario_batch": options.scenario_batch > 1,  # batched decoding rounds differently (not bit-exact)
+        # batched decoding, and batches of windows, round differently (not bit-exact)
+        "scenario_batch": options.scenario_batch > 1,
+        "sw_batch": options.sw_batch_size > 1,
         "etpp_threshold": options.etpp_threshold,
         "hd95": options.hd95,
     }
@@ -287,15 +322,24 @@ def evaluate(
     device = torch.device(device)
     out = Path(out_dir)
     check_cases(root, cases)
+    check_pipeline(model, root, cases)
     per_case = shard_file(out, scenarios)
-    claim_results_folder(out, evaluation_identity(model, options), overwrite, per_case)
+    claim_results_folder(out, evaluation_identity(model, options, root, cases), overwrite, per_case)
     rows = read_rows(per_case)
     done = {(r["case"], r["scenario"]) for r in rows}
+    predictions = out / "predictions"
+
+    def needed(case: str, s: Scenario) -> bool:
+        # a finished row is redone when --save_nifti asks for a label map it did not write (an earlier run without)
+        return (case, s.name) not in done or (save_nifti and not (predictions / _prediction_name(case, s)).is_file())
+
     model.eval()
     for case in tqdm(cases, desc="cases", disable=not options.progress):
-        todo = [s for s in scenarios if (case, s.name) not in done]
+        todo = [s for s in scenarios if needed(case, s)]
         if not todo:
             continue
+        redone = {s.name for s in todo}
+        rows = [r for r in rows if not (r["case"] == case and r["scenario"] in redone)]
         t0 = time.time()
         image, label = load_case(root, case)
         origin = case_origin(model, root, case)
@@ -313,7 +357,7 @@ def evaluate(
                 }
             )
             if save_nifti:
-                _save_prediction(root, case, s, pred.numpy(), out / "predictions")
+                _save_prediction(root, case, s, pred.numpy(), predictions)
         write_csv(per_case, PER_CASE_HEADER, rows)
     return summarize(out)
 
@@ -323,7 +367,11 @@ def _save_prediction(root: str | Path, case: str, scenario: Scenario, pred: np.n
     from .preprocessing import write_label_original_geometry
 
     out.mkdir(parents=True, exist_ok=True)
-    write_label_original_geometry(pred, root, case, out / f"{case}_{scenario.bits}.nii.gz")
+    write_label_original_geometry(pred, root, case, out / _prediction_name(case, scenario))
+
+
+def _prediction_name(case: str, scenario: Scenario) -> str:
+    return f"{case}_{scenario.bits}.nii.gz"
 
 
 def _mean(values: Sequence[float]) -> float:

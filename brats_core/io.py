@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ import nibabel as nib
 import numpy as np
 
 from brats_core.modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
+
+log = logging.getLogger(__name__)
 
 LABEL_KEY = "seg"
 """Key of the label map in file listings (``CaseFiles.as_dict``, preprocessing metadata)."""
@@ -98,6 +101,12 @@ class CaseFiles:
         return out
 
 
+def has_case_files(folder: Path) -> bool:
+    """Whether ``folder`` holds modality files, i.e. is a case (its discovery errors, e.g. an ambiguous modality,
+    surface later); label maps, predictions or other NIfTI files do not count."""
+    return any(p.is_file() and file_key(p.name) not in (None, LABEL_KEY) for p in folder.iterdir())
+
+
 def _describe(key: str) -> str:
     """``"t1ce (-t1c or _t1ce)"``: a file key with the endings it is recognised by."""
     if key == LABEL_KEY:
@@ -169,6 +178,13 @@ def find_case_files(
         missing = list(MODALITIES)
     if missing:
         raise CaseFilesError(f"{folder}: missing {', '.join(map(_describe, missing))}; {found_listing()}")
+    stems = sorted({_FILE_RE.match(p.name)["stem"] for p in chosen.values()})  # type: ignore[index]
+    if len(stems) > 1:
+        # one grid and affine for every BraTS case: a file copied from another patient passes every other check
+        log.warning(
+            "%s: its files name different cases (%s): %s; are they one patient's?",
+            folder, ", ".join(stems), ", ".join(p.name for p in chosen.values()),
+        )  # fmt: skip
     return CaseFiles(
         case=folder.name,
         folder=folder,
@@ -292,6 +308,22 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
 RECORD_FILE = "evaluation.json"
 """What produced an evaluation folder's rows (see ``brats_core.evaluation.claim_results_folder``)."""
 _SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
+
+
+def make_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its parents) and check that it can be written, before any work goes into it.
+
+    Raises:
+        OSError: with a message naming the folder and the reason.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the output folder {folder}: {err.strerror or err}") from err
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"the output folder {folder} is not writable")
+    return folder
 
 
 def result_files(out: Path) -> list[Path]:

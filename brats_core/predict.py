@@ -43,7 +43,15 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, load_state_dict_strict
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
-from .io import LABEL_KEY, CaseFiles, atomic_path, file_key, find_case_files, load_nifti_header, save_nifti
+from .io import (
+    CaseFiles,
+    atomic_path,
+    find_case_files,
+    has_case_files,
+    load_nifti_header,
+    make_output_folder,
+    save_nifti,
+)
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
 from .preprocessing import load_case, uncrop
@@ -345,12 +353,6 @@ def _is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(_NIFTI_SUFFIXES)
 
 
-def _has_case_files(folder: Path) -> bool:
-    """A folder holding modality files is a case (its discovery errors, e.g. an ambiguous modality, surface later);
-    otherwise it is a folder of cases (label maps, predictions or other NIfTI files beside them do not count)."""
-    return any(p.is_file() and file_key(p.name) not in (None, LABEL_KEY) for p in folder.iterdir())
-
-
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
     """The cases named on the command line with their output files."""
     explicit = {m: Path(getattr(args, m)) for m in MODALITIES if getattr(args, m)}
@@ -364,7 +366,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     root = Path(args.input)
     if not root.is_dir():
         raise PredictError(f"{root}: not a folder (give a case folder or a folder of case folders)")
-    if _has_case_files(root):
+    if has_case_files(root):
         folders = [root]
     else:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -384,7 +386,8 @@ def check_outputs(jobs: Sequence[Job]) -> None:
     before any model runs.
 
     Raises:
-        PredictError: an output inside a case folder (BraTS 2023 names the ground truth ``<case>-seg.nii.gz``) or
+        PredictError: an output inside a case folder (any folder holding modality files: BraTS 2023 names the ground
+            truth ``<case>-seg.nii.gz``) or
             equal to an input file, a non-lower-case NIfTI suffix, or an output folder that cannot be created or
             written.
     """
@@ -394,20 +397,21 @@ def check_outputs(jobs: Sequence[Job]) -> None:
         name = job.output.name
         if _is_nifti_path(name) and not name.endswith((".nii", ".nii.gz")):
             raise PredictError(f"{job.output}: write the suffix in lower case (.nii.gz or .nii)")
-        if folder is not None and job.output.parent.resolve() == folder.resolve():
-            raise PredictError(
-                f"-o {job.output.parent}: the output would go into the case folder {folder}, where it would overwrite "
-                "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
-            )
         if any(job.output.resolve() == Path(f).resolve() for f in inputs):
             raise PredictError(f"{job.output}: this is an input file of case {job.case}; choose another output")
+        parent = job.output.parent
+        into_case = folder is not None and parent.resolve() == folder.resolve()
+        if into_case or (parent.is_dir() and has_case_files(parent)):
+            # any case folder, this one or another (files given one by one, or -o into a neighbouring case)
+            raise PredictError(
+                f"-o {parent}: the output would go into the case folder {parent}, where it would overwrite "
+                "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
+            )
     for parent in sorted({job.output.parent for job in jobs}):
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            make_output_folder(parent)
         except OSError as err:
-            raise PredictError(f"cannot create the output folder {parent}: {err.strerror or err}") from err
-        if not os.access(parent, os.W_OK):
-            raise PredictError(f"the output folder {parent} is not writable")
+            raise PredictError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ from brats_core.io import (
     load_json,
     load_nifti,
     load_nifti_header,
+    make_output_folder,
     save_json,
     save_nifti,
     save_npy,
@@ -484,7 +485,7 @@ class CaseResult:
 
 def _remove_outputs(paths: Sequence[Path]) -> None:
     for p in paths:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # absent, or the folder is unwritable: the caller reports the failure
             p.unlink()
 
 
@@ -669,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--input-path {input_dir}: not a folder")
     if out_dir.resolve() == input_dir.resolve() or input_dir.resolve() in out_dir.resolve().parents:
         parser.error(f"--output-path {out_dir} is inside --input-path {input_dir}; the input must stay untouched")
+    try:
+        make_output_folder(out_dir)
+    except OSError as err:
+        parser.error(f"--output-path: {err}")
     available = list_cases(input_dir)
     cases = None
     if args.cases:

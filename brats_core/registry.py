@@ -61,6 +61,9 @@ class SegModel(nn.Module):
     # Sliding-window blending of its upstream's inference ("uniform" for the paper protocol, "gaussian" for MaM's
     # nnU-Net); predict.py uses it unless --blend says otherwise.
     default_blend: ClassVar[str] = "uniform"
+    # The "pipeline" recorded in the metadata of the preprocessed cases it was trained on (None: the shared
+    # preprocess.py, which records none); the evaluator refuses cases of another pipeline.
+    data_pipeline: ClassVar[str | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .cli import run_main
 from .io import result_files, save_text
 from .modalities import SCENARIOS, Scenario, parse_scenarios
 
@@ -796,6 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
     try:
         runs = []
         for spec in args.run:
@@ -830,4 +833,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, load_state_dict_strict
+from .checkpoint import CheckpointError, StateDictMismatchError, load_checkpoint, load_state_dict_strict
 from .cli import (
     add_data_args,
     add_eval_args,
@@ -59,7 +59,7 @@ def train_from_args(
         savepath=Path(args.savepath), num_epochs=args.num_epochs, batch_size=args.batch_size,
         iter_per_epoch=args.iter_per_epoch, seed=args.seed, workers=args.workers, device=args.device, amp=args.amp,
         compile=args.compile, max_steps=args.max_steps, val_epochs=set(val_epochs), resume=args.resume,
-        progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress,
         extra={"method": model.method_name, "config": config_dict(model), "args": args_dict(args)},
     )  # fmt: skip
     log.info(
@@ -105,7 +105,9 @@ def model_from_checkpoint(
     ckpt = load_checkpoint(path)
     stored_method = ckpt.get("method", method)
     if stored_method != method:
-        raise ValueError(f"{path} holds a {stored_method!r} model, not {method!r}: use {stored_method}'s test script")
+        raise CheckpointError(
+            f"{path} holds a {stored_method!r} model, not {method!r}: use {stored_method}'s test script"
+        )
     if "config" in ckpt:
         config = dict(ckpt["config"])
     else:
@@ -146,7 +148,10 @@ def test_main(
     check_scenarios(parser, args)
     setup_logging(args.savepath, "test.txt")
     device = resolve_device(args.device)
-    model, _ = model_from_checkpoint(args.resume, method, flags(args) if flags else {}, infer_config, device)
+    try:
+        model, _ = model_from_checkpoint(args.resume, method, flags(args) if flags else {}, infer_config, device)
+    except (FileNotFoundError, CheckpointError, StateDictMismatchError) as err:
+        parser.error(str(err))
     if prepare is not None:
         prepare(model, args)
     test_from_args(args, model)

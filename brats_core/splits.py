@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import atomic_path, save_text
+from .io import atomic_path, has_case_files, save_text
 from .modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
+from .preprocessing import is_finished, list_cases
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {'OK' if ok else 'missing or different'}")
         return 0 if all(status.values()) else 1
     root = Path(args.datapath)
+    if not root.is_dir():
+        parser.error(f"--datapath {root}: not a folder")
     vol = root / "vol"
-    if vol.is_dir():
-        cases = [p.name[: -len("_vol.npy")] for p in vol.glob("*_vol.npy")]
-    else:
-        cases = [p.name for p in root.iterdir() if p.is_dir()]
+    if vol.is_dir():  # finished cases only (an interrupted preprocess.py run leaves cases without metadata)
+        cases = [c for p in vol.glob("*_vol.npy") if is_finished(root, c := p.name[: -len("_vol.npy")])]
+    else:  # case folders: those holding modality files (not splits/, .ipynb_checkpoints/, …)
+        cases = [c for c in list_cases(root) if has_case_files(root / c)]
     if not cases:
         parser.error(f"no cases found in {root} (expected vol/<case>_vol.npy or case folders)")
     split = generate(cases, args.seed)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state, unwrap
+from .cli import UsageError
 from .data import EpochSampler, seed_worker
 from .registry import config_mismatch
 
@@ -122,6 +124,7 @@ class FitConfig:
     val_epochs: Collection[int] = ()
     best_key: str = "mean_dice"
     resume: str | Path | None = None
+    overwrite: bool = False  # start afresh in a savepath that holds a run (see claim_run_folder)
     log_every: int = 10
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint: method, config, args
@@ -133,6 +136,43 @@ class FitResult:
     next_epoch: int
     best_score: float
     last_checkpoint: Path
+
+
+RUN_CHECKPOINTS = ("model_last.pth", "best.pth", "model_1model_best_*.pth")
+"""Checkpoints a training run writes into its savepath (the last is M3AE pre-training's per-epoch snapshot)."""
+
+
+def claim_run_folder(
+    savepath: Path,
+    resume: object,
+    overwrite: bool,
+    delete: bool = True,
+    checkpoints: tuple[str, ...] = RUN_CHECKPOINTS,
+    continue_with: str = "--resume {savepath}/model_last.pth",
+) -> None:
+    """Refuse to start a new run over another run's checkpoints, which its first epoch would replace.
+
+    A run continued with ``resume`` may write where it likes; ``overwrite`` deletes the old run's ``checkpoints``
+    (glob patterns) and TensorBoard logs first (``delete``: on this process; the main one under DDP).
+
+    Raises:
+        UsageError: ``savepath`` holds checkpoints of a run and neither ``resume`` nor ``overwrite`` is given; the
+            message suggests ``continue_with``.
+    """
+    found = sorted(p for pattern in checkpoints for p in savepath.glob(pattern) if p.is_file())
+    if resume or not found:
+        return
+    names = ", ".join(p.name for p in found)
+    if not overwrite:
+        raise UsageError(
+            f"{savepath} already holds a training run ({names}): continue it with "
+            f"{continue_with.format(savepath=savepath)}, or start afresh with --overwrite (deletes its checkpoints)"
+        )
+    if delete:
+        for path in found:
+            path.unlink()
+        shutil.rmtree(savepath / "tensorboard", ignore_errors=True)
+        log.warning("--overwrite: deleted the previous run's %s and TensorBoard logs in %s", names, savepath)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -218,6 +258,7 @@ def fit(
         raise ValueError(f"--batch_size {config.batch_size} is not divisible by the {world} processes")
     savepath = Path(config.savepath)
     is_main = rank == 0
+    claim_run_folder(savepath, config.resume, config.overwrite, delete=is_main)
     if is_main:
         savepath.mkdir(parents=True, exist_ok=True)
 
@@ -230,6 +271,9 @@ def fit(
     next_epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if config.resume:
         ckpt = load_checkpoint(config.resume)  # on the CPU: the loaders below move tensors to the parameters
+        method = config.extra.get("method")
+        if ckpt.get("method", method) != method:
+            raise UsageError(f"--resume {config.resume} holds a {ckpt['method']!r} model, not {method!r}")
         _check_same_architecture(model, ckpt.get("config"), config.resume)
         load_state_dict_strict(model, ckpt["state_dict"], str(config.resume))
         if "optimizer" in ckpt:

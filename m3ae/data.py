@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from brats_core.cli import run_main
 from brats_core.data import check_cases, label_path, volume_path
 from brats_core.io import CaseFilesError, NiftiError, find_case_files, load_json, save_json, save_npy
 from brats_core.modalities import MODALITIES
@@ -42,7 +43,7 @@ from brats_core.preprocessing import case_meta, list_cases, load_case, output_pa
 from brats_core.transforms import RandomFlip, RandomIntensityChange
 from m3ae.model import M3AE, sample_modality_drop, sample_pretrain_tokens
 
-PIPELINE = "m3ae"
+PIPELINE = str(M3AE.data_pipeline)
 """Value of ``"pipeline"`` in the metadata of cases written here (a z-scored ``preprocess.py`` folder lacks it)."""
 
 PERCENTILES = (1.0, 99.0)
@@ -411,4 +412,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -245,6 +245,7 @@ class M3AE(SegModel):
     output_kind = OutputKind.REGION_LOGITS
     region_order = REGION_ORDER
     window_origin = "image"
+    data_pipeline = "m3ae"  # m3ae.data.PIPELINE
 
     def __init__(self, config: M3AEConfig) -> None:
         super().__init__(config)

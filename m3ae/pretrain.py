@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from brats_core.checkpoint import save_checkpoint, unwrap
-from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
+from brats_core.cli import (
+    add_compile_arg,
+    add_data_args,
+    add_runtime_args,
+    add_train_overwrite_arg,
+    args_dict,
+    run_main,
+    setup_logging,
+    split_dir,
+)
 from brats_core.registry import build_method, config_dict
 from brats_core.splits import read_case_list
 from brats_core.training import FitConfig, fit, seed_everything
@@ -69,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_classes", type=int, default=4, choices=[4], help="reconstructed channels (4)")
     g.add_argument("--seed", type=int, default=999)
     g.add_argument("--resume", default=None, help="our model_last.pth to continue from")
+    add_train_overwrite_arg(g)
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train // batch)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
@@ -126,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         iter_per_epoch=args.iter_per_epoch or max(1, len(train) // args.batch_size),
         seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
         max_steps=args.max_steps, val_epochs=set(range(args.val, args.epochs + 1, args.val)), resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress, extra=extra,
     )  # fmt: skip
 
@@ -144,4 +155,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_data_args, add_eval_args, add_runtime_args, check_scenarios, setup_logging, split_dir
+from brats_core.cli import (
+    add_data_args,
+    add_eval_args,
+    add_runtime_args,
+    check_scenarios,
+    run_main,
+    setup_logging,
+    split_dir,
+)
 from brats_core.data import load_case
 from brats_core.inference import predict_scenarios
 from brats_core.labels import label_to_regions
@@ -175,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from brats_core.checkpoint import load_checkpoint
-from brats_core.cli import add_compile_arg, add_data_args, add_runtime_args, args_dict, setup_logging, split_dir
+from brats_core.cli import (
+    add_compile_arg,
+    add_data_args,
+    add_runtime_args,
+    add_train_overwrite_arg,
+    args_dict,
+    run_main,
+    setup_logging,
+    split_dir,
+)
 from brats_core.evaluation import EvalOptions, validate
 from brats_core.losses import region_dice_bce
 from brats_core.registry import build_method, config_dict
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_classes", type=int, default=3, choices=[3], help="region outputs (3)")
     g.add_argument("--seed", type=int, default=999)
     g.add_argument("--resume", default=None, help="our model_last.pth to continue from")
+    add_train_overwrite_arg(g)
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train, upstream)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
@@ -215,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=int(os.environ.get("WORLD_SIZE", "1")),
         iter_per_epoch=args.iter_per_epoch,
         seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
-        max_steps=args.max_steps, resume=args.resume, progress=not args.no_progress,
+        max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
         val_epochs=set(select_val_epochs(UPSTREAM_VAL_EPOCHS, args.epochs, args.debug, args.val_every)),
         extra={"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "finetune"},
     )  # fmt: skip
@@ -242,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

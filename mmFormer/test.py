@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from brats_core.cli import run_main
 from brats_core.scripts import build_test_parser, test_main
 
 
@@ -51,4 +52,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

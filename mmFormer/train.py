@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from brats_core.cli import add_data_args, add_runtime_args, add_train_args, positive_int, setup_logging, split_dir
+from brats_core.cli import (
+    add_data_args,
+    add_runtime_args,
+    add_train_args,
+    positive_int,
+    run_main,
+    setup_logging,
+    split_dir,
+)
 from brats_core.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method, method_info
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
@@ -88,4 +96,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -119,6 +119,14 @@ def test_results_of_another_model_or_settings_are_never_mixed(setup, tmp_path):
         evaluate(other, root, cases, out, scenarios=SCENARIOS[:2], options=opts)
     with pytest.raises(evaluation.ResultsMismatchError, match=r"overlap: 0\.5 there, 0\.25 now"):
         evaluate(model, root, cases, out, scenarios=SCENARIOS[2:4], options=EvalOptions(progress=False, overlap=0.25))
+    # other data, or another case list, is another evaluation too (their rows would be summarised together)
+    import shutil
+
+    shutil.copytree(root, tmp_path / "copy")
+    with pytest.raises(evaluation.ResultsMismatchError, match=r"data: .*data' there, .*copy' now"):
+        evaluate(model, tmp_path / "copy", cases, out, scenarios=SCENARIOS[:2], options=opts)
+    with pytest.raises(evaluation.ResultsMismatchError, match=r"cases: '2 cases, sha256 \w+' there, '1 case, "):
+        evaluate(model, root, cases[:1], out, scenarios=SCENARIOS[:2], options=opts)
     assert summarize(out) == first  # nothing was added by the refused runs
     # --overwrite replaces the folder's results: equal to a fresh evaluation of the other model
     replaced = evaluate(other, root, cases, out, scenarios=SCENARIOS[:1], options=opts, overwrite=True)
@@ -146,6 +154,17 @@ def test_overwrite_by_an_array_task_keeps_the_other_tasks_shards(setup, tmp_path
     newer = {k: v for k, v in json.loads(saved).items() if k != "hd95"} | {"future_setting": 1}
     evaluation.claim_results_folder(out, newer)
     assert (out / evaluation.RECORD_FILE).read_text() == saved
+
+
+def test_cases_of_another_methods_pipeline_are_refused(setup, tmp_path):
+    model, root, cases = setup
+    meta = root / "meta" / f"{cases[1]}.json"
+    meta.parent.mkdir(exist_ok=True)
+    meta.write_text(json.dumps({"pipeline": "shaspec"}))  # as ShaSpec's (uncropped, otherwise normalised) cache
+    expected = rf"case {cases[1]} was prepared by the shaspec pipeline, but {model.method_name} .*by preprocess\.py"
+    with pytest.raises(ValueError, match=expected):
+        evaluate(model, root, cases, tmp_path / "out", scenarios=SCENARIOS[:1], options=EvalOptions(progress=False))
+    assert not (tmp_path / "out").exists()
 
 
 def test_summary_merges_only_the_evaluator_shards(setup, tmp_path):
@@ -202,3 +221,14 @@ def test_predictions_written_in_original_geometry(tmp_path):
         meta = load_meta(output_paths(tmp_path / "pre", case).meta)
         np.testing.assert_array_equal(data, uncrop(crop, meta))
         assert (data != 0).sum() == (crop != 0).sum() > 0
+    # a finished evaluation re-run with --save_nifti writes the label maps it lacks; the rows stay one per scenario
+    (out / "predictions" / f"{case}_{SCENARIOS[0].bits}.nii.gz").unlink()
+    plain = tmp_path / "plain"
+    evaluate(model, tmp_path / "pre", [case], plain, scenarios=SCENARIOS[:2], options=EvalOptions(progress=False))
+    assert not (plain / "predictions").exists()
+    again = evaluate(model, tmp_path / "pre", [case], plain, scenarios=SCENARIOS[:2],
+                     options=EvalOptions(progress=False), save_nifti=True)  # fmt: skip
+    assert sorted(p.name for p in (plain / "predictions").iterdir()) == [
+        f"{case}_{s.bits}.nii.gz" for s in SCENARIOS[:2]
+    ]
+    assert len(_rows(evaluation.shard_file(plain, SCENARIOS[:2]))) == 2 and again[-1]["cases"] == "1"

@@ -364,6 +364,10 @@ def test_cli_argument_errors(raw: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--input-path", str(tmp_path / "absent"), "--output-path", str(tmp_path / "o")])
     assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # the output is checked before any case is read: no traceback, no work
+    with pytest.raises(SystemExit) as exc:
+        main(["--input-path", str(raw), "--output-path", str(tmp_path / "a_file")])
+    assert exc.value.code == 2 and "cannot create the output folder" in capsys.readouterr().err
     rc, _ = run(raw, tmp_path / "o", "--cases", BAD, capsys=capsys)
     assert rc == 0 and not output_paths(tmp_path / "o", GOOD).meta.exists()
 
@@ -493,6 +497,18 @@ def test_find_case_files(tmp_path: Path, base: Path) -> None:
     # Several candidates: the one named after the folder wins.
     shutil.copy(folder / f"{GOOD}-t2f.nii", folder / "other-t2f.nii")
     assert find_case_files(folder, require=()).images["flair"].name == f"{GOOD}-t2f.nii"
+
+
+def test_files_of_two_patients_in_one_case_folder_are_flagged(tmp_path: Path, base: Path, caplog) -> None:
+    folder = tmp_path / GOOD
+    shutil.copytree(base / GOOD, folder)
+    with caplog.at_level("WARNING", logger="brats_core.io"):
+        find_case_files(folder)
+    assert not caplog.records
+    (folder / f"{GOOD}-t2w.nii.gz").rename(folder / "BraTS-GLI-09999-000-t2w.nii.gz")  # another patient's T2
+    with caplog.at_level("WARNING", logger="brats_core.io"):
+        find_case_files(folder)
+    assert f"files name different cases (BraTS-GLI-09999-000, {GOOD})" in caplog.text
 
 
 def test_atomic_writers_leave_nothing_on_failure(tmp_path: Path) -> None:

@@ -289,3 +289,7 @@ def test_incomplete_runs_are_flagged_and_means_compare_like_with_like(two_method
             report.main(["--run", f"alpha={pa}", "--out", str(tmp_path / "never"), "--no_param_count", *extra])
         assert "--" + extra[0][2:] in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        report.main(["--run", f"alpha={pa}", "--out", str(tmp_path / "a_file"), "--no_param_count"])
+    assert "exists and is not a folder" in capsys.readouterr().err

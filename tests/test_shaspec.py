@@ -24,7 +24,7 @@ from brats_core.modalities import SCENARIOS, format_shaspec_mode, scenario_for
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
 from ShaSpec import eval as shaspec_eval
 from ShaSpec import train_SS
-from ShaSpec.data import label_to_shaspec_regions, mode_sampler, normalise_modality, random_mode_mask
+from ShaSpec.data import label_to_shaspec_regions, mode_sampler, normalise_modality, prepare_cache, random_mode_mask
 from ShaSpec.model import ASPP, ShaSpec, WSConv3d
 from ShaSpec.scoring import dice_plus_one, region_scores, tile_starts, upstream_binarise
 
@@ -352,6 +352,16 @@ def test_warm_up_then_random_then_eval_15_scenarios(tmp_path) -> None:
             "--reload_from_checkpoint", "--reload_path", str(tmp_path / "rand" / "final.pth")]  # fmt: skip
     assert train_SS.main([*common, *done], on_step=lambda i, lr: again.append((i, lr))) == 0
     assert again == []
+    # a new run never replaces another run's snapshots: continue it (--continue) or start afresh (--overwrite)
+    with pytest.raises(SystemExit) as exit_info:
+        train_SS.main([*common, *warm])
+    assert exit_info.value.code == 2 and load_checkpoint(tmp_path / "warm" / "best.pth")["iter"] == 1
+    # a cache written by another pipeline (here: relabelled as preprocess.py's) is never reused
+    meta = tmp_path / "cache" / "meta" / f"{cases[0]}.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "pipeline"}))
+    with pytest.raises(ValueError, match=r"prepared by preprocess\.py, not ShaSpec's"):
+        prepare_cache(raw, [cases[0]], tmp_path / "cache")
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"pipeline": "shaspec"}))
 
     out, quirks = tmp_path / "outputs", tmp_path / "outputs_upstream"
     ev = ["--data_dir", str(raw), "--data_list", "test.csv", "--restore_from", str(tmp_path / "rand" / "final.pth"),

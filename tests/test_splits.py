@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import shared_path
 
@@ -77,3 +79,31 @@ def test_generate_follows_upstream_rules(tmp_path):
     assert splits.generate(ids, seed=1) != split
     split.write(tmp_path)
     assert splits.load_split(tmp_path) == split
+
+
+def test_generate_cli_takes_only_cases(tmp_path):
+    from toy import write_preprocessed
+
+    from brats_core.preprocessing import META_FORMAT, output_paths
+    from brats_core.synthetic import write_synthetic_dataset
+
+    raw = tmp_path / "raw"
+    cases = write_synthetic_dataset(raw, 10, shape=(16, 16, 16), seed=0)
+    (raw / ".ipynb_checkpoints").mkdir()
+    (raw / "splits").mkdir()  # a folder of split files beside the cases
+    assert splits.main(["generate", "--datapath", str(raw), "--out", str(tmp_path / "s1")]) == 0
+    split = splits.load_split(tmp_path / "s1")
+    assert sorted(split.train + [c for c, _ in split.val] + [c for c, _ in split.test]) == sorted(cases)
+    # a preprocessed folder: cases without metadata (an interrupted preprocess.py) are not finished, not taken
+    pre = tmp_path / "pre"
+    names = write_preprocessed(pre, n=10)
+    shape = [20, 22, 18]
+    meta = {"format": META_FORMAT, "original_shape": shape, "affine": np.eye(4).tolist(),
+            "crop_box": [[0, n] for n in shape], "cropped_shape": shape, "channels": [], "available": [],
+            "has_label": True}  # fmt: skip
+    for case in names[1:]:
+        output_paths(pre, case).meta.parent.mkdir(exist_ok=True)
+        output_paths(pre, case).meta.write_text(json.dumps(meta | {"case": case}))
+    assert splits.main(["generate", "--datapath", str(pre), "--out", str(tmp_path / "s2")]) == 0
+    split = splits.load_split(tmp_path / "s2")
+    assert sorted(split.train + [c for c, _ in split.val] + [c for c, _ in split.test]) == sorted(names[1:])

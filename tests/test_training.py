@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from toy import ToyModel, write_preprocessed
 
 from brats_core import checkpoint as C
+from brats_core.cli import UsageError, run_main, setup_logging
 from brats_core.data import TrainDataset
 from brats_core.registry import RUNTIME_FIELD
 from brats_core.training import FitConfig, PolyLR, fit, seed_everything
@@ -326,3 +327,42 @@ def test_unreadable_checkpoints_are_named_with_a_reason(tmp_path):
         C.load_checkpoint(tmp_path / "empty.pth")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         C.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_a_new_run_never_replaces_another_runs_checkpoints(tmp_path):
+    root = tmp_path / "data"
+    cases = write_preprocessed(root, n=2)
+    _run(tmp_path, "r", cases, root)
+    run = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run.glob("*.pth")}
+    assert set(before) == {"model_last.pth", "best.pth"}
+    with pytest.raises(UsageError, match=r"already holds a training run \(best\.pth, model_last\.pth\).*--resume"):
+        _run(tmp_path, "r", cases, root)
+    assert {p.name: p.read_bytes() for p in run.glob("*.pth")} == before  # untouched
+    # another method's checkpoint is named as such, not as a list of mismatched keys
+    with pytest.raises(UsageError, match=r"holds a 'toy' model, not 'other'"):
+        fit(
+            ToyModel(), TrainDataset(root, cases, rfnet_augmentation(16)), _loss,
+            torch.optim.SGD(ToyModel().parameters(), lr=0.1),
+            FitConfig(savepath=tmp_path / "o", num_epochs=1, progress=False, resume=run / "model_last.pth",
+                      extra={"method": "other"}),
+        )  # fmt: skip
+    # --overwrite starts afresh: the old best.pth is deleted, not left beside a new run that has not validated yet
+    (run / "tensorboard" / "stale").write_text("")
+    _run(tmp_path, "r", cases, root, overwrite=True, max_steps=1)
+    assert sorted(p.name for p in run.glob("*.pth")) == ["model_last.pth"]
+    assert torch.load(run / "model_last.pth", weights_only=True)["global_step"] == 1
+    assert not (run / "tensorboard" / "stale").exists()
+
+
+def test_training_scripts_report_usage_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("sys.argv", ["train.py"])
+
+    def main() -> int:
+        setup_logging(tmp_path / "a_file")
+        return 0
+
+    assert run_main(main) == 2
+    assert capsys.readouterr().err.strip() == f"train.py: error: {tmp_path / 'a_file'} exists and is not a folder: " \
+        "choose another output folder"  # fmt: skip
