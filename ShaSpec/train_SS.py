@@ -331,7 +331,9 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
         len([i for i in val_iters if i > start]),
     )  # fmt: skip
     if start >= args.num_steps:
-        log.warning("nothing to do: the checkpoint is at iteration %d >= --num_steps %d", start - 1, args.num_steps)
+        log.warning(
+            "nothing to do: the run continues at iteration %d and --num_steps %d ends before it", start, args.num_steps
+        )
     t0 = time.time()
     iteration = start - 1
     for iteration, batch in zip(range(start, args.num_steps), loader, strict=False):

@@ -19,16 +19,17 @@ from typing import Any
 from .modalities import parse_scenarios
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A problem with the command line or the files it names, found after parsing: :func:`run_main` reports it in
     one line (``<script>: error: …``, exit status 2) instead of a traceback."""
 
 
 def run_main(main: Callable[[], int]) -> int:
-    """Run a script's ``main()`` and return its exit status; a :class:`UsageError` becomes a one-line message."""
+    """Run a script's ``main()`` and return its exit status; a :class:`UsageError` or a missing file (our messages
+    name the file and what to do) becomes a one-line message."""
     try:
         return main()
-    except UsageError as err:
+    except (UsageError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cli import UsageError
 from .data import check_cases, load_case
 from .inference import outputs_to_labels, predict_scenarios
 from .io import RECORD_FILE, atomic_path, load_json, result_files, save_json, save_text
@@ -238,7 +239,7 @@ def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> N
     """Refuse cases preprocessed by another method's pipeline (other normalisation and crop: wrong numbers).
 
     Raises:
-        ValueError: naming the first such case, its pipeline and the one ``model`` needs.
+        UsageError: naming the first such case, its pipeline and the one ``model`` needs.
     """
     from .preprocessing import output_paths
 
@@ -250,7 +251,7 @@ def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> N
             def name(p: str | None) -> str:
                 return f"the {p} pipeline" if p else "preprocess.py"
 
-            raise ValueError(
+            raise UsageError(
                 f"{meta}: case {case} was prepared by {name(found)}, but {model.method_name} is evaluated on data "
                 f"prepared by {name(model.data_pipeline)}: point --datapath at that folder"
             )

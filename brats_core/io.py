@@ -264,6 +264,7 @@ def save_nifti(
     array: np.ndarray,
     affine: np.ndarray,
     header: nib.Nifti1Header | None = None,
+    description: str | None = None,
 ) -> Path:
     """Write a NIfTI image atomically (``.nii`` or ``.nii.gz`` by the file name).
 
@@ -276,6 +277,7 @@ def save_nifti(
         affine: voxel-to-world ``(4, 4)``.
         header: header to copy (orientation codes, voxel sizes, description), e.g. the source image's; without
             one, qform and sform are both set to ``affine`` with code 1 (scanner), as in BraTS files.
+        description: the header's ``descrip`` (up to 80 characters; default: the copied header's).
     """
     path = Path(path)
     if not path.name.endswith((".nii", ".nii.gz")):
@@ -285,6 +287,8 @@ def save_nifti(
     img.header.set_slope_inter(None, None)
     # the source's display window (e.g. cal_max 2000) would show labels 0-3 as black in viewers that honour it
     img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
+    if description is not None:
+        img.header["descrip"] = description.encode()[:80]
     if header is None:
         # BraTS ships the affine as both qform and sform with code 1 (scanner anatomical); mirror that.
         img.set_qform(img.affine, code=1)

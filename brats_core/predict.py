@@ -44,8 +44,10 @@ from .checkpoint import load_checkpoint, load_state_dict_strict
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import (
+    LABEL_KEY,
     CaseFiles,
     atomic_path,
+    file_key,
     find_case_files,
     has_case_files,
     load_nifti_header,
@@ -54,7 +56,7 @@ from .io import (
 )
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
-from .preprocessing import load_case, uncrop
+from .preprocessing import list_cases, load_case, uncrop
 from .registry import SegModel, build_from_config, checkpoint_readers
 from .training import resolve_device
 
@@ -369,7 +371,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     if has_case_files(root):
         folders = [root]
     else:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = [root / case for case in list_cases(root)]
         if not folders:
             raise PredictError(f"{root}: neither a case folder (no modality files found) nor a folder of case folders")
     if output is None:
@@ -400,12 +402,18 @@ def check_outputs(jobs: Sequence[Job]) -> None:
         if any(job.output.resolve() == Path(f).resolve() for f in inputs):
             raise PredictError(f"{job.output}: this is an input file of case {job.case}; choose another output")
         parent = job.output.parent
-        into_case = folder is not None and parent.resolve() == folder.resolve()
-        if into_case or (parent.is_dir() and has_case_files(parent)):
-            # any case folder, this one or another (files given one by one, or -o into a neighbouring case)
+        if folder is not None and parent.resolve() == folder.resolve():
             raise PredictError(
-                f"-o {parent}: the output would go into the case folder {parent}, where it would overwrite "
+                f"-o {parent}: the output would go into the case folder {folder}, where it would overwrite "
                 "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
+            )
+        # e.g. modality files given one by one with -o their folder, or -o into another case's folder
+        out = job.output
+        named_like_truth = out.is_file() and file_key(out.name) == LABEL_KEY and has_case_files(parent)
+        if named_like_truth and not written_by_predict(out):
+            raise PredictError(
+                f"{out} exists beside a case's images and was not written by predict.py (the ground truth?): "
+                "choose another output"
             )
     for parent in sorted({job.output.parent for job in jobs}):
         try:
@@ -490,8 +498,20 @@ def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_
                 handle, probabilities=pred.probabilities, channels=np.array(pred.channels), affine=pred.affine
             )
     if save_regions:
-        save_nifti(job.regions, pred.regions(), pred.affine, pred.header)
-    save_nifti(job.output, pred.labels, pred.affine, pred.header)
+        save_nifti(job.regions, pred.regions(), pred.affine, pred.header, PREDICTION_MARK)
+    save_nifti(job.output, pred.labels, pred.affine, pred.header, PREDICTION_MARK)
+
+
+PREDICTION_MARK = "brats_core predict.py"
+"""``descrip`` of the label maps written here: a re-run may replace them, never a ground-truth map (check_outputs)."""
+
+
+def written_by_predict(path: Path) -> bool:
+    """Whether the NIfTI file at ``path`` is a label map this tool wrote (by its header's description)."""
+    try:
+        return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode(errors="replace") == PREDICTION_MARK
+    except Exception:  # unreadable: not ours
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,8 @@ from brats_core.io import (
 )
 from brats_core.labels import remap_legacy
 from brats_core.modalities import MODALITIES
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATCH_SIZE = 128
 META_FORMAT = "brats_core.preprocessing/1"
@@ -529,9 +532,17 @@ def preprocess_case(
 
 
 def list_cases(input_dir: str | os.PathLike[str]) -> list[str]:
-    """Case ids of a BraTS folder: its sub-folders (hidden ones excluded), sorted."""
-    folder = Path(input_dir)
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Case ids of a BraTS folder, sorted: its sub-folders holding NIfTI files (hidden ones excluded); others, e.g.
+    a ``splits/`` folder of case lists, are left out with a note in the log."""
+    cases = []
+    for p in sorted(Path(input_dir).iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if any(f.name.lower().endswith((".nii", ".nii.gz")) for f in p.iterdir()):
+            cases.append(p.name)
+        else:
+            log.info("%s: no NIfTI files, not a case", p)
+    return cases
 
 
 def preprocess_dataset(

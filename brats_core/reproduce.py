@@ -402,7 +402,7 @@ RECIPES: dict[str, Recipe] = {
                 "train",
                 "MaM/train.py",
                 ("138", "3d_fullres_multiencoder_recon", "0", "-tr", "nnUNetTrainerMissingReconBaseline"),
-                paper=("-device", "cuda"),
+                paper=("-device", "{nnunet_device}"),
                 smoke=(
                     "-device",
                     "cpu",
@@ -430,7 +430,7 @@ RECIPES: dict[str, Recipe] = {
                     "--test_file",
                     "{split_dir}/test15splits.csv",
                 ),
-                paper=("-device", "cuda"),
+                paper=("-device", "{nnunet_device}"),
                 smoke=("-device", "cpu", "--no_hd95"),
                 kind="test",
             ),
@@ -479,6 +479,8 @@ class Context:
             "raw": str(self.raw) if self.raw else "<BraTS NIfTI folder: pass --raw>",
             "run": str(self.runs / recipe.method),
             "device": self.device,
+            # nnU-Net's -device has no "auto"; training on a CPU is only for --smoke
+            "nnunet_device": "cpu" if self.device == "cpu" else "cuda",
             "ckpt": "model_last.pth" if self.smoke and recipe.ckpt == "best.pth" else recipe.ckpt,
             "workers": "0" if self.smoke else "8",
         }
@@ -511,6 +513,18 @@ def _batch_flags(step: Step, args: list[str], ctx: Context) -> list[str]:
     return args
 
 
+def _batch_note(recipe: Recipe, step: Step, ctx: Context) -> str | None:
+    """The deviation ``--batch_per_gpu`` makes in this step, for the printed comment; None when there is none."""
+    paper = _fill(step.args, ctx.values(recipe)) + _fill(step.smoke if ctx.smoke else step.paper, ctx.values(recipe))
+    if not (step.ddp and ctx.gpus > 1 and ctx.batch_per_gpu and "--batch_size" in paper):
+        return None
+    batch = paper[paper.index("--batch_size") + 1]
+    return (
+        f"--batch_per_gpu {ctx.batch_per_gpu}: global batch {ctx.batch_per_gpu * ctx.gpus} over {ctx.gpus} GPUs, "
+        f"not the paper's {batch}"
+    )
+
+
 def step_args(recipe: Recipe, step: Step, ctx: Context) -> list[str]:
     """The step's flags (without the resume flags) for ``ctx``."""
     values = ctx.values(recipe)
@@ -535,6 +549,9 @@ def shell_lines(recipe: Recipe, step: Step, ctx: Context, python: str = "python"
     env = [f"{k}={shlex.quote(v.format(**values))}" for k, v in recipe.env]
     command = " ".join([*env, shlex.join([*launcher(step, ctx, python), step.script, *step_args(recipe, step, ctx)])])
     lines = []
+    note = _batch_note(recipe, step, ctx)
+    if note:
+        lines.append(f"# {note}")
     if step.resume_file:
         check = shlex.quote(step.resume_file.format(**values))
         extra = shlex.join(_fill(step.resume_args, values))

@@ -160,10 +160,13 @@ def test_main(
 
 def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, str]]:
     """Evaluate on the test list (``--test_file`` or ``<split_dir>/test15splits.csv``) over the chosen scenarios."""
-    test_file = Path(args.test_file) if args.test_file else split_dir(args) / "test15splits.csv"
-    if not test_file.is_file():
+    default = split_dir(args) / "test15splits.csv"
+    tried = [Path(args.test_file), split_dir(args) / Path(args.test_file).name] if args.test_file else [default]
+    test_file = next((p for p in tried if p.is_file()), None)  # an upstream-style name is looked up in --split_dir
+    if test_file is None:
         raise FileNotFoundError(
-            f"test list {test_file} not found: pass --test_file or --split_dir (see `python -m brats_core.splits`)"
+            f"test list not found (looked for {', '.join(map(str, tried))}): pass --test_file or --split_dir "
+            "(see `python -m brats_core.splits`)"
         )
     cases = read_case_list(test_file)
     device = resolve_device(args.device)

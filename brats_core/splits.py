@@ -261,7 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "download":
-        for path in download(args.out, args.base_url, args.overwrite):
+        created = not Path(args.out).exists()
+        try:
+            paths = download(args.out, args.base_url, args.overwrite)
+        except (OSError, ValueError) as err:  # URLError is an OSError: no network, a wrong --base_url, a bad file
+            if created and not any(Path(args.out).iterdir()):
+                Path(args.out).rmdir()
+            parser.error(f"download failed: {err} (offline? pass --base_url with a mirror or a file:// folder)")
+        for path in paths:
             print(f"{path}  OK")
         return 0
     if args.command == "verify":

@@ -215,7 +215,7 @@ def _check_same_architecture(model: nn.Module, saved: Mapping[str, Any] | None, 
         return
     diff = config_mismatch(model, saved)  # type: ignore[arg-type]
     if diff:
-        raise ValueError(
+        raise UsageError(
             f"{path}: the checkpoint was trained with another architecture ({'; '.join(diff)}); resume with the "
             "checkpoint's flags, or start a new run"
         )

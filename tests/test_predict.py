@@ -283,14 +283,19 @@ def test_outputs_never_touch_inputs_and_folders_are_checked_first(
     assert main([*base, "-i", str(folder), "-o", str(folder)]) == 1
     assert "into the case folder" in capsys.readouterr().err
     assert (folder / f"{folder.name}-seg.nii.gz").read_bytes() == truth
-    # the same with the modality files given one by one, and from another case into this one
+    # the ground truth is not replaced either with the modality files given one by one, or from another case
     t1ce = folder / f"{folder.name}-t1c.nii.gz"
     assert main([*base, "--t1ce", str(t1ce), "-o", f"{folder}/"]) == 1
-    assert "into the case folder" in capsys.readouterr().err
+    assert "was not written by predict.py (the ground truth?)" in capsys.readouterr().err
     (other,) = _dataset(tmp_path / "in2", 1, seed=1)
     assert main([*base, "-i", str(other), "-o", str(folder / f"{folder.name}-seg.nii.gz")]) == 1
-    assert "into the case folder" in capsys.readouterr().err
+    assert "was not written by predict.py" in capsys.readouterr().err
     assert (folder / f"{folder.name}-seg.nii.gz").read_bytes() == truth
+    # files given one by one may be segmented into their own folder (the README's example), and again
+    own = other / "a-seg.nii.gz"
+    for _ in range(2):
+        assert main([*base, "--t1ce", str(other / f"{other.name}-t1c.nii.gz"), "-o", str(own)]) == 0
+    assert "1 written" in capsys.readouterr().out
     flair = folder / f"{folder.name}-t2f.nii.gz"
     assert main([*base, "--flair", str(flair), "-o", str(flair)]) == 1
     assert "is an input file" in capsys.readouterr().err

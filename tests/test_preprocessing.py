@@ -354,6 +354,13 @@ def test_parallel_workers_and_snake_case_flags(raw: Path, tmp_path: Path, capsys
         np.testing.assert_array_equal(np.load(serial.seg), np.load(parallel.seg))
 
 
+def test_folders_without_nifti_files_are_not_cases(raw: Path, tmp_path: Path, capsys) -> None:
+    (raw / "splits").mkdir()  # where `splits download --out <BraTS>/splits` puts the case lists
+    (raw / "splits" / "train.txt").write_text(f"{GOOD}\n")
+    rc, err = run(raw, tmp_path / "o", capsys=capsys)
+    assert rc == 0 and "2 cases, 2 written" in err and "splits" not in err
+
+
 def test_cli_argument_errors(raw: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--input-path", str(raw), "--output-path", str(raw / "out")])

@@ -125,8 +125,14 @@ def test_printed_plan_parses_and_torchrun(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit, match="cannot be split over 3 GPUs"):
         reproduce.shell_lines(im, im.steps[0], ctx)
     ctx.batch_per_gpu = 2
-    assert "--batch_size 6" in reproduce.shell_lines(im, im.steps[0], ctx)[1]
+    note, _, line = reproduce.shell_lines(im, im.steps[0], ctx)
+    assert "--batch_size 6" in line and note == "# --batch_per_gpu 2: global batch 6 over 3 GPUs, not the paper's 1"
     assert reproduce.shell_lines(im, im.steps[1], ctx)[0].startswith("python IMFuse/test.py")  # tests stay 1 process
+    # MaM's nnU-Net scripts take -device cpu|cuda: --device reaches them ("auto" → cuda)
+    mam = reproduce.RECIPES["mam"]
+    for device, expected in (("cpu", "-device cpu"), ("auto", "-device cuda")):
+        ctx = reproduce.Context(Path("d"), Path("d/splits"), None, Path("r"), device=device)
+        assert all(expected in reproduce.shell_lines(mam, step, ctx)[-1] for step in mam.steps[1:])
 
 
 def test_resume_flag_only_when_checkpoint_exists(tmp_path: Path) -> None:

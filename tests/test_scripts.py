@@ -67,3 +67,34 @@ def test_training_script_takes_a_step(preprocessed, tmp_path, method, script):
     ckpt = load_checkpoint(save / "model_last.pth")
     assert ckpt["method"] == method and ckpt["global_step"] == 1 and ckpt["config"]["patch_size"] == 32
     assert ckpt["optimizer"]["state"]  # the optimiser stepped
+
+
+def test_test_script_finds_upstream_style_lists_and_reports_errors_in_one_line(preprocessed, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    from functools import partial
+
+    from brats_core import splits
+    from brats_core.cli import run_main
+    from brats_core.splits import read_case_list
+    from mmFormer import test, train
+
+    save = tmp_path / "run"
+    assert train.main(["--datapath", str(preprocessed), "--savepath", str(save), "--preset", "tiny", "--num_epochs",
+                       "1", "--max_steps", "1", "--workers", "0", "--device", "cpu", "--no_progress"]) == 0  # fmt: skip
+    case = read_case_list(preprocessed / "splits" / "train.txt")[0]
+    splits.Split([], [], [(case, (True, True, True, True))]).write(tmp_path / "lists")
+    common = ["--datapath", str(preprocessed), "--resume", str(save / "model_last.pth"), "--split_dir",
+              str(tmp_path / "lists"), "--scenarios", "1", "--no_hd95", "--device", "cpu", "--no_progress"]  # fmt: skip
+    # upstream's commands name the list by its place in their repository: found in --split_dir
+    argv = [*common, "--savepath", str(tmp_path / "eval"), "--test_file", "datalist/test15splits.csv"]
+    assert test.main(argv) == 0
+    assert (tmp_path / "eval" / "summary.csv").is_file()
+    # a list that is nowhere, and another method's checkpoint: one line each, exit status 2
+    monkeypatch.setattr("sys.argv", ["test.py"])
+    argv = [*common, "--savepath", str(tmp_path / "e2"), "--test_file", "nowhere.csv"]
+    assert run_main(partial(test.main, argv)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines
+    assert last.startswith("test.py: error: test list not found (looked for nowhere.csv, ")
+    with pytest.raises(SystemExit) as exit_info:
+        test.main([*common, "--savepath", str(tmp_path / "e3"), "--resume", str(tmp_path / "absent.pth")])
+    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err

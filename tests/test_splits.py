@@ -107,3 +107,10 @@ def test_generate_cli_takes_only_cases(tmp_path):
     assert splits.main(["generate", "--datapath", str(pre), "--out", str(tmp_path / "s2")]) == 0
     split = splits.load_split(tmp_path / "s2")
     assert sorted(split.train + [c for c, _ in split.val] + [c for c, _ in split.test]) == sorted(names[1:])
+
+
+def test_download_failure_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "splits"
+    with pytest.raises(SystemExit) as exit_info:
+        splits.main(["download", "--out", str(out), "--base_url", (tmp_path / "no_mirror").as_uri()])
+    assert exit_info.value.code == 2 and "download failed" in capsys.readouterr().err and not out.exists()
