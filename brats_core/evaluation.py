@@ -128,6 +128,17 @@ def case_origin(model: SegModel, root: str | Path, case: str) -> tuple[int, int,
         return window_origin(model, json.load(f))
 
 
+def case_spacing(root: str | Path, case: str) -> tuple[float, float, float]:
+    """Voxel size in mm along the array axes (the source NIfTI's, from ``<root>/meta/<case>.json``; 1 mm without
+    one). Every pipeline keeps the NIfTI axis order, so HD95 comes out in mm whatever the grid."""
+    path = Path(root) / "meta" / f"{case}.json"
+    affine = load_json(path).get("affine") if path.is_file() else None
+    if affine is None:
+        return (1.0, 1.0, 1.0)
+    x, y, z = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    return (float(x), float(y), float(z))
+
+
 def validate(
     model: SegModel, root: str | Path, rows: Sequence[tuple[str, Mask]], options: EvalOptions, device: torch.device
 ) -> dict[str, float]:
@@ -344,10 +355,13 @@ def evaluate(
         t0 = time.time()
         image, label = load_case(root, case)
         origin = case_origin(model, root, case)
+        spacing = case_spacing(root, case)
         preds = segment(model, torch.from_numpy(image), [s.mask for s in todo], options, device, origin)
         seconds = (time.time() - t0) / len(todo)
         for s, pred in zip(todo, preds, strict=True):
-            scores = case_scores(pred.numpy(), label, etpp_threshold=options.etpp_threshold, hd95=options.hd95)
+            scores = case_scores(
+                pred.numpy(), label, etpp_threshold=options.etpp_threshold, spacing=spacing, hd95=options.hd95
+            )
             rows.append(
                 {
                     "case": case,

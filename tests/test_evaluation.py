@@ -167,6 +167,19 @@ def test_cases_of_another_methods_pipeline_are_refused(setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_hd95_is_in_mm_of_the_source_grid(setup, tmp_path):
+    model, root, cases = setup
+    opts = EvalOptions(progress=False)
+    one_mm = evaluate(model, root, cases[:1], tmp_path / "a", scenarios=SCENARIOS[14:], options=opts)
+    meta = root / "meta" / f"{cases[0]}.json"
+    meta.parent.mkdir(exist_ok=True)
+    meta.write_text(json.dumps({"affine": np.diag([2.0, 2.0, 2.0, 1.0]).tolist()}))  # a 2 mm grid
+    two_mm = evaluate(model, root, cases[:1], tmp_path / "b", scenarios=SCENARIOS[14:], options=opts)
+    assert float(one_mm[0]["HD95_WT"]) > 0
+    assert float(two_mm[0]["HD95_WT"]) == pytest.approx(2 * float(one_mm[0]["HD95_WT"]), abs=2e-4)
+    assert two_mm[0]["WT"] == one_mm[0]["WT"]  # Dice does not depend on the voxel size
+
+
 def test_summary_merges_only_the_evaluator_shards(setup, tmp_path):
     model, root, cases = setup
     out = tmp_path / "out"
