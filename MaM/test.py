@@ -32,8 +32,8 @@ from brats_core.cli import add_overwrite_arg
 from brats_core.evaluation import (
     METRICS,
     PER_CASE_HEADER,
+    case_list_identity,
     claim_results_folder,
-    data_identity,
     format_table,
     read_rows,
     results_folder_errors,
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     save = Path(args.savepath) if args.savepath else out
     cases = _cases(args, images)
     identity = {
-        **data_identity(images, cases), "labels": str(labels.resolve()),
+        "data": str(images.resolve()), "cases": case_list_identity(cases), "labels": str(labels.resolve()),
         "method": "mam", "weights": weights_digest(model.network), "step_size": args.step_size, "tta": args.tta,
         "hd95": not args.no_hd95,
     }  # fmt: skip

@@ -26,7 +26,7 @@ from brats_core.cli import add_overwrite_arg, add_runtime_args, run_main, setup_
 from brats_core.data import load_case
 from brats_core.evaluation import EvalOptions, evaluate, format_table, results_folder_errors, write_csv
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
-from brats_core.scripts import model_from_checkpoint
+from brats_core.scripts import load_for_test
 from brats_core.training import resolve_device
 from ShaSpec.data import prepare_cache
 from ShaSpec.model import ShaSpec
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(savepath, "eval_log.txt")
     device = resolve_device(args.device)
     flags: dict = {"weight_std": args.weight_std, "num_classes": args.num_classes}
-    model, _ = model_from_checkpoint(args.restore_from, "shaspec", flags, lambda sd: {}, device)
+    model = load_for_test(parser, args.restore_from, "shaspec", flags, lambda sd: {}, device)
     assert isinstance(model, ShaSpec)
     apply_input_size(parser, model, args.input_size)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.restore_from).resolve().parent.parent / "cache"

@@ -230,6 +230,8 @@ def claim_results_folder(
             "or pass --overwrite to replace them"
         )
     elif saved is not None:
+        if set(identity) - set(saved):  # a record of an older version: add what it lacked, now that it matches
+            save_json(record, saved | identity)
         return
     elif result_files(out):
         log.warning("%s holds results without a %s record: assuming they come from this model", out, RECORD_FILE)
@@ -268,11 +270,27 @@ def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> N
             )
 
 
-def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
-    """The data an evaluation scores: the (resolved) data folder and the case list (count and digest)."""
+def case_list_identity(cases: Sequence[str]) -> str:
+    """``"N cases, sha256 …"`` of a case list (order-independent)."""
     digest = hashlib.sha256("\n".join(sorted(cases)).encode()).hexdigest()[:16]
-    count = f"{len(cases)} case" + "s" * (len(cases) != 1)
-    return {"data": str(Path(root).resolve()), "cases": f"{count}, sha256 {digest}"}
+    return f"{len(cases)} case" + "s" * (len(cases) != 1) + f", sha256 {digest}"
+
+
+def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
+    """The data an evaluation scores: the case list, and a digest of how its cases were preprocessed (their
+    metadata without source paths; the volume sizes where there is none), so that moving or copying the data folder
+    keeps the identity while another preprocessing of the same cases does not."""
+    from .preprocessing import output_paths
+
+    h = hashlib.sha256()
+    for case in sorted(cases):
+        paths = output_paths(root, case)
+        if paths.meta.is_file():
+            meta = {k: v for k, v in load_json(paths.meta).items() if k != "source_files"}
+            h.update(json.dumps(meta, sort_keys=True).encode())
+        else:  # e.g. folders preprocessed by the upstream code
+            h.update(f"{case} {paths.vol.stat().st_size if paths.vol.is_file() else -1}".encode())
+    return {"data": f"preprocessing sha256 {h.hexdigest()[:16]}", "cases": case_list_identity(cases)}
 
 
 def evaluation_identity(

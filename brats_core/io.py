@@ -75,7 +75,8 @@ class CaseFiles:
         folder: the case folder.
         images: modality key -> file, in canonical order, only for modalities that were found.
         label: the label map, or None (e.g. test data).
-        ignored: NIfTI files in the folder that match neither a modality nor the label map.
+        ignored: NIfTI files in the folder that match neither a modality nor the label map, and label maps that
+            predict.py wrote (never taken for the ground truth).
     """
 
     case: str
@@ -99,6 +100,19 @@ class CaseFiles:
         out: dict[str, str | None] = {m: str(self.images[m]) if m in self.images else None for m in MODALITIES}
         out[LABEL_KEY] = str(self.label) if self.label is not None else None
         return out
+
+
+PREDICTION_MARK = "brats_core predict.py"
+"""``descrip`` of the label maps predict.py writes: never taken for a case's ground truth, and the only label maps
+beside a case's images that predict.py replaces."""
+
+
+def written_by_predict(path: Path) -> bool:
+    """Whether the NIfTI file at ``path`` is a label map predict.py wrote (by its header's description)."""
+    try:
+        return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode(errors="replace") == PREDICTION_MARK
+    except Exception:  # unreadable: not a prediction (the caller reports unreadable files its own way)
+        return False
 
 
 def has_case_files(folder: Path) -> bool:
@@ -155,6 +169,9 @@ def find_case_files(
         if key is None or (key == LABEL_KEY and not label):
             if key is None and name.lower().endswith((".nii", ".nii.gz")):
                 ignored.append(name)
+            continue
+        if key == LABEL_KEY and written_by_predict(folder / name):
+            ignored.append(name)  # a prediction written beside the images is not the ground truth
             continue
         candidates.setdefault(key, []).append(name)
         if _FILE_RE.match(name)["stem"] == folder.name:  # type: ignore[index]

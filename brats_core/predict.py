@@ -45,6 +45,7 @@ from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import (
     LABEL_KEY,
+    PREDICTION_MARK,
     CaseFiles,
     atomic_path,
     file_key,
@@ -53,6 +54,7 @@ from .io import (
     load_nifti_header,
     make_output_folder,
     save_nifti,
+    written_by_predict,
 )
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
 from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
@@ -500,18 +502,6 @@ def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_
     if save_regions:
         save_nifti(job.regions, pred.regions(), pred.affine, pred.header, PREDICTION_MARK)
     save_nifti(job.output, pred.labels, pred.affine, pred.header, PREDICTION_MARK)
-
-
-PREDICTION_MARK = "brats_core predict.py"
-"""``descrip`` of the label maps written here: a re-run may replace them, never a ground-truth map (check_outputs)."""
-
-
-def written_by_predict(path: Path) -> bool:
-    """Whether the NIfTI file at ``path`` is a label map this tool wrote (by its header's description)."""
-    try:
-        return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode(errors="replace") == PREDICTION_MARK
-    except Exception:  # unreadable: not ours
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,6 +126,44 @@ def model_from_checkpoint(
     return model.to(device).eval(), ckpt
 
 
+def load_for_test(
+    parser: argparse.ArgumentParser,
+    path: str | Path,
+    method: str,
+    flags: Mapping[str, Any],
+    infer_config: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None,
+    device: torch.device,
+) -> SegModel:
+    """:func:`model_from_checkpoint` for a test script: a missing, unreadable or unfitting checkpoint (or another
+    method's) is a one-line usage error."""
+    try:
+        return model_from_checkpoint(path, method, flags, infer_config, device)[0]
+    except (FileNotFoundError, CheckpointError, StateDictMismatchError) as err:
+        parser.error(str(err))
+
+
+def resolve_test_file(args: argparse.Namespace) -> Path:
+    """The test list: ``--test_file`` (an upstream-style name such as ``datalist/test15splits.csv`` is looked up in
+    ``--split_dir`` too) or ``<split_dir>/test15splits.csv``.
+
+    Raises:
+        FileNotFoundError: naming the paths tried.
+    """
+    if not args.test_file:
+        tried = [split_dir(args) / "test15splits.csv"]
+    else:
+        tried = [Path(args.test_file), split_dir(args) / Path(args.test_file).name]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"test list not found (looked for {', '.join(map(str, tried))}): pass --test_file or --split_dir "
+            "(see `python -m brats_core.splits`)"
+        )
+    if found != tried[0]:
+        log.warning("--test_file %s does not exist: using %s", args.test_file, found)
+    return found
+
+
 def test_main(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
@@ -148,10 +186,7 @@ def test_main(
     check_scenarios(parser, args)
     setup_logging(args.savepath, "test.txt")
     device = resolve_device(args.device)
-    try:
-        model, _ = model_from_checkpoint(args.resume, method, flags(args) if flags else {}, infer_config, device)
-    except (FileNotFoundError, CheckpointError, StateDictMismatchError) as err:
-        parser.error(str(err))
+    model = load_for_test(parser, args.resume, method, flags(args) if flags else {}, infer_config, device)
     if prepare is not None:
         prepare(model, args)
     test_from_args(args, model)
@@ -160,15 +195,7 @@ def test_main(
 
 def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, str]]:
     """Evaluate on the test list (``--test_file`` or ``<split_dir>/test15splits.csv``) over the chosen scenarios."""
-    default = split_dir(args) / "test15splits.csv"
-    tried = [Path(args.test_file), split_dir(args) / Path(args.test_file).name] if args.test_file else [default]
-    test_file = next((p for p in tried if p.is_file()), None)  # an upstream-style name is looked up in --split_dir
-    if test_file is None:
-        raise FileNotFoundError(
-            f"test list not found (looked for {', '.join(map(str, tried))}): pass --test_file or --split_dir "
-            "(see `python -m brats_core.splits`)"
-        )
-    cases = read_case_list(test_file)
+    cases = read_case_list(resolve_test_file(args))
     device = resolve_device(args.device)
     with results_folder_errors():
         summary = evaluate(
@@ -217,7 +244,11 @@ def build_test_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add_data_args(p)
     p.set_defaults(savepath="eval")
     p.add_argument("--resume", required=True, help="checkpoint (ours, or upstream's model_last.pth / best.pth)")
-    p.add_argument("--test_file", default=None, help="test list (default: <split_dir>/test15splits.csv)")
+    p.add_argument(
+        "--test_file",
+        default=None,
+        help="test list (default: <split_dir>/test15splits.csv); a missing path is looked up in --split_dir",
+    )
     p.add_argument("--batch_size", type=int, default=1, help="accepted for compatibility; unused")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_eval_args(p)

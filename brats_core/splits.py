@@ -8,6 +8,7 @@ order), ShaSpec's ``BraTS23_*.csv`` (single ``case`` column holding absolute pat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import logging
@@ -261,12 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "download":
-        created = not Path(args.out).exists()
+        out = Path(args.out)
+        created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
         try:
-            paths = download(args.out, args.base_url, args.overwrite)
+            paths = download(out, args.base_url, args.overwrite)
         except (OSError, ValueError) as err:  # URLError is an OSError: no network, a wrong --base_url, a bad file
-            if created and not any(Path(args.out).iterdir()):
-                Path(args.out).rmdir()
+            for folder in created:  # the folders this command made, while they are empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             parser.error(f"download failed: {err} (offline? pass --base_url with a mirror or a file:// folder)")
         for path in paths:
             print(f"{path}  OK")
@@ -280,12 +283,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not root.is_dir():
         parser.error(f"--datapath {root}: not a folder")
     vol = root / "vol"
-    if vol.is_dir():  # finished cases only (an interrupted preprocess.py run leaves cases without metadata)
-        cases = [c for p in vol.glob("*_vol.npy") if is_finished(root, c := p.name[: -len("_vol.npy")])]
+    if vol.is_dir():
+        names = [p.name[: -len("_vol.npy")] for p in vol.glob("*_vol.npy")]
+        if (root / "meta").is_dir():  # preprocess.py's: finished cases only (an interrupted run leaves some unfinished)
+            cases = [c for c in names if is_finished(root, c)]
+        else:  # upstream's preprocessing writes vol/ and seg/ only
+            cases = [c for c in names if (root / "seg" / f"{c}_seg.npy").is_file()]
     else:  # case folders: those holding modality files (not splits/, .ipynb_checkpoints/, …)
         cases = [c for c in list_cases(root) if has_case_files(root / c)]
     if not cases:
-        parser.error(f"no cases found in {root} (expected vol/<case>_vol.npy or case folders)")
+        parser.error(
+            f"no cases found in {root} (expected finished preprocessed cases, vol/<case>_vol.npy with meta/ or seg/, "
+            "or case folders holding NIfTI files)"
+        )
     split = generate(cases, args.seed)
     split.write(args.out)
     print(f"{len(split.train)} train / {len(split.val)} val / {len(split.test)} test cases written to {args.out}")

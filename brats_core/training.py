@@ -144,7 +144,7 @@ RUN_CHECKPOINTS = ("model_last.pth", "best.pth", "model_1model_best_*.pth")
 
 def claim_run_folder(
     savepath: Path,
-    resume: object,
+    resume: str | Path | None,
     overwrite: bool,
     delete: bool = True,
     checkpoints: tuple[str, ...] = RUN_CHECKPOINTS,
@@ -152,15 +152,17 @@ def claim_run_folder(
 ) -> None:
     """Refuse to start a new run over another run's checkpoints, which its first epoch would replace.
 
-    A run continued with ``resume`` may write where it likes; ``overwrite`` deletes the old run's ``checkpoints``
-    (glob patterns) and TensorBoard logs first (``delete``: on this process; the main one under DDP).
+    Continuing the run (``resume`` is one of ``savepath``'s own checkpoints) is fine; a run started from another
+    folder's checkpoint (an upstream one, ShaSpec's warm-up) is a new run. ``overwrite`` deletes the old run's
+    ``checkpoints`` (glob patterns) and TensorBoard logs first (``delete``: on this process; the main one under DDP).
 
     Raises:
-        UsageError: ``savepath`` holds checkpoints of a run and neither ``resume`` nor ``overwrite`` is given; the
-            message suggests ``continue_with``.
+        UsageError: ``savepath`` holds checkpoints of a run that is not being continued and ``overwrite`` is not
+            given; the message suggests ``continue_with``.
     """
     found = sorted(p for pattern in checkpoints for p in savepath.glob(pattern) if p.is_file())
-    if resume or not found:
+    continuing = resume is not None and Path(resume).resolve().parent == savepath.resolve()
+    if continuing or not found:
         return
     names = ", ".join(p.name for p in found)
     if not overwrite:

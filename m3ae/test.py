@@ -29,14 +29,13 @@ from brats_core.cli import (
     check_scenarios,
     run_main,
     setup_logging,
-    split_dir,
 )
 from brats_core.data import load_case
 from brats_core.inference import predict_scenarios
 from brats_core.labels import label_to_regions
 from brats_core.modalities import METHOD_ORDERS, SCENARIOS, Scenario, format_bool_list, to_canonical
 from brats_core.registry import SegModel
-from brats_core.scripts import model_from_checkpoint, test_from_args
+from brats_core.scripts import load_for_test, resolve_test_file, test_from_args
 from brats_core.splits import read_case_list
 from brats_core.training import resolve_device
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
@@ -126,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_m3ae_data_flags(p)
     add_eval_args(p)
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (ours, or upstream's .pth.tar)")
-    p.add_argument("--test_file", default=None, help="test list (default: <split_dir>/test15splits.csv)")
+    p.add_argument(
+        "--test_file",
+        default=None,
+        help="test list (default: <split_dir>/test15splits.csv); a missing path is looked up in --split_dir",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_compat_flags(
         p,
@@ -157,11 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_devices(args.devices)
     setup_logging(args.savepath, "test.txt")
     device = resolve_device(args.device)
-    model, _ = model_from_checkpoint(args.checkpoint, "m3ae", {}, infer_architecture, device)
+    model = load_for_test(parser, args.checkpoint, "m3ae", {}, infer_architecture, device)
     if model.config.pre_train:
         parser.error(f"{args.checkpoint} is a pre-training checkpoint (4 reconstruction outputs): fine-tune it first")
-    test_file = Path(args.test_file) if args.test_file else split_dir(args) / "test15splits.csv"
-    cases = read_case_list(test_file)
+    cases = read_case_list(resolve_test_file(args))
     ensure_cache(args.datapath, cases, args.raw_path, args.workers)
     if not args.reference_quirks:
         test_from_args(args, model)

@@ -122,8 +122,11 @@ def test_results_of_another_model_or_settings_are_never_mixed(setup, tmp_path):
     # other data, or another case list, is another evaluation too (their rows would be summarised together)
     import shutil
 
-    shutil.copytree(root, tmp_path / "copy")
-    with pytest.raises(evaluation.ResultsMismatchError, match=r"data: .*data' there, .*copy' now"):
+    shutil.copytree(root, tmp_path / "copy")  # a copy (e.g. on a node's scratch disk) is the same data
+    assert evaluate(model, tmp_path / "copy", cases, out, scenarios=SCENARIOS[:2], options=opts) == first
+    vol = tmp_path / "copy" / "vol" / f"{cases[0]}_vol.npy"
+    np.save(vol, np.load(vol)[1:])  # another preprocessing (here: another crop) of the same case
+    with pytest.raises(evaluation.ResultsMismatchError, match=r"data: 'preprocessing sha256 \w+' there, "):
         evaluate(model, tmp_path / "copy", cases, out, scenarios=SCENARIOS[:2], options=opts)
     with pytest.raises(evaluation.ResultsMismatchError, match=r"cases: '2 cases, sha256 \w+' there, '1 case, "):
         evaluate(model, root, cases[:1], out, scenarios=SCENARIOS[:2], options=opts)
@@ -149,11 +152,11 @@ def test_overwrite_by_an_array_task_keeps_the_other_tasks_shards(setup, tmp_path
         resized.load_state_dict(model.state_dict())
         resized.config = type("Cfg", (), {"patch_size": 8})()
         evaluate(resized, root, cases, out, scenarios=SCENARIOS[2:3], options=opts)
-    # a record of another version (a key more or less) still matches on the keys both have
-    saved = (out / evaluation.RECORD_FILE).read_text()
-    newer = {k: v for k, v in json.loads(saved).items() if k != "hd95"} | {"future_setting": 1}
+    # a record of another version (a key more or less) still matches on the keys both have, and gains the new ones
+    saved = json.loads((out / evaluation.RECORD_FILE).read_text())
+    newer = {k: v for k, v in saved.items() if k != "hd95"} | {"future_setting": 1}
     evaluation.claim_results_folder(out, newer)
-    assert (out / evaluation.RECORD_FILE).read_text() == saved
+    assert json.loads((out / evaluation.RECORD_FILE).read_text()) == saved | {"future_setting": 1}
 
 
 def test_cases_of_another_methods_pipeline_are_refused(setup, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from brats_core.checkpoint import save_checkpoint
-from brats_core.io import save_nifti
+from brats_core.io import CaseFilesError, find_case_files, save_nifti
 from brats_core.predict import PredictError, Predictor, main
 from brats_core.registry import build_method, config_dict, list_methods
 from brats_core.synthetic import write_synthetic_dataset
@@ -296,6 +296,12 @@ def test_outputs_never_touch_inputs_and_folders_are_checked_first(
     for _ in range(2):
         assert main([*base, "--t1ce", str(other / f"{other.name}-t1c.nii.gz"), "-o", str(own)]) == 0
     assert "1 written" in capsys.readouterr().out
+    # …and a prediction under the ground truth's name in a case without one is never read as the ground truth
+    (other / f"{other.name}-seg.nii.gz").unlink()
+    assert main([*base, "--t1ce", str(other / f"{other.name}-t1c.nii.gz"), "-o", f"{other}/"]) == 0
+    assert (other / f"{other.name}-seg.nii.gz").is_file()
+    with pytest.raises(CaseFilesError, match="missing seg"):
+        find_case_files(other, require_label=True)
     flair = folder / f"{folder.name}-t2f.nii.gz"
     assert main([*base, "--flair", str(flair), "-o", str(flair)]) == 1
     assert "is an input file" in capsys.readouterr().err

@@ -356,6 +356,9 @@ def test_warm_up_then_random_then_eval_15_scenarios(tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         train_SS.main([*common, *warm])
     assert exit_info.value.code == 2 and load_checkpoint(tmp_path / "warm" / "best.pth")["iter"] == 1
+    with pytest.raises(SystemExit):  # the stage-2 command again: a restart from the warm-up, not a continuation
+        train_SS.main([*common, *rand])
+    assert load_checkpoint(tmp_path / "rand" / "last.pth")["iter"] == 3
     # a cache written by another pipeline (here: relabelled as preprocess.py's) is never reused
     meta = tmp_path / "cache" / "meta" / f"{cases[0]}.json"
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "pipeline"}))

@@ -107,10 +107,22 @@ def test_generate_cli_takes_only_cases(tmp_path):
     assert splits.main(["generate", "--datapath", str(pre), "--out", str(tmp_path / "s2")]) == 0
     split = splits.load_split(tmp_path / "s2")
     assert sorted(split.train + [c for c, _ in split.val] + [c for c, _ in split.test]) == sorted(names[1:])
+    # a folder preprocessed by the upstream code (vol/ and seg/, no meta/): every case with both files
+    upstream = tmp_path / "upstream"
+    names = write_preprocessed(upstream, n=10)
+    (upstream / "seg" / f"{names[0]}_seg.npy").unlink()
+    assert splits.main(["generate", "--datapath", str(upstream), "--out", str(tmp_path / "s3")]) == 0
+    split = splits.load_split(tmp_path / "s3")
+    assert sorted(split.train + [c for c, _ in split.val] + [c for c, _ in split.test]) == sorted(names[1:])
 
 
 def test_download_failure_is_one_line_and_leaves_no_folder(tmp_path, capsys):
-    out = tmp_path / "splits"
+    out = tmp_path / "new" / "splits"
     with pytest.raises(SystemExit) as exit_info:
         splits.main(["download", "--out", str(out), "--base_url", (tmp_path / "no_mirror").as_uri()])
-    assert exit_info.value.code == 2 and "download failed" in capsys.readouterr().err and not out.exists()
+    assert exit_info.value.code == 2 and "download failed" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        splits.main(["download", "--out", str(tmp_path / "a_file" / "splits")])
+    assert "download failed" in capsys.readouterr().err

@@ -338,6 +338,10 @@ def test_a_new_run_never_replaces_another_runs_checkpoints(tmp_path):
     assert set(before) == {"model_last.pth", "best.pth"}
     with pytest.raises(UsageError, match=r"already holds a training run \(best\.pth, model_last\.pth\).*--resume"):
         _run(tmp_path, "r", cases, root)
+    # starting from another folder's checkpoint is a new run too (only the run's own checkpoints continue it)
+    (tmp_path / "elsewhere.pth").write_bytes(before["model_last.pth"])
+    with pytest.raises(UsageError, match="already holds a training run"):
+        _run(tmp_path, "r", cases, root, resume=tmp_path / "elsewhere.pth")
     assert {p.name: p.read_bytes() for p in run.glob("*.pth")} == before  # untouched
     # another method's checkpoint is named as such, not as a list of mismatched keys
     with pytest.raises(UsageError, match=r"holds a 'toy' model, not 'other'"):
