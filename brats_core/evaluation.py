@@ -8,7 +8,8 @@ Every test case × every selected scenario: sliding window (window = patch, over
   array jobs over scenario subsets can share a folder; finished rows are skipped when re-run;
 - ``summary.csv`` / ``summary.md`` / ``summary.json``: 15 rows (upstream order) + mean, merged over all shards;
 - optionally ``predictions/<case>_<bits>.nii.gz`` in the original image geometry (from the preprocessing meta);
-- ``evaluation.json``: what produced the rows (method, a digest of the weights, the settings that change the numbers).
+- ``evaluation.json``: what produced the rows (method, a digest of the weights, the settings that change the numbers,
+  the case list and a digest of the cases' preprocessing).
   Rows are only ever added by the same model and settings: another evaluation into the folder stops with the
   differences named, unless ``overwrite`` clears the folder's results first.
 """
@@ -201,9 +202,10 @@ def claim_results_folder(
 
     The first evaluation writes ``evaluation.json``; a later one with another identity raises
     :class:`ResultsMismatchError` naming the differences (keys only one side has are not compared, so records of
-    older versions stay valid). ``overwrite`` replaces results: those of another identity entirely (per-case shards,
-    summaries, saved label maps, the record); with the same identity only ``shard``, the caller's own, so that the
-    other tasks of a SLURM array keep theirs. A folder with results but no record is adopted with a warning.
+    older versions stay valid, and gain the keys they lacked). ``overwrite`` replaces results: those of another
+    identity entirely (per-case shards, summaries, saved label maps, the record); with the same identity only
+    ``shard``, the caller's own, so that the other tasks of a SLURM array keep theirs. A folder with results but no
+    record is adopted with a warning.
     """
     out.mkdir(parents=True, exist_ok=True)
     record = out / RECORD_FILE
