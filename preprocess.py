@@ -5,7 +5,8 @@ Usage: ``python preprocess.py --input-path RAW --output-path OUT [--workers 4] [
 
 import sys
 
+from brats_core.cli import run_main
 from brats_core.preprocessing import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

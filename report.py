@@ -5,7 +5,8 @@ Usage: ``python report.py --run imfuse=runs/imfuse/test --run mmformer=runs/mmfo
 
 import sys
 
+from brats_core.cli import run_main
 from brats_core.report import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,7 +6,8 @@ Usage: ``python reproduce.py --datapath PRE --raw RAW --runs runs/ [--method imf
 
 import sys
 
+from brats_core.cli import run_main
 from brats_core.reproduce import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -45,11 +45,24 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
     }
 
 
+ARCHITECTURE_HELP: dict[str, str] = {
+    "--interleaved_tokenization": "the checkpoint was trained with I-MFB (the 5 tokens of each position interleaved); "
+    "needed for upstream checkpoints, whose weights cannot tell (ours record it)",
+    "--mamba_skip": "the checkpoint fuses the skip connections with Mamba fusion blocks; accepted as upstream's README "
+    "passes it: the architecture is read from the checkpoint (or its weights), a flag that disagrees is ignored "
+    "with a warning",
+    "--first_skip": "the checkpoint is upstream's IMFuse.IMFuse (level-1 skip); accepted for compatibility: the "
+    "architecture is read from the checkpoint (or its weights), a flag that disagrees is ignored with a warning",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The shared test flags plus IM-Fuse's architecture flags (see :data:`ARCHITECTURE_HELP`)."""
     p = build_test_parser("IMFuse/test.py", __doc__.splitlines()[0])
+    g = p.add_argument_group("IM-Fuse architecture")
     # default None: only flags the user gave are compared with the checkpoint's architecture
-    for flag in ("--interleaved_tokenization", "--mamba_skip", "--first_skip"):
-        p.add_argument(flag, action="store_true", default=None)
+    for flag, text in ARCHITECTURE_HELP.items():
+        g.add_argument(flag, action="store_true", default=None, help=text)
     return p
 
 

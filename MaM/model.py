@@ -300,6 +300,10 @@ class MultimodalRecon(SegModel):
         for module in (self.modality_specific_encoders, self.encoder, self.decoder):
             module.apply(init)
 
+    def unused_parameter_names(self) -> list[str]:
+        """Upstream's dead ``encoder`` (also reachable as ``decoder.encoder``): never run, so it gets no gradient."""
+        return [name for name, _ in self.named_parameters() if name.startswith("encoder.")]
+
     # ------------------------------------------------------------------------------------------------- pieces
 
     def _check(self, x: torch.Tensor, mask: torch.Tensor) -> None:

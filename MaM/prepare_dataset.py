@@ -35,6 +35,7 @@ from typing import Any
 
 import nibabel as nib
 
+from brats_core.cli import run_main
 from brats_core.io import atomic_path, find_case_files
 from brats_core.modalities import DISPLAY_NAMES, MODALITIES
 from brats_core.splits import Split, load_split
@@ -303,4 +304,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

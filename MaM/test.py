@@ -24,14 +24,16 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from brats_core.cli import add_overwrite_arg
+from brats_core.cli import UsageError, add_overwrite_arg, run_main
 from brats_core.evaluation import (
     METRICS,
-    PER_CASE_HEADER,
     case_list_identity,
     claim_results_folder,
     format_table,
@@ -40,7 +42,7 @@ from brats_core.evaluation import (
     shard_file,
     summarize,
     weights_digest,
-    write_csv,
+    write_results,
 )
 from brats_core.metrics import case_scores
 from brats_core.modalities import Scenario, format_mam_bits, parse_mam_mask, parse_scenarios, scenario_for
@@ -95,7 +97,14 @@ def _model_folder(args: argparse.Namespace) -> Path:
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    name = args.dataset if args.dataset.startswith("Dataset") else maybe_convert_to_dataset_name(int(args.dataset))
+    if not nnUNet_results.is_set():
+        raise UsageError(
+            f"checkpoint {args.checkpoint_path} not found; give its path, --model_folder, or set nnUNet_results"
+        )
+    try:
+        name = maybe_convert_to_dataset_name(args.dataset)
+    except (RuntimeError, ValueError) as err:  # unknown or ambiguous id: nnU-Net's message says where it looked
+        raise UsageError(f"dataset {args.dataset}: {' '.join(str(err).split())}") from err
     return Path(nnUNet_results.require()) / name / f"{args.trainer}__{args.plans}__{args.configuration}"
 
 
@@ -148,7 +157,7 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     }  # fmt: skip
     per_case = shard_file(save, scenarios)
     claim_results_folder(save, identity, args.overwrite, per_case)
-    rows = read_rows(per_case)
+    rows = read_rows(per_case, scenarios, hd95=not args.no_hd95, damaged="computed again")
     done = {(r["case"], r["scenario"]) for r in rows}
     log.info("%s: %d cases × %d scenarios → %s", ckpt_path, len(cases), len(scenarios), save)
     for n, case in enumerate(cases, 1):
@@ -167,6 +176,7 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
         data = torch.from_numpy(data)
         gt = io.read_seg(str(gt_file))[0][0]
         spacing = [float(s) for s in properties["spacing"]]
+        written: list[tuple[Scenario, np.ndarray]] = []
         for s in todo:
             model.scenario_network.set_mask(s.mask)
             logits = predictor.predict_sliding_window_return_logits(data).cpu()
@@ -174,25 +184,35 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
                 logits, plans_manager, config_manager, predictor.label_manager, properties
             )
             if not args.no_nifti:
-                target = out / f"prediction_{format_mam_bits(s.mask)}" / f"{case}{FILE_ENDING}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                io.write_seg(seg, str(target), properties)
-                # and under the name every other method's evaluation uses (report.py's qualitative panel reads it)
-                alias = save / "predictions" / f"{case}_{s.bits}{FILE_ENDING}"
-                alias.parent.mkdir(parents=True, exist_ok=True)
-                alias.unlink(missing_ok=True)
-                try:
-                    os.link(target, alias)
-                except OSError:  # another file system
-                    shutil.copyfile(target, alias)
+                written.append((s, seg))
             scores = case_scores(seg, gt, spacing=spacing, hd95=not args.no_hd95)
             rows.append({
                 "case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{(time.time() - t0) / len(todo):.2f}",
                 **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
             })  # fmt: skip
-        write_csv(per_case, PER_CASE_HEADER, rows)
+        # label maps and rows are written only while the folder still belongs to this evaluation
+        write_results(
+            save, identity, per_case, rows, partial(_write_predictions, io, case, written, out, save, properties)
+        )
         log.info("%d/%d %s done", n, len(cases), case)
-    return summarize(save)
+    return summarize(save, identity)
+
+
+def _write_predictions(
+    io: Any, case: str, written: Sequence[tuple[Scenario, np.ndarray]], out: Path, save: Path, properties: dict
+) -> None:
+    """Write a case's label maps as nnU-Net does, and under the evaluator's names (report.py's panel reads them)."""
+    for s, seg in written:
+        target = out / f"prediction_{format_mam_bits(s.mask)}" / f"{case}{FILE_ENDING}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        io.write_seg(seg, str(target), properties)
+        alias = save / "predictions" / f"{case}_{s.bits}{FILE_ENDING}"
+        alias.parent.mkdir(parents=True, exist_ok=True)
+        alias.unlink(missing_ok=True)
+        try:
+            os.link(target, alias)
+        except OSError:  # another file system
+            shutil.copyfile(target, alias)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,4 +238,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+# the project's wording of load failures (never advising unsafe loading), shared with brats_core.checkpoint
+from brats_core.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
 from brats_core.labels import REGION_NAMES
 from brats_core.modalities import MODALITIES
 from brats_core.preprocessing import validate_images
@@ -34,7 +36,14 @@ if TYPE_CHECKING:
     from brats_core.predict import Prediction
     from MaM.trainer import ScenarioNetwork
 
-__all__ = ["NnUNetCasePredictor", "TrainedModel", "load_trained_model", "open_checkpoint", "read_nnunet_checkpoint"]
+__all__ = [
+    "NnUNetCasePredictor",
+    "TrainedModel",
+    "load_nnunet_checkpoint",
+    "load_trained_model",
+    "open_checkpoint",
+    "read_nnunet_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +59,50 @@ _NUMPY_GLOBALS: list[Any] = [
 ]  # fmt: skip
 
 
-def read_nnunet_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """Load an nnU-Net ``checkpoint_*.pth``; None when the file is not one.
+def load_nnunet_checkpoint(
+    path: str | Path, required: Sequence[str] = NNUNET_CHECKPOINT_KEYS, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load an nnU-Net ``checkpoint_*.pth`` (prediction, ``-pretrained_weights``, ``--c``, ``--val``) safely.
 
-    It is unpickled with torch's weights-only loader, allowing only the numpy scalars of nnU-Net's training log
-    beside tensors and plain Python values, so an untrusted file cannot run code.
+    The file is unpickled with torch's weights-only loader, allowing only the numpy scalars of nnU-Net's training
+    log beside tensors and plain Python values, so an untrusted file cannot run code (nnU-Net's own loaders unpickle
+    anything).
+
+    Args:
+        path: the checkpoint file.
+        required: entries the checkpoint must hold (default: those of every nnU-Net checkpoint).
+        map_location: where the tensors go.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is empty, damaged or not a PyTorch file, holds other Python objects (refused), or
+            lacks a ``required`` entry; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file, or one holding other objects: not an nnU-Net checkpoint
-        return None
-    if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in NNUNET_CHECKPOINT_KEYS):
-        return None
+    ckpt = safe_torch_load(path, map_location, _NUMPY_GLOBALS, what="nnU-Net checkpoint")
+    if not isinstance(ckpt, Mapping):
+        ckpt = {}  # a bare tensor or list: lacks every entry
+    missing = [k for k in required if k not in ckpt]
+    weights = ckpt.get("network_weights", {})
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        missing.append("network_weights of tensors")
+    if missing:
+        raise CheckpointError(
+            f"{path} is not an nnU-Net checkpoint of MaM (no {', '.join(missing)}): give a "
+            "fold_N/checkpoint_*.pth written by MaM/train.py"
+        )
     return dict(ckpt)
+
+
+def read_nnunet_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """:func:`load_nnunet_checkpoint`, but None when the file cannot be read as one (``predict.py`` then tries the
+    other readers, which report the file)."""
+    try:
+        return load_nnunet_checkpoint(path)
+    except CheckpointError:
+        return None
 
 
 @dataclass
@@ -98,11 +134,12 @@ def load_trained_model(
         device: where the network runs.
         step_size, use_gaussian, use_mirroring: nnU-Net's sliding-window options (step as a fraction of the patch).
         progress: nnU-Net's progress bar over the windows.
-        ckpt: the already loaded checkpoint (:func:`read_nnunet_checkpoint`), to avoid reading it twice.
+        ckpt: the already loaded checkpoint (:func:`load_nnunet_checkpoint`), to avoid reading it twice.
 
     Raises:
-        ValueError: the file is not an nnU-Net checkpoint, lacks its plans, or its weights are not MaM's (each
-            message names the file).
+        CheckpointError: the file cannot be read safely, is not an nnU-Net checkpoint or lacks its plans.
+        StateDictMismatchError: its weights are not those of MaM's network for its plans.
+        (Every message names the file.)
     """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -110,28 +147,23 @@ def load_trained_model(
     from MaM.trainer import ScenarioNetwork, nnUNetTrainerMissingReconBaseline
 
     checkpoint = Path(checkpoint)
-    ckpt = ckpt if ckpt is not None else read_nnunet_checkpoint(checkpoint)
-    if ckpt is None:
-        raise ValueError(f"{checkpoint} is not an nnU-Net checkpoint (no {', '.join(NNUNET_CHECKPOINT_KEYS)})")
+    ckpt = ckpt if ckpt is not None else load_nnunet_checkpoint(checkpoint)
     init = ckpt["init_args"]
-    missing = [k for k in ("plans", "configuration", "dataset_json") if k not in init]
+    missing = [k for k in ("plans", "configuration", "dataset_json") if not isinstance(init, Mapping) or k not in init]
     if missing:
-        raise ValueError(f"{checkpoint}: nnU-Net checkpoint without {', '.join(missing)} in its init_args")
+        raise CheckpointError(f"{checkpoint}: nnU-Net checkpoint without {', '.join(missing)} in its init_args")
     plans_manager = PlansManager(dict(init["plans"]))
     dataset_json = with_brats_region_order(dict(init["dataset_json"]))
     try:
         config_manager = plans_manager.get_configuration(init["configuration"])
     except (KeyError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{checkpoint}: configuration {init['configuration']!r} not in its plans ({err})") from err
+        raise CheckpointError(
+            f"{checkpoint}: configuration {init['configuration']!r} not in its plans ({err})"
+        ) from err
     network = nnUNetTrainerMissingReconBaseline.build_network_architecture(
         plans_manager, config_manager, 4, 3, enable_deep_supervision=False
     )
-    try:
-        network.load_state_dict(ckpt["network_weights"])
-    except RuntimeError as err:
-        raise ValueError(
-            f"{checkpoint}: weights of trainer {ckpt['trainer_name']!r} do not fit MaM's network: {err}"
-        ) from err
+    load_state_dict_strict(network, ckpt["network_weights"], f"{checkpoint} (trainer {ckpt['trainer_name']!r})")
     scenario_network = ScenarioNetwork(network).to(device).eval()
     predictor = nnUNetPredictor(
         tile_step_size=step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,

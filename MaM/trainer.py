@@ -10,7 +10,9 @@ poly LR, AMP, gradient clipping, checkpoints, resume); this class only adds what
 - validation only at upstream's epochs, each validation patch under its case's scenario from ``val15splits.csv``
   (read in canonical order, so T1 and T1ce are no longer swapped as upstream's were); ``checkpoint_best.pth`` follows
   the mean pseudo-Dice of the three regions; ``checkpoint_latest.pth`` is written every epoch;
-- the final validation predicts every validation case under its CSV scenario (mirroring off, Gaussian blending).
+- the final validation predicts every validation case under its CSV scenario (mirroring off, Gaussian blending);
+- checkpoints are read with the weights-only reader of :mod:`MaM.trained_model` (nnU-Net's own loaders unpickle any
+  object, so a hostile file could run code), for ``--c``, ``--val``, ``--val_best`` and ``-pretrained_weights``.
 
 torch.compile is off unless ``nnUNet_compile=1`` is set: the graph depends on the mask.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from time import time
 
@@ -40,10 +42,13 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 from torch import distributed as dist
 
+from brats_core.checkpoint import StateDictMismatchError, load_state_dict_strict, unwrap
+from brats_core.io import atomic_path
 from brats_core.modalities import SCENARIOS, Mask, from_canonical
 from brats_core.splits import CSV_CYCLE, read_mask_csv
 from MaM.model import NATIVE_ORDER, MaMConfig, MultimodalRecon, reconstruction_loss
 from MaM.prepare_dataset import VAL_CSV, with_brats_region_order
+from MaM.trained_model import load_nnunet_checkpoint
 
 UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     20, 50, 70, 100, 120, 150, 200, 250, 300, 350, 370, 390, 400, 420, 450, 460, 470, 480, 485, 490, 495, 499,
@@ -52,6 +57,39 @@ UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
 
 
 _CUDA = torch.device("cuda")  # nnU-Net's default device, kept in the overridden signature
+
+RESUME_KEYS: tuple[str, ...] = (
+    "network_weights", "optimizer_state", "logging", "_best_ema", "current_epoch", "init_args", "trainer_name",
+)  # fmt: skip
+"""Entries of nnU-Net's ``checkpoint_*.pth`` that resuming (``--c``) and ``--val`` need."""
+SEGMENTATION_HEADS = ".seg_layers."
+"""Keys of the output layers, which nnU-Net's pretrained-weights transfer leaves freshly initialised."""
+
+
+def load_pretrained_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """nnU-Net's ``load_pretrained_weights`` on weights already read safely: every weight of ``network`` except the
+    segmentation heads (``.seg_layers.``) is taken from ``weights``, which must hold it with the same shape.
+
+    Raises:
+        StateDictMismatchError: a weight is missing or mis-shaped (one line naming ``source`` and the first keys).
+    """
+    model = unwrap(network)
+    own = model.state_dict()
+    body = [k for k in own if SEGMENTATION_HEADS not in k]
+    missing = [k for k in body if k not in weights]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in body
+        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or shapes:
+        problems = (("missing", missing), ("mis-shaped", shapes))
+        parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in problems if keys]
+        raise StateDictMismatchError(
+            f"pretrained weights {source} do not fit this network: {'; '.join(parts)}; give a checkpoint of the "
+            "same plans configuration"
+        )
+    model.load_state_dict({**own, **{k: weights[k] for k in body}})
 
 
 def native_masks(masks: Sequence[Mask], device: torch.device | str | None = None) -> torch.Tensor:
@@ -123,6 +161,42 @@ class nnUNetTrainerMissingReconBaseline(nnUNetTrainer):  # noqa: N801 - upstream
     def _do_i_compile(self) -> bool:
         return self.device.type == "cuda" and super()._do_i_compile() and _env_compile_requested()
 
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file beside ``filename`` and renamed when complete, so that a
+        run killed while saving never leaves a truncated ``checkpoint_*.pth`` (nnU-Net writes in place)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing (or logs that checkpointing is disabled)
+            return
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))
+
+    def load_checkpoint(self, filename_or_checkpoint: Mapping | str, source: str | None = None) -> None:
+        """Resume from a checkpoint file or an already loaded one (nnU-Net's semantics), the file read weights-only.
+
+        nnU-Net 2.8.1's own method unpickles the file with ``weights_only=False`` (a hostile file runs code) and
+        fails on a dict, so the state is restored here, as nnU-Net does. ``source`` names a dict's file in errors.
+        """
+        if isinstance(filename_or_checkpoint, Mapping):
+            checkpoint = filename_or_checkpoint
+        else:
+            checkpoint = load_nnunet_checkpoint(filename_or_checkpoint, RESUME_KEYS)
+            source = source or str(filename_or_checkpoint)
+        if not self.was_initialized:
+            self.initialize()
+        load_state_dict_strict(self.network, checkpoint["network_weights"], source or "checkpoint")  # strips module.
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get(
+            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes
+        )
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
     # ------------------------------------------------------------------------------------------------ scenarios
 
     def draw_scenario(self) -> Mask:
@@ -137,7 +211,7 @@ class nnUNetTrainerMissingReconBaseline(nnUNetTrainer):  # noqa: N801 - upstream
         if self._val_masks is None:
             _, val_keys = self.do_split()
             path = Path(self.val_csv or join(self.preprocessed_dataset_folder_base, VAL_CSV))
-            masks: dict[str, Mask] = dict(read_mask_csv(path)) if path.is_file() else {}
+            masks: dict[str, Mask] = dict(read_mask_csv(path, allow_empty=True)) if path.is_file() else {}
             missing = sorted(k for k in val_keys if k not in masks)
             if missing:
                 self.print_to_log_file(

@@ -198,6 +198,7 @@ class SFusion(RMBTSNet):
     """
 
     flavour = FLAVOUR
+    mask_dependent_parameters = True  # a missing modality's content encoder is not run
     layout = LAYOUT
 
     def __init__(self, config: SFusionConfig) -> None:

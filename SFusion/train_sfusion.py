@@ -14,7 +14,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from brats_core.cli import run_main, setup_logging, split_dir
+from brats_core.cli import UsageError, run_main, setup_logging, split_dir
+from brats_core.evaluation import check_preprocessed_folder
 from brats_core.rmbts import build_train_parser, train_main
 from brats_core.splits import Split, load_split, read_case_list
 
@@ -64,10 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["patch_size"] = args.patch_size
     if args.feature_maps:
         overrides["feature_maps"] = args.feature_maps
+    check_preprocessed_folder(args.datapath)  # before the lists: their default place is inside it
     split = load_split(split_dir(args))
     if args.train_file:
         split = Split(read_case_list(args.train_file), split.val, split.test)
-        split.check_disjoint()
+        try:
+            split.check_disjoint()
+        except ValueError as err:
+            raise UsageError(f"--train_file {args.train_file}: {err}") from err
     return train_main(args, "sfusion", overrides, UPSTREAM_VAL_EPOCHS, intensity=False, split=split)
 
 

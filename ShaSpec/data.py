@@ -31,8 +31,18 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from skimage.transform import resize
 from torch.utils.data import Dataset
 
-from brats_core.data import MaskSampler, label_path, volume_path
-from brats_core.io import find_case_files, load_json, load_nifti, save_json, save_npy
+from brats_core.cli import UsageError
+from brats_core.data import MaskSampler, check_cases, label_path, volume_path
+from brats_core.io import (
+    find_case_files,
+    load_json,
+    load_nifti,
+    load_npy,
+    npy_intact,
+    remove_stale_temporaries,
+    save_json,
+    save_npy,
+)
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
 from brats_core.preprocessing import case_meta, output_paths
 from ShaSpec.model import ShaSpec
@@ -94,19 +104,25 @@ def prepare_cache(data_dir: str | Path, entries: Sequence[str], cache_dir: str |
 
     Returns:
         The case ids, in order.
+
+    Raises:
+        UsageError: ``cache_dir`` holds a case prepared by another pipeline.
     """
+    for sub in ("vol", "seg", "meta"):  # what runs killed while writing the cache left (logged)
+        remove_stale_temporaries(Path(cache_dir) / sub)
     cases = []
     for entry in entries:
         case_dir = resolve_case_dir(data_dir, entry)
         case = case_dir.name
         cases.append(case)
         paths = output_paths(cache_dir, case)
-        if paths.vol.is_file() and paths.seg.is_file() and paths.meta.is_file():
+        # a truncated array (a killed run, a failed copy) is written again
+        if npy_intact(paths.vol) and npy_intact(paths.seg) and paths.meta.is_file():
             found = load_json(paths.meta).get("pipeline")
             if found == PIPELINE:
                 continue
             # e.g. --cache_dir pointed at a preprocess.py folder: cropped and otherwise normalised, never reused
-            raise ValueError(
+            raise UsageError(
                 f"{paths.meta}: {cache_dir} holds case {case} prepared by "
                 f"{f'the {found} pipeline' if found else 'preprocess.py'}, not ShaSpec's: choose another --cache_dir"
             )
@@ -240,9 +256,7 @@ class ShaSpecTrainDataset(Dataset):
         reference_quirks: bool = False,
     ) -> None:
         self.root, self.cases = Path(cache_dir), list(cases)
-        missing = [c for c in self.cases if not volume_path(self.root, c).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} case(s) missing in cache {self.root}: {missing[:5]}")
+        check_cases(self.root, self.cases)
         self.input_size = tuple(int(s) for s in input_size)
         self.sample_mask = mode_sampler(mode)
         self.random_scale, self.random_mirror = random_scale, random_mirror
@@ -276,8 +290,8 @@ class ShaSpecTrainDataset(Dataset):
         index, seed = key
         rng = np.random.default_rng(seed)
         case = self.cases[index]
-        vol = np.load(volume_path(self.root, case), mmap_mode="r")
-        label = np.load(label_path(self.root, case), mmap_mode="r")
+        vol = load_npy(volume_path(self.root, case), mmap=True, what="volume")
+        label = load_npy(label_path(self.root, case), mmap=True, what="label map")
         image = to_native(np.moveaxis(np.asarray(vol, dtype=np.float32), -1, 0))
         regions = to_native(label_to_shaspec_regions(np.asarray(label)))
         image, regions = self._crop(rng, image, regions)

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from brats_core.cli import add_overwrite_arg, add_runtime_args, run_main, setup_logging
 from brats_core.data import load_case
-from brats_core.evaluation import EvalOptions, evaluate, format_table, results_folder_errors, write_csv
+from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
-from brats_core.scripts import load_for_test
+from brats_core.scripts import load_for_test, read_test_list
 from brats_core.training import resolve_device
 from ShaSpec.data import prepare_cache
 from ShaSpec.model import ShaSpec
@@ -134,14 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     savepath = Path(args.savepath)
-    setup_logging(savepath, "eval_log.txt")
+    setup_logging()  # stderr only until the inputs are checked: a refused run leaves no output folder behind
     device = resolve_device(args.device)
     flags: dict = {"weight_std": args.weight_std, "num_classes": args.num_classes}
-    model = load_for_test(parser, args.restore_from, "shaspec", flags, lambda sd: {}, device)
+    model = load_for_test(args.restore_from, "shaspec", flags, lambda sd: {}, device)
     assert isinstance(model, ShaSpec)
     apply_input_size(parser, model, args.input_size)
+    entries = read_test_list(resolve_list(args.data_dir, args.data_list), read_entries)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.restore_from).resolve().parent.parent / "cache"
-    cases = prepare_cache(args.data_dir, read_entries(resolve_list(args.data_dir, args.data_list)), cache)
+    cases = prepare_cache(args.data_dir, entries, cache)
+    setup_logging(savepath, "eval_log.txt")
     log.info("ShaSpec eval: %d cases x %d scenarios, %s scoring", len(cases), len(scenarios),
              "upstream" if args.reference_quirks else "shared")  # fmt: skip
     if args.reference_quirks:
@@ -153,11 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
         progress=not args.no_progress, scenario_batch=args.scenario_batch,
     )  # fmt: skip
-    with results_folder_errors():
-        summary = evaluate(
-            model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti,
-            overwrite=args.overwrite,
-        )  # fmt: skip
+    summary = evaluate(
+        model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     for r in summary:
         if r["scenario"] != "mean":
             write_output2(

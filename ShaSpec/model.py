@@ -197,8 +197,10 @@ class ASPP(nn.Module):
         b = self.branch5_norm.bias.view(1, -1, 1, 1, 1)
         # InstanceNorm of a single element is (x − x)/σ = 0, so upstream's branch is the constant bias (quirk);
         # the default keeps the affine transform and skips the degenerate normalisation
-        g = b.expand_as(g) if self.pool_quirk else g * w + b
-        return self.branch5_act(g)
+        if self.pool_quirk:
+            # out of place: the expanded view shares the bias's memory, which the in-place activation would overwrite
+            return F.leaky_relu(b.expand_as(g), NEGATIVE_SLOPE)
+        return self.branch5_act(g * w + b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.interpolate(self._pooled(x), size=x.shape[2:], mode="trilinear", align_corners=True)

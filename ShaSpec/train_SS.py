@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,20 @@ from torch.utils.data import DataLoader
 
 from brats_core.checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state
 from brats_core.cli import UsageError, add_runtime_args, add_train_overwrite_arg, args_dict, run_main, setup_logging
-from brats_core.data import EpochSampler, load_case, seed_worker
+from brats_core.data import EpochSampler, check_validation_cases, load_case, seed_worker
+from brats_core.io import remove_stale_temporaries
 from brats_core.losses import region_dice_bce
 from brats_core.modalities import FULL, METHOD_ORDERS, Mask, parse_bool_list, parse_shaspec_mode
 from brats_core.registry import build_from_config, build_method, config_dict
-from brats_core.training import amp_context, claim_run_folder, grad_scaler, resolve_device, seed_everything
+from brats_core.training import (
+    amp_context,
+    check_step_finite,
+    claim_run_folder,
+    grad_scaler,
+    load_optimizer_state,
+    resolve_device,
+    seed_everything,
+)
 from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
 from ShaSpec.model import ShaSpec, ShaSpecOutput
 from ShaSpec.scoring import REGIONS, soft_validation_score
@@ -103,13 +113,17 @@ def resolve_list(data_dir: str | Path, path: str | Path) -> Path:
 
 
 def read_entries(path: Path) -> list[str]:
-    """The ``case`` column of a ShaSpec list (or one entry per line of a ``.txt``), paths kept as written."""
+    """The ``case`` column of a ShaSpec list (or one entry per line of a ``.txt``), paths kept as written.
+
+    Raises:
+        UsageError: a CSV without a ``case`` column (an empty file has no entries).
+    """
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or "case" not in reader.fieldnames:
-                raise ValueError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
-            return [row["case"] for row in reader if row["case"].strip()]
+            if reader.fieldnames is not None and "case" not in reader.fieldnames:
+                raise UsageError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
+            return [row["case"] for row in reader if (row["case"] or "").strip()]
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -121,15 +135,22 @@ def parse_mask_cell(text: str, order: str = "canonical") -> Mask:
 
 
 def read_val_rows(path: Path, order: str = "canonical") -> list[tuple[str, Mask]]:
-    """``(entry, canonical mask)`` rows; without a ``mask`` column every case is validated with all modalities."""
+    """``(entry, canonical mask)`` rows; without a ``mask`` column every case is validated with all modalities.
+
+    Raises:
+        UsageError: a CSV without a ``case`` column, or a malformed mask.
+    """
     if path.suffix != ".csv":
         return [(e, FULL.mask) for e in read_entries(path)]
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and "case" not in reader.fieldnames:
+            raise UsageError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
+        rows = [r for r in reader if (r["case"] or "").strip()]
     try:
         return [(r["case"], parse_mask_cell(r["mask"], order) if r.get("mask") else FULL.mask) for r in rows]
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise UsageError(f"{path}: {err}") from err
 
 
 def validate(model: ShaSpec, cache_dir: Path, rows: Sequence[tuple[str, Mask]]) -> dict[str, float]:
@@ -254,10 +275,12 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
             parser.error(str(err))
 
     resume_path = args.continue_path or (args.reload_path if args.reload_from_checkpoint else None)
+    claim = partial(
+        claim_run_folder,
+        snapshot, resume_path, args.overwrite, checkpoints=SNAPSHOTS, continue_with="--continue {savepath}/last.pth",
+    )  # fmt: skip
     try:
-        claim_run_folder(
-            snapshot, resume_path, args.overwrite, checkpoints=SNAPSHOTS, continue_with="--continue {savepath}/last.pth"
-        )
+        claim(delete=False)  # refuse at once; --overwrite deletes only once every input has been checked
     except UsageError as err:
         parser.error(str(err))
     ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -286,10 +309,13 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
     if ckpt is not None:
         load_state_dict_strict(model, ckpt["state_dict"], str(resume_path))
         if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(optimizer, ckpt["optimizer"], resume_path)
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["iter"]) + 1
+        if "iter" in ckpt:
+            start = int(ckpt["iter"]) + 1
+        else:  # weights only (a .safetensors export, a bare state dict)
+            log.warning("%s records no iteration: starting at --start_iters %d", resume_path, start)
         # upstream restores val_Dice_best on every reload, the warm-up's best.pth included: the random-missing run
         # then writes its best.pth only when it beats the warm-up's score
         best = float(ckpt.get("best_score", -math.inf))
@@ -297,19 +323,29 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
             set_rng_state(ckpt["rng"])
         log.info("continuing from %s at global iteration %d", resume_path, start)
 
-    cache = cache_dir_of(args)
-    train_cases = prepare_cache(args.data_dir, read_entries(resolve_list(args.data_dir, args.train_list)), cache)
-    val_rows: list[tuple[str, Mask]] = []
+    # the lists and every case before the cache is built, and all of it before the snapshot folder is made
+    train_list = resolve_list(args.data_dir, args.train_list)
+    train_entries = read_entries(train_list)
+    if not train_entries:
+        raise UsageError(f"{train_list} lists no cases (the file is empty or holds a header only): add the cases")
+    raw_rows: list[tuple[str, Mask]] = []
     if not args.train_only:
-        raw_rows = read_val_rows(resolve_list(args.data_dir, args.val_list), args.val_mask_order)
-        val_cases = prepare_cache(args.data_dir, [e for e, _ in raw_rows], cache)
-        val_rows = [(c, m) for c, (_, m) in zip(val_cases, raw_rows, strict=True)]
+        val_list = resolve_list(args.data_dir, args.val_list)
+        raw_rows = read_val_rows(val_list, args.val_mask_order)
+        hint = "add validation cases to it, or pass --train_only"
+        check_validation_cases(args.data_dir, [e for e, _ in raw_rows], val_list, hint, check_files=False)
+    cache = cache_dir_of(args)
+    train_cases = prepare_cache(args.data_dir, train_entries, cache)
+    val_cases = prepare_cache(args.data_dir, [e for e, _ in raw_rows], cache)
+    val_rows = [(c, m) for c, (_, m) in zip(val_cases, raw_rows, strict=True)]
     val_iters = set() if args.train_only else set(validation_iterations(args.warm_up, args.num_steps))
-
     dataset = ShaSpecTrainDataset(
         cache, train_cases, crop, mode=args.mode, random_scale=args.random_scale, random_mirror=args.random_mirror,
         augment=not args.no_augmentation, reference_quirks=args.reference_quirks,
     )  # fmt: skip
+    claim()
+    snapshot.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(snapshot)  # what runs killed while writing a snapshot left
     # one stream of num_steps·batch samples (upstream repeats the list to that length); a reload skips what is done
     sampler = EpochSampler(len(train_cases), args.num_steps * args.batch_size, args.random_seed)
     sampler.set_epoch(0, skip=min(start, args.num_steps) * args.batch_size)
@@ -345,8 +381,7 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
         with amp_context(device, args.amp):
             out = model(image, batch["mask"].to(device))
             loss, parts = shaspec_loss(out, regions)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {iteration}")
+        check_step_finite(loss, {"image": image, "name": batch["name"]}, cache, f"iteration {iteration}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,31 +136,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device=str(map_location))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        ckpt: dict[str, Any] = {"state_dict": state}
-        for key in ("method", "config", "args"):
-            if key in meta:
-                ckpt[key] = json.loads(meta[key])
-    else:
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # unpickling errors come in many types; name the file in every case
-            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            hint = "empty file" if path.stat().st_size == 0 else "not a PyTorch checkpoint, or truncated"
-            raise CheckpointError(f"cannot load checkpoint {path} ({hint}): {detail}") from err
+            state = load_file(str(path), device=str(map_location))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            ckpt: dict[str, Any] = {"state_dict": state}
+            for key in ("method", "config", "args"):
+                if key in meta:
+                    ckpt[key] = json.loads(meta[key])
+        except (SafetensorError, ValueError, OSError) as err:
+            raise CheckpointError(
+                f"cannot load checkpoint {path} ({_size_hint(path, 'not a .safetensors file, or damaged')}): "
+                f"{_reason(err)}"
+            ) from err
+    else:
+        ckpt = safe_torch_load(path, map_location)
         if (
             isinstance(ckpt, Mapping)
             and "state_dict" not in ckpt
+            and ckpt
             and all(isinstance(v, torch.Tensor) for v in ckpt.values())
         ):
             ckpt = {"state_dict": dict(ckpt)}  # a bare state dict
-        if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-            raise ValueError(f"{path} is not a model checkpoint (no 'state_dict' entry)")
+        if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+            raise CheckpointError(f"{path} is not a model checkpoint (no 'state_dict' entry of tensors)")
         ckpt = dict(ckpt)
         if "optim_dict" in ckpt and "optimizer" not in ckpt:
             ckpt["optimizer"] = ckpt.pop("optim_dict")
@@ -168,6 +171,64 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     ckpt["state_dict"] = strip_prefix(ckpt["state_dict"])
     ckpt.setdefault("format", "upstream")
     return ckpt
+
+
+def safe_torch_load(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    allowed: Sequence[Any] = (),
+    what: str = "checkpoint",
+) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only, never code; every failure names the file.
+
+    Args:
+        path: the file.
+        map_location: where the tensors go.
+        allowed: extra globals the weights-only unpickler may build (``torch.serialization.safe_globals`` entries),
+            e.g. the numpy scalars in nnU-Net's training log; never anything that runs code.
+        what: what the file is, for the message ("nnU-Net checkpoint").
+
+    Raises:
+        CheckpointError: the file is empty, truncated, not a PyTorch file, or holds other Python objects (refused).
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; name the file in every case
+        reason = _reason(err)
+        damaged = "not a PyTorch checkpoint, or truncated"
+        hint = "refused" if reason.startswith(_UNSAFE) else _size_hint(path, damaged)
+        raise CheckpointError(f"cannot load {what} {path} ({hint}): {reason}") from err
+
+
+def _size_hint(path: Path, otherwise: str) -> str:
+    return "empty file" if path.stat().st_size == 0 else otherwise
+
+
+_UNSAFE = "it holds Python objects other than tensors and plain values"
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of a loader's error, without advice to load unsafely.
+
+    torch's weights-only error suggests re-running with ``weights_only=False``, which would run whatever code the
+    file carries: this project never does that, so the advice is replaced by what the file holds.
+    """
+    text = str(err).strip()
+    # torch puts its weights_only preamble before every unpickling error; only a forbidden GLOBAL means the file holds
+    # objects that could run code (garbage bytes read as "Unsupported operand")
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"{_UNSAFE} ({found[1]}), which are never unpickled here because they can run code; use a checkpoint "
+            "written by this project or upstream's training scripts"
+        )
+    if "Weights only load failed" in text:
+        detail = re.search(r"(Unsupported operand[^\n.]*|invalid load key[^\n]*)", text)
+        return f"UnpicklingError: {detail[1] if detail else 'not a pickle of tensors'}"
+    first = re.split(r"(?<=\.) |\n", text)[0] if text else ""  # the first sentence
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .cli import UsageError
+from .io import NpyError, load_npy, npy_intact
 from .modalities import SCENARIOS, Mask
 from .transforms import Transform
 
@@ -33,19 +35,77 @@ def label_path(root: str | Path, case: str) -> Path:
     return Path(root) / "seg" / f"{case}_seg.npy"
 
 
+def _case_of(path: str | Path) -> str:
+    """The case id of a ``<case>_vol.npy`` / ``<case>_seg.npy`` path."""
+    return Path(path).name.removesuffix(".npy").removesuffix("_vol").removesuffix("_seg")
+
+
+def _listing(paths: Sequence[Path]) -> str:
+    more = f" (and {len(paths) - 10} more)" if len(paths) > 10 else ""
+    return ", ".join(map(str, paths[:10])) + more
+
+
 def check_cases(root: str | Path, cases: Sequence[str], need_labels: bool = True) -> None:
-    """Fail early, listing (up to 10) cases whose preprocessed files are missing."""
-    missing = [
-        str(p)
-        for c in cases
-        for p in ([volume_path(root, c)] + ([label_path(root, c)] if need_labels else []))
-        if not p.is_file()
-    ]
+    """Fail early, listing (up to 10) cases whose preprocessed files are missing or truncated.
+
+    Reads only the ``.npy`` headers and sizes (see ``io.npy_intact``), so checking every case before a run starts
+    costs a fraction of a second even for the full data set.
+
+    Raises:
+        FileNotFoundError: files are missing.
+        NpyError: files are truncated or damaged (a killed preprocessing, a failed copy).
+    """
+    files = [p for c in cases for p in ([volume_path(root, c)] + ([label_path(root, c)] if need_labels else []))]
+    missing = [p for p in files if not p.is_file()]
     if missing:
-        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         raise FileNotFoundError(
-            f"{len(missing)} preprocessed file(s) missing under {root}: {', '.join(missing[:10])}{more}; "
+            f"{len(missing)} preprocessed file(s) missing under {root}: {_listing(missing)}; "
             f"run preprocess.py on the BraTS folder first"
+        )
+    damaged = [p for p in files if not npy_intact(p)]
+    if damaged:
+        names = " ".join(dict.fromkeys(_case_of(p) for p in damaged[:10]))
+        raise NpyError(
+            f"{len(damaged)} preprocessed file(s) under {root} are truncated or damaged: {_listing(damaged)}; "
+            f"re-create them, e.g. with preprocess.py --overwrite --cases {names}"
+        )
+
+
+def check_validation_cases(
+    root: str | Path,
+    cases: Sequence[str],
+    list_file: str | Path,
+    hint: str = "add validation cases to it",
+    check_files: bool = True,
+) -> None:
+    """Before a run that validates: its validation list must name cases, and (``check_files``) their files must be
+    there and intact (an empty list averages to a NaN score and never writes ``best.pth``; a missing case would stop
+    the run only at the first validation, after a wasted epoch).
+
+    Raises:
+        UsageError: the list is empty (``hint`` says what to do).
+        FileNotFoundError, NpyError: see :func:`check_cases`.
+    """
+    if not cases:
+        raise UsageError(
+            f"{list_file} lists no validation cases, but this run validates (best.pth is chosen by the validation "
+            f"score): {hint}"
+        )
+    if check_files:
+        check_cases(root, cases)
+
+
+def check_finite(image: np.ndarray, path: str | Path) -> None:
+    """Refuse a volume holding NaN or infinite values, which would turn every loss and Dice score into NaN.
+
+    Raises:
+        NpyError: naming ``path`` and how many values are not finite.
+    """
+    bad = np.size(image) - int(np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise NpyError(
+            f"{path}: {bad} NaN or infinite value(s) in the volume: re-create it, e.g. with preprocess.py "
+            f"--overwrite --cases {_case_of(path)}, or remove the case from the list"
         )
 
 
@@ -54,13 +114,19 @@ def load_case(root: str | Path, case: str, with_label: bool = True) -> tuple[np.
 
     Returns:
         image ``(4, H, W, D)`` float32 and label ``(H, W, D)`` int64 (None when absent or not requested).
+
+    Raises:
+        FileNotFoundError, NpyError: the volume is missing, truncated, not ``(H, W, D, 4)`` or not finite (a NaN
+            would make every score NaN; the check costs milliseconds against seconds of inference).
     """
-    vol = np.load(volume_path(root, case), mmap_mode="r")
+    path = volume_path(root, case)
+    vol = load_npy(path, mmap=True, what="volume")
     if vol.ndim != 4 or vol.shape[-1] != 4:
-        raise ValueError(f"{volume_path(root, case)}: expected (H, W, D, 4), got {vol.shape}")
+        raise NpyError(f"{path}: expected a volume of shape (H, W, D, 4), got {vol.shape}")
     image = np.ascontiguousarray(np.moveaxis(vol, -1, 0), dtype=np.float32)
+    check_finite(image, path)
     lp = label_path(root, case)
-    label = np.load(lp).astype(np.int64) if with_label and lp.is_file() else None
+    label = load_npy(lp, what="label map").astype(np.int64) if with_label and lp.is_file() else None
     return image, label
 
 
@@ -122,8 +188,8 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
         rng = np.random.default_rng(seed)
-        vol = np.load(volume_path(self.root, self.cases[index]), mmap_mode="r")
-        label = np.load(label_path(self.root, self.cases[index]), mmap_mode="r")
+        vol = load_npy(volume_path(self.root, self.cases[index]), mmap=True, what="volume")
+        label = load_npy(label_path(self.root, self.cases[index]), mmap=True, what="label map")
         image, label = self.transform(vol, label, rng)
         mask = self.mask_sampler(rng)
         return {

@@ -11,21 +11,31 @@ Every test case × every selected scenario: sliding window (window = patch, over
 - ``evaluation.json``: what produced the rows (method, a digest of the weights, the settings that change the numbers,
   the case list and a digest of the cases' preprocessing).
   Rows are only ever added by the same model and settings: another evaluation into the folder stops with the
-  differences named, unless ``overwrite`` clears the folder's results first.
+  differences named, unless ``overwrite`` clears the folder's results first. This holds for evaluations running at
+  the same time too: the record is created exclusively, and every write of rows re-checks it, under a lock of the
+  folder (``.evaluation.lock``), so the tasks of an array job over scenario shards can share the folder while a
+  second evaluation is refused.
+
+Rows are validated when read: a damaged row (cut short, unknown scenario, a score that does not parse) is computed
+again, and a file that cannot be read as results at all (or a damaged record) stops the run before any work.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
+import secrets
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +46,25 @@ from tqdm.auto import tqdm
 from .cli import UsageError
 from .data import check_cases, load_case
 from .inference import outputs_to_labels, predict_scenarios
-from .io import RECORD_FILE, atomic_path, load_json, result_files, save_json, save_text
+from .io import (
+    RECORD_FILE,
+    JsonFileError,
+    atomic_path,
+    has_case_files,
+    load_json,
+    remove_stale_temporaries,
+    result_files,
+    save_json,
+    save_text,
+)
 from .metrics import case_scores
 from .modalities import SCENARIOS, Mask, Scenario
 from .registry import SegModel, output_config
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the exclusive creation of the record still keeps two evaluations apart
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +144,39 @@ def case_origin(model: SegModel, root: str | Path, case: str) -> tuple[int, int,
     """:func:`window_origin` of a preprocessed case, read from ``<root>/meta/<case>.json`` when the model needs it."""
     if getattr(model, "window_origin", None) != "image":
         return None
+    meta = read_case_meta(root, case)
+    if meta is None:
+        raise FileNotFoundError(
+            f"{Path(root) / 'meta' / f'{case}.json'} not found: {model.method_name} needs each case's crop box in the "
+            f"original image grid (written by the preprocessing into <datapath>/meta/)"
+        )
+    return window_origin(model, meta)
+
+
+def read_case_meta(root: str | Path, case: str) -> dict[str, Any] | None:
+    """``<root>/meta/<case>.json`` (any pipeline's), or None when the case has none (upstream-preprocessed data).
+
+    Raises:
+        JsonFileError: the file is damaged; the message names it and how to re-create it.
+    """
     path = Path(root) / "meta" / f"{case}.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {model.method_name} needs each case's crop box in the original image grid "
-            f"(written by the preprocessing into <datapath>/meta/)"
-        )
-    with path.open() as f:
-        return window_origin(model, json.load(f))
+        return None
+    try:
+        meta = load_json(path)
+    except JsonFileError as err:
+        raise JsonFileError(f"{err}: re-create the case with the pipeline that prepared it, e.g. preprocess.py "
+                            f"--overwrite --cases {case}") from err  # fmt: skip
+    if not isinstance(meta, dict):
+        raise JsonFileError(f"{path}: not a case's metadata (a JSON {type(meta).__name__}): re-create the case, e.g. "
+                            f"preprocess.py --overwrite --cases {case}")  # fmt: skip
+    return meta
 
 
 def case_spacing(root: str | Path, case: str) -> tuple[float, float, float]:
     """Voxel size in mm along the array axes (the source NIfTI's, from ``<root>/meta/<case>.json``; 1 mm without
     one). Every pipeline keeps the NIfTI axis order, so HD95 comes out in mm whatever the grid."""
-    path = Path(root) / "meta" / f"{case}.json"
-    affine = load_json(path).get("affine") if path.is_file() else None
+    affine = (read_case_meta(root, case) or {}).get("affine")
     if affine is None:
         return (1.0, 1.0, 1.0)
     x, y, z = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
@@ -190,54 +233,268 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class ResultsMismatchError(ValueError):
-    """An output folder already holds results of another model or other settings."""
+class ResultsMismatchError(UsageError):
+    """An output folder already holds results of another model or other settings (a :class:`UsageError`: scripts
+    report it in one line)."""
+
+
+class DamagedResultsError(ResultsMismatchError):
+    """A results file of an output folder (a per-case shard, the record, a summary) cannot be read as such.
+
+    Attributes:
+        path: the file; problem: what is wrong with it (the message adds what to do).
+    """
+
+    path: Path
+    problem: str
+
+
+LOCK_FILE = ".evaluation.lock"
+"""The lock file of an evaluation folder (see :func:`results_lock`)."""
+
+# flock is missing on some network file systems (e.g. Lustre mounted without -o flock)
+_NO_FLOCK = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
+# hard links are missing on some file systems (e.g. SMB, some FUSE mounts)
+_NO_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV})
+_warned_no_lock: set[Path] = set()
+
+
+@contextmanager
+def results_lock(out: Path) -> Iterator[None]:
+    """Hold the evaluation folder ``out`` exclusively (``flock`` on ``<out>/.evaluation.lock``, created on first use).
+
+    Every check of the record and every write of results happens under it, so that another evaluation cannot take
+    the folder over between an evaluation's check and its write. It is held for the check and the write only, never
+    while scenarios are computed. Where the file system has no ``flock``, a warning says so once and the record's
+    exclusive creation (:func:`claim_results_folder`) still keeps two evaluations starting together apart.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in _NO_FLOCK:
+                    raise
+                if out not in _warned_no_lock:
+                    _warned_no_lock.add(out)
+                    log.warning(
+                        "%s: the file system does not support locks (%s): do not run evaluations of different "
+                        "models into this folder at the same time", out, os.strerror(err.errno or 0),
+                    )  # fmt: skip
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _plain(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` as it reads back from JSON (tuples become lists, paths strings), for comparisons."""
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _differences(saved: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:
+    """One ``key: there, now`` entry per key both have with different values (keys only one side has are not
+    compared, so records of older versions stay valid)."""
+    identity = _plain(identity)
+    return [
+        f"{k}: {saved[k]!r} there, {identity[k]!r} now"
+        for k in sorted(set(saved) & set(identity))
+        if saved[k] != identity[k]
+    ]
+
+
+def _damaged(path: Path, what: str) -> DamagedResultsError:
+    remedy = (
+        "pass --overwrite to replace the folder's results, or choose another --savepath"
+        if path.name == RECORD_FILE
+        else "move it away, or pass --overwrite to compute its results again"
+    )
+    err = DamagedResultsError(f"{path}: {what}: {remedy}")
+    err.path, err.problem = path, what  # for readers that give their own remedy (report.py)
+    return err
+
+
+def read_record(out: str | Path) -> dict[str, Any] | None:
+    """The record of the evaluation folder ``out`` (see :func:`claim_results_folder`); None when it has none.
+
+    Raises:
+        DamagedResultsError: the record is not a file or not a JSON object (named, with ``--overwrite`` as the
+            remedy).
+    """
+    record = Path(out) / RECORD_FILE
+    if not record.exists() and not record.is_symlink():
+        return None
+    if not record.is_file():
+        raise _damaged(record, "not a file")
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(record, f"not a valid evaluation record ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict):
+        raise _damaged(record, f"not a valid evaluation record (a JSON {type(saved).__name__}, not an object)")
+    return saved
+
+
+def _create_record(record: Path, identity: Mapping[str, Any]) -> bool:
+    """Create ``record`` holding ``identity`` unless it exists, in one step (a hard link to a complete file; an
+    exclusive create where the file system has no hard links).
+
+    Returns:
+        False when the record existed (another evaluation created it first).
+    """
+    staged = record.with_name(f".{record.name}.claim-{os.getpid()}-{secrets.token_hex(4)}")
+    save_json(staged, identity)
+    try:
+        os.link(staged, record)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in _NO_LINK:
+            raise
+        try:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(staged.read_bytes())
+        return True
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a result file of a folder being overwritten; an empty folder in its place too, a non-empty one is
+    refused (the evaluation never made it)."""
+    if path.is_dir() and not path.is_symlink():
+        try:
+            path.rmdir()
+        except OSError:
+            raise DamagedResultsError(f"{path}: a folder where results belong: move it away") from None
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _summary_files(out: Path) -> list[Path]:
+    return [out / f"summary.{ext}" for ext in ("csv", "md", "json")]
+
+
+def _check_outputs(out: Path, shard: Path | None) -> None:
+    """Refuse, before any work, results files this evaluation could not read (``shard``) or write (summaries)."""
+    if shard is not None:
+        _read_table(shard)
+    for path in _summary_files(out):
+        if path.exists() and not path.is_file():
+            raise _damaged(path, "not a file")
 
 
 def claim_results_folder(
     out: Path, identity: Mapping[str, Any], overwrite: bool = False, shard: Path | None = None
 ) -> None:
     """Make sure the rows in ``out`` all come from the evaluation ``identity`` describes (JSON-able: method,
-    weights digest, settings that change the numbers).
+    weights digest, settings that change the numbers), also against evaluations running at the same time.
 
-    The first evaluation writes ``evaluation.json``; a later one with another identity raises
+    The first evaluation creates ``evaluation.json`` exclusively (under :func:`results_lock`, and in one step, so
+    that of two evaluations starting together exactly one creates it); a later one with another identity raises
     :class:`ResultsMismatchError` naming the differences (keys only one side has are not compared, so records of
-    older versions stay valid, and gain the keys they lacked). ``overwrite`` replaces results: those of another
-    identity entirely (per-case shards, summaries, saved label maps, the record); with the same identity only
-    ``shard``, the caller's own, so that the other tasks of a SLURM array keep theirs. A folder with results but no
-    record is adopted with a warning.
+    older versions stay valid, and gain the keys they lacked). Writers re-check the record before every write
+    (:func:`write_results`). ``overwrite`` replaces results: those of another identity (or of a damaged record)
+    entirely (per-case shards, summaries, saved label maps, the record); with the same identity only ``shard``, the
+    caller's own, so that the other tasks of a SLURM array keep theirs. A folder with results but no record is
+    adopted with a warning.
+
+    Raises:
+        ResultsMismatchError: results of another evaluation.
+        DamagedResultsError: (without ``overwrite``) the record, ``shard`` or a summary cannot be read or written
+            as such; checked before anything is written.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    identity = _plain(identity)
     record = out / RECORD_FILE
-    identity = json.loads(json.dumps(identity, default=str))
-    saved = load_json(record) if record.is_file() else None
-    diff = [
-        f"{k}: {saved[k]!r} there, {identity[k]!r} now"
-        for k in sorted(set(saved or {}) & set(identity))
-        if saved is not None and saved[k] != identity[k]
-    ]
-    if overwrite and saved is not None and not diff:
-        if shard is not None:
-            shard.unlink(missing_ok=True)
-        return
-    if overwrite:
-        predictions = out / "predictions"
-        stale = [*result_files(out), record, *(out / f"summary.{ext}" for ext in ("csv", "md", "json"))]
-        stale += sorted(predictions.glob("*_[01][01][01][01].nii.gz")) if predictions.is_dir() else []
-        for path in stale:
-            path.unlink(missing_ok=True)
-    elif diff:
+    with results_lock(out):
+        for folder in (out, out / "predictions"):  # what evaluations killed while writing left (logged)
+            remove_stale_temporaries(folder)
+        try:
+            saved = read_record(out)
+            diff = _differences(saved, identity) if saved is not None else []
+        except DamagedResultsError:
+            if not overwrite:
+                raise
+            saved, diff = None, ["a damaged record"]
+        if overwrite and saved is not None and not diff:
+            if shard is not None:
+                _remove(shard)
+            _check_outputs(out, None)
+        elif overwrite:
+            predictions = out / "predictions"
+            stale = [*result_files(out), record, *_summary_files(out)]
+            stale += sorted(predictions.glob("*_[01][01][01][01].nii.gz")) if predictions.is_dir() else []
+            for path in stale:
+                _remove(path)
+            saved = None
+        elif diff:
+            raise ResultsMismatchError(
+                f"{out} already holds results of another evaluation ({'; '.join(diff)}): choose another --savepath, "
+                "or pass --overwrite to replace them"
+            )
+        else:
+            _check_outputs(out, shard)
+        if saved is not None:
+            if set(identity) - set(saved):  # a record of an older version: add what it lacked, now that it matches
+                save_json(record, saved | identity)
+            return
+        if result_files(out):
+            log.warning("%s holds results without a %s record: assuming they come from this model", out, RECORD_FILE)
+        if not _create_record(record, identity):  # created meanwhile: only where the file system has no locks
+            diff = _differences(read_record(out) or {}, identity)
+            if diff:
+                raise ResultsMismatchError(
+                    f"{out} was claimed by another evaluation at the same time ({'; '.join(diff)}): choose another "
+                    "--savepath, or pass --overwrite to replace its results"
+                )
+
+
+def _recheck(out: Path, identity: Mapping[str, Any]) -> None:
+    """Raise unless the record of ``out`` is still ``identity``'s (the caller holds :func:`results_lock`)."""
+    try:
+        saved = read_record(out)
+    except DamagedResultsError as err:
+        raise ResultsMismatchError(f"{err} (it changed while this evaluation ran; its rows were not written)") from None
+    if saved is None:
         raise ResultsMismatchError(
-            f"{out} already holds results of another evaluation ({'; '.join(diff)}): choose another --savepath, "
-            "or pass --overwrite to replace them"
+            f"{out / RECORD_FILE} was removed while this evaluation ran (another evaluation with --overwrite?): "
+            "its rows were not written; run it again with another --savepath, or with --overwrite"
         )
-    elif saved is not None:
-        if set(identity) - set(saved):  # a record of an older version: add what it lacked, now that it matches
-            save_json(record, saved | identity)
-        return
-    elif result_files(out):
-        log.warning("%s holds results without a %s record: assuming they come from this model", out, RECORD_FILE)
-    save_json(record, identity)
+    diff = _differences(saved, identity)
+    if diff:
+        raise ResultsMismatchError(
+            f"{out} was taken over by another evaluation while this one ran ({'; '.join(diff)}): its rows were not "
+            "written; run it again with another --savepath, or with --overwrite to replace the other's results"
+        )
+
+
+def write_results(
+    out: str | Path,
+    identity: Mapping[str, Any],
+    path: Path,
+    rows: Iterable[Mapping[str, object]],
+    before: Callable[[], None] | None = None,
+) -> None:
+    """Write the per-case ``rows`` to the shard ``path`` of ``out`` if the folder still belongs to ``identity``.
+
+    Under :func:`results_lock`: the record is re-checked, then ``before()`` runs (e.g. writing the label maps that
+    go with the rows), then the rows are written atomically.
+
+    Raises:
+        ResultsMismatchError: the folder's record changed since :func:`claim_results_folder` (nothing is written).
+    """
+    out = Path(out)
+    with results_lock(out):
+        _recheck(out, identity)
+        if before is not None:
+            before()
+        write_csv(path, PER_CASE_HEADER, rows)
 
 
 @contextmanager
@@ -246,8 +503,38 @@ def results_folder_errors() -> Iterator[None]:
     try:
         yield
     except ResultsMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_preprocessed_folder(root: str | Path) -> None:
+    """Refuse a data folder (``--datapath``) that is not a preprocessed one, saying what it is instead.
+
+    A preprocessed folder holds ``vol/`` (``preprocess.py``'s output, or upstream's preprocessing); the checks of
+    the cases themselves come later (``data.check_cases``).
+
+    Raises:
+        UsageError: the folder does not exist, is a file, holds BraTS NIfTI files (the raw data), or lacks ``vol/``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"--datapath {root}: folder does not exist (pass the folder preprocess.py wrote)")
+    if not root.is_dir():
+        raise UsageError(f"--datapath {root}: not a folder (pass the folder preprocess.py wrote)")
+    if (root / "vol").is_dir():
+        return
+    entries = sorted(root.iterdir())
+    nifti = any(p.name.lower().endswith((".nii", ".nii.gz")) for p in entries)
+    # a few folders suffice to recognise BraTS case folders; a large unrelated folder is not listed in full
+    if nifti or any(has_case_files(p) for p in [p for p in entries if p.is_dir()][:20]):
+        raise UsageError(
+            f"--datapath {root}: holds NIfTI files, not preprocessed (run preprocess.py --input-path {root} "
+            "--output-path <folder>, and pass that folder)"
+        )
+    raise UsageError(
+        f"--datapath {root}: not preprocessed, it has no vol/ folder (run preprocess.py on the BraTS folder, and "
+        "pass its --output-path)"
+    )
 
 
 def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> None:
@@ -260,7 +547,7 @@ def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> N
 
     for case in cases:
         meta = output_paths(root, case).meta
-        found = load_json(meta).get("pipeline") if meta.is_file() else None
+        found = (read_case_meta(root, case) or {}).get("pipeline")
         if found != model.data_pipeline:
 
             def name(p: str | None) -> str:
@@ -287,9 +574,9 @@ def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
     h = hashlib.sha256()
     for case in sorted(cases):
         paths = output_paths(root, case)
-        if paths.meta.is_file():
-            meta = {k: v for k, v in load_json(paths.meta).items() if k != "source_files"}
-            h.update(json.dumps(meta, sort_keys=True).encode())
+        meta = read_case_meta(root, case)
+        if meta is not None:
+            h.update(json.dumps({k: v for k, v in meta.items() if k != "source_files"}, sort_keys=True).encode())
         else:  # e.g. folders preprocessed by the upstream code
             h.update(f"{case} {paths.vol.stat().st_size if paths.vol.is_file() else -1}".encode())
     return {"data": f"preprocessing sha256 {h.hexdigest()[:16]}", "cases": case_list_identity(cases)}
@@ -320,15 +607,99 @@ def evaluation_identity(
     }
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV file; none when it does not exist."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 PER_CASE_HEADER = ("case", "scenario", "bits", *METRICS, "seconds")
+_REQUIRED_COLUMNS = ("case", "scenario", "bits", *DICE_KEYS)  # written by every version of the evaluator
+_SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _row_problem(
+    row: Mapping[str, str], width: int, header: Sequence[str], scenarios: Collection[str] | None, hd95: bool
+) -> str | None:
+    """Why a per-case row cannot be a finished result (None: it can)."""
+    if width != len(header):
+        return f"{width} fields, the header has {len(header)}"
+    scenario = _SCENARIO_BY_NAME.get(row["scenario"])
+    if not row["case"].strip():
+        return "no case"
+    if scenario is None:
+        return f"unknown scenario {row['scenario']!r}"
+    if scenarios is not None and scenario.name not in scenarios:
+        return f"scenario {scenario.name} does not belong in this file"
+    if row["bits"] != scenario.bits:
+        return f"bits {row['bits']!r}, scenario {scenario.name} has {scenario.bits}"
+    for key in DICE_KEYS:
+        if key == "ETpp" and not row[key]:
+            continue  # left empty by scorers without the post-processing (complete by its width: not cut short)
+        value = _number(row[key])
+        if value is None or not 0 <= value <= 1:
+            return f"{key} {row[key]!r} is not a Dice score"
+    for key in (k for k in METRICS if k.startswith("HD95_") and k in row):
+        if not row[key]:  # empty when computed without HD95
+            if hd95:
+                return f"no {key}"
+            continue
+        value = _number(row[key])
+        if value is None or value < 0:
+            return f"{key} {row[key]!r} is not a distance"
+    if row.get("seconds") and _number(row["seconds"]) is None:
+        return f"seconds {row['seconds']!r} is not a number"
+    return None
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank ``(line number, fields)`` of a per-case results file (none when it does not
+    exist), refusing a file that cannot be one (see :func:`read_rows`)."""
+    if not path.exists() and not path.is_symlink():
+        return list(PER_CASE_HEADER), []
+    if not path.is_file():
+        raise _damaged(path, "not a file")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            lines = [(reader.line_num, values) for values in reader if values]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise _damaged(path, f"not a per-case results file ({type(err).__name__}: {err})") from None
+    if header is None or not set(_REQUIRED_COLUMNS) <= set(header):
+        raise _damaged(path, f"not a per-case results file (columns {header}, expected {','.join(PER_CASE_HEADER)})")
+    return header, lines
+
+
+def read_rows(
+    path: Path,
+    scenarios: Sequence[Scenario] | None = None,
+    hd95: bool = False,
+    damaged: str = "ignored",
+) -> list[dict[str, str]]:
+    """The valid rows of a per-case results file (``per_case_<tag>.csv``); none when it does not exist.
+
+    A row is valid when it has every column, a case, a known scenario (one of ``scenarios`` when given) with its
+    bits, Dice scores in [0, 1], and numbers (or, without ``hd95``, nothing) in the other columns. Damaged rows, e.g.
+    one cut short by a full disk, are left out with a warning naming the file and line that says what happens to
+    them (``damaged``: e.g. "computed again").
+
+    Raises:
+        DamagedResultsError: the path is not a file, not UTF-8 CSV text, or lacks the evaluator's columns.
+    """
+    header, lines = _read_table(path)
+    names = {s.name for s in scenarios} if scenarios is not None else None
+    rows = []
+    for line, values in lines:
+        row = dict(zip(header, values + [""] * (len(header) - len(values)), strict=False))
+        problem = _row_problem(row, len(values), header, names, hd95)
+        if problem is None:
+            rows.append(row)
+        else:
+            log.warning("%s, line %d: damaged row (%s): %s", path, line, problem, damaged)
+    return rows
 
 
 def evaluate(
@@ -345,7 +716,8 @@ def evaluate(
     """Score ``cases`` under every scenario; resumable and shard-friendly (see the module docstring).
 
     ``overwrite`` discards the results already in ``out_dir``; without it, results of another model or other
-    settings there stop the run (:class:`ResultsMismatchError`).
+    settings there stop the run (:class:`ResultsMismatchError`), and so do results files it cannot read
+    (:class:`DamagedResultsError`), before any scenario is computed. Damaged rows are computed again.
 
     Returns:
         The summary rows (also written to ``summary.*``).
@@ -355,11 +727,14 @@ def evaluate(
     out = Path(out_dir)
     check_cases(root, cases)
     check_pipeline(model, root, cases)
-    per_case = shard_file(out, scenarios)
-    claim_results_folder(out, evaluation_identity(model, options, root, cases), overwrite, per_case)
-    rows = read_rows(per_case)
-    done = {(r["case"], r["scenario"]) for r in rows}
     predictions = out / "predictions"
+    if save_nifti and predictions.exists() and not predictions.is_dir():
+        raise DamagedResultsError(f"{predictions}: not a folder, where --save_nifti writes label maps: move it away")
+    per_case = shard_file(out, scenarios)
+    identity = evaluation_identity(model, options, root, cases)
+    claim_results_folder(out, identity, overwrite, per_case)
+    rows = read_rows(per_case, scenarios, hd95=options.hd95, damaged="computed again")
+    done = {(r["case"], r["scenario"]) for r in rows}
 
     def needed(case: str, s: Scenario) -> bool:
         # a finished row is redone when --save_nifti asks for a label map it did not write (an earlier run without)
@@ -391,18 +766,22 @@ def evaluate(
                     **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
                 }
             )
-            if save_nifti:
-                _save_prediction(root, case, s, pred.numpy(), predictions)
-        write_csv(per_case, PER_CASE_HEADER, rows)
-    return summarize(out)
+        # the label maps too are written only while the folder is still this evaluation's
+        save_maps = partial(_save_predictions, root, case, todo, preds, predictions) if save_nifti else None
+        write_results(out, identity, per_case, rows, save_maps)
+    return summarize(out, identity)
 
 
-def _save_prediction(root: str | Path, case: str, scenario: Scenario, pred: np.ndarray, out: Path) -> None:
-    """Write one label map in the original geometry of the case (uncropped; source affine and header)."""
+def _save_predictions(
+    root: str | Path, case: str, scenarios: Sequence[Scenario], preds: torch.Tensor, out: Path
+) -> None:
+    """Write the label maps ``preds`` ``(S, H, W, D)`` of one case in its original geometry (uncropped; source
+    affine and header), one per scenario."""
     from .preprocessing import write_label_original_geometry
 
     out.mkdir(parents=True, exist_ok=True)
-    write_label_original_geometry(pred, root, case, out / _prediction_name(case, scenario))
+    for scenario, pred in zip(scenarios, preds, strict=True):
+        write_label_original_geometry(pred.numpy(), root, case, out / _prediction_name(case, scenario))
 
 
 def _prediction_name(case: str, scenario: Scenario) -> str:
@@ -414,15 +793,29 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def summarize(out_dir: str | Path) -> list[dict[str, str]]:
+def summarize(out_dir: str | Path, identity: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
     """Merge every ``per_case_*.csv`` in ``out_dir`` into ``summary.csv``, ``summary.md`` and ``summary.json``.
 
     Rows: the scenarios present, in upstream order, each the mean over its cases, then ``mean`` over scenarios.
+    Damaged rows and files that cannot be read as results are left out with a warning. With ``identity`` (the
+    evaluation that writes the folder) the summary is written only while the folder's record is still its own.
     """
     out = Path(out_dir)
+    with results_lock(out):
+        if identity is not None:
+            _recheck(out, identity)
+        return _summarize(out)
+
+
+def _summarize(out: Path) -> list[dict[str, str]]:
     merged: dict[tuple[str, str], dict[str, str]] = {}
     for path in result_files(out):
-        for r in read_rows(path):
+        try:
+            rows = read_rows(path, damaged="left out of the summary")
+        except DamagedResultsError as err:
+            log.warning("%s (left out of the summary)", err)
+            continue
+        for r in rows:
             merged[(r["case"], r["scenario"])] = r
     by_scenario: dict[str, list[dict[str, str]]] = {}
     for r in merged.values():

@@ -5,6 +5,9 @@ Case discovery accepts both BraTS namings, ``.nii`` or ``.nii.gz``:
 - BraTS 2023: ``<case>-t2f``, ``-t1c``, ``-t1n``, ``-t2w``, label ``-seg``;
 - BraTS 2018–2021: ``<case>_flair``, ``_t1ce``, ``_t1``, ``_t2``, label ``_seg``.
 
+Only these endings, in lower case and with their own separator, are recognised: BIDS names such as
+``sub-01_FLAIR.nii.gz`` or ``sub-01_T2w.nii.gz`` are listed as ignored, never guessed.
+
 Every writer is atomic: it writes a temporary file in the destination folder and renames it with ``os.replace``, so
 a reader (or a resumed run) never sees a half-written file.
 """
@@ -12,11 +15,15 @@ a reader (or a resumed run) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import socket
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,23 +42,38 @@ LABEL_KEY = "seg"
 TMP_MARKER = ".tmp-"
 """Substring of every temporary file name written here (leftovers of a killed run are easy to spot and delete)."""
 
-# Suffix (lower case) -> modality key or LABEL_KEY, for both namings.
-_SUFFIX_TO_KEY: dict[str, str] = {
-    **{s: m for m, s in BRATS2023_SUFFIXES.items()},
-    **{s: m for m, s in LEGACY_SUFFIXES.items()},
-    LABEL_KEY: LABEL_KEY,
+# Ending (separator and suffix, exactly as BraTS writes them) -> modality key or LABEL_KEY. Each naming keeps its
+# own separator and lower case: with either separator and any case, BIDS's "_T2w" and "_FLAIR" would pass for T2 and
+# FLAIR.
+_ENDING_TO_KEY: dict[str, str] = {
+    **{f"-{s}": m for m, s in BRATS2023_SUFFIXES.items()},
+    **{f"_{s}": m for m, s in LEGACY_SUFFIXES.items()},
+    f"-{LABEL_KEY}": LABEL_KEY,
+    f"_{LABEL_KEY}": LABEL_KEY,
 }
 _FILE_RE = re.compile(
-    r"^(?P<stem>.+)[-_](?P<suffix>" + "|".join(sorted(_SUFFIX_TO_KEY, key=len, reverse=True)) + r")\.nii(\.gz)?$",
-    re.IGNORECASE,
+    r"^(?P<stem>.+)(?P<ending>" + "|".join(map(re.escape, sorted(_ENDING_TO_KEY, key=len, reverse=True)))
+    + r")(?i:\.nii(\.gz)?)$"
+)  # fmt: skip
+# "-t2f/-t1c/-t1n/-t2w or _flair/_t1ce/_t1/_t2", for messages
+_KNOWN_ENDINGS = " or ".join(
+    "/".join(f"{sep}{s}" for s in suffixes.values())
+    for sep, suffixes in (("-", BRATS2023_SUFFIXES), ("_", LEGACY_SUFFIXES))
 )
 
 
 def file_key(name: str) -> str | None:
     """What a file name is by its ending: a modality key (``-t2f``/``_flair`` → ``flair``, …), ``seg`` for a label
-    map, or None."""
+    map, or None (any other name, e.g. BIDS's ``sub-01_T2w.nii.gz``)."""
     match = _FILE_RE.match(name)
-    return _SUFFIX_TO_KEY[match["suffix"].lower()] if match else None
+    return _ENDING_TO_KEY[match["ending"]] if match else None
+
+
+def file_stem(name: str) -> str | None:
+    """The case part of a BraTS file name (``BraTS-GLI-00001-000-t2f.nii.gz`` → ``BraTS-GLI-00001-000``), or None
+    when :func:`file_key` does not recognise the name."""
+    match = _FILE_RE.match(name)
+    return match["stem"] if match else None
 
 
 # An indented JSON list without nested lists or objects, e.g. an affine row: written on one line for readability.
@@ -101,24 +123,61 @@ class CaseFiles:
         out[LABEL_KEY] = str(self.label) if self.label is not None else None
         return out
 
+    def ignored_note(self) -> str | None:
+        """One line listing :attr:`ignored` with the reason (for a warning), or None when nothing was ignored."""
+        if not self.ignored:
+            return None
+        predictions = [n for n in self.ignored if file_key(n) == LABEL_KEY]
+        others = [n for n in self.ignored if n not in predictions]
+        parts = []
+        if others:
+            parts.append(f"{', '.join(others)} (not named like a modality: {_KNOWN_ENDINGS})")
+        if predictions:
+            parts.append(f"{', '.join(predictions)} (label maps predict.py wrote, never a ground truth)")
+        return f"{self.folder}: ignored {'; '.join(parts)}"
+
 
 PREDICTION_MARK = "brats_core predict.py"
-"""``descrip`` of the label maps predict.py writes: never taken for a case's ground truth, and the only label maps
-beside a case's images that predict.py replaces."""
+"""``descrip`` of the NIfTI files predict.py writes and ``writer`` entry of its probability ``.npz`` files: its label
+maps are never taken for a case's ground truth, and predict.py replaces no other file without ``--overwrite``."""
+
+_PROBABILITY_ENTRIES = ["affine", "channels", "probabilities"]  # of a .npz written before it had a writer entry
 
 
 def written_by_predict(path: Path) -> bool:
-    """Whether the NIfTI file at ``path`` is a label map predict.py wrote (by its header's description)."""
+    """Whether the file at ``path`` is one predict.py wrote: a NIfTI label or region map by its header's description,
+    a probability ``.npz`` by its ``writer`` entry (or, written by an older version, by its exact entries)."""
     try:
+        if path.name.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as npz:
+                if "writer" in npz.files:
+                    return str(npz["writer"]) == PREDICTION_MARK
+                return sorted(npz.files) == _PROBABILITY_ENTRIES
         return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode(errors="replace") == PREDICTION_MARK
     except Exception:  # unreadable: not a prediction (the caller reports unreadable files its own way)
         return False
 
 
 def has_case_files(folder: Path) -> bool:
-    """Whether ``folder`` holds modality files, i.e. is a case (its discovery errors, e.g. an ambiguous modality,
-    surface later); label maps, predictions or other NIfTI files do not count."""
-    return any(p.is_file() and file_key(p.name) not in (None, LABEL_KEY) for p in folder.iterdir())
+    """Whether ``folder`` holds modality files, i.e. is a case (its discovery errors, e.g. an ambiguous modality or
+    a broken link, surface later); label maps, predictions or other NIfTI files do not count."""
+    return any((p.is_file() or p.is_symlink()) and file_key(p.name) not in (None, LABEL_KEY) for p in folder.iterdir())
+
+
+def broken_link(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path``, a symbolic link, cannot be read (it loops, or its target does not exist), naming it; None when
+    ``path`` is not a broken link. A file test alone would take such a link for an absent file."""
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path} is a symbolic link that loops (leads back to itself) and cannot be read: fix or remove it"
+        reason = (err.strerror or str(err)).lower()
+        return f"{path} is a symbolic link to {os.readlink(path)}, which cannot be read ({reason}): fix or remove it"
+    return None
 
 
 def _describe(key: str) -> str:
@@ -151,8 +210,10 @@ def find_case_files(
         The files found, including modalities beyond ``require``.
 
     Raises:
-        CaseFilesError: the folder does not exist, a required file is missing, or a file is ambiguous; the message
-            names the folder, what is missing or ambiguous, and the files that were found.
+        CaseFilesError: the folder does not exist, a required file is missing, a file is ambiguous, or a file named
+            like a modality (or label map, when read) is a broken or looping symbolic link; the message names the
+            folder or link, what is missing or ambiguous, and the files that were found (marking those whose names
+            are not BraTS names, e.g. BIDS names).
     """
     folder = Path(case_dir)
     unknown = set(require) - set(MODALITIES)
@@ -160,25 +221,34 @@ def find_case_files(
         raise ValueError(f"unknown modality keys {sorted(unknown)}; use {list(MODALITIES)}")
     if not folder.is_dir():
         raise CaseFilesError(f"{folder}: not a folder")
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # links too: a broken one named like a modality must be reported as such, not as a missing file
+    names = sorted(p.name for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
     candidates: dict[str, list[str]] = {}
     own_prefix: set[str] = set()
     ignored: list[str] = []
+    broken: list[str] = []
     for name in names:
         key = file_key(name)
         if key is None or (key == LABEL_KEY and not label):
             if key is None and name.lower().endswith((".nii", ".nii.gz")):
                 ignored.append(name)
             continue
+        problem = broken_link(folder / name)
+        if problem is not None:
+            broken.append(problem)
+            continue
         if key == LABEL_KEY and written_by_predict(folder / name):
             ignored.append(name)  # a prediction written beside the images is not the ground truth
             continue
         candidates.setdefault(key, []).append(name)
-        if _FILE_RE.match(name)["stem"] == folder.name:  # type: ignore[index]
+        if file_stem(name) == folder.name:
             own_prefix.add(name)
+    if broken:
+        raise CaseFilesError("; ".join(broken))
 
     def found_listing() -> str:
-        return f"files found: {', '.join(names) if names else '(none)'}"
+        shown = [f"{n} (not a BraTS name)" if n in ignored and file_key(n) is None else n for n in names]
+        return f"files found: {', '.join(shown) if shown else '(none)'}"
 
     chosen: dict[str, Path] = {}
     for key, files in candidates.items():
@@ -195,7 +265,7 @@ def find_case_files(
         missing = list(MODALITIES)
     if missing:
         raise CaseFilesError(f"{folder}: missing {', '.join(map(_describe, missing))}; {found_listing()}")
-    stems = sorted({_FILE_RE.match(p.name)["stem"] for p in chosen.values()})  # type: ignore[index]
+    stems = sorted({str(file_stem(p.name)) for p in chosen.values()})
     if len(stems) > 1:
         # one grid and affine for every BraTS case: a file copied from another patient passes every other check
         log.warning(
@@ -211,10 +281,83 @@ def find_case_files(
     )
 
 
+MAX_NIFTI_VOXELS = 1024**3
+"""The most voxels :func:`load_nifti` reads from one file (1024³, i.e. 4 GiB as float32; a BraTS image has
+240 × 240 × 155 ≈ 9 M): a header announcing more is damaged or hostile and is refused before anything is allocated."""
+
+_READ_CHUNK = 1 << 20
+
+
+def _nifti_error(path: Path, err: BaseException, what: str = "NIfTI") -> NiftiError:
+    """``cannot read NIfTI`` naming ``path``, in one line (nibabel's messages may span several)."""
+    return NiftiError(f"{path}: cannot read {what} ({type(err).__name__}: {' '.join(str(err).split())})")
+
+
+def _decompressed_size(path: Path, needed: int) -> int:
+    """How many bytes the gzip file ``path`` decompresses to, counted up to ``needed`` at most.
+
+    The gzip trailer's ISIZE (the size mod 2³²) answers at once for a complete single-stream file; otherwise (a
+    truncated file, several concatenated streams) the data are decompressed in chunks, without keeping them, and the
+    count stops at ``needed``.
+    """
+    with path.open("rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        if int.from_bytes(handle.read(4), "little") == needed % 2**32:
+            return needed
+    total = 0
+    with gzip.open(path, "rb") as stream:
+        while total < needed:
+            try:
+                chunk = stream.read1(min(_READ_CHUNK, needed - total))
+            except EOFError:  # the compressed stream stops short: a truncated file
+                break
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _check_nifti_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header that announces more voxels than :data:`MAX_NIFTI_VOXELS` or than its file holds, before
+    nibabel allocates the announced array (a 1 KB file can announce 1500³ voxels).
+
+    Raises:
+        NiftiError: in one line naming the file, the announced shape and what the file holds.
+    """
+    header = img.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    dtype = np.dtype(header.get_data_dtype())
+    voxels = math.prod(shape)
+    described = f"{'×'.join(map(str, shape))} {dtype} voxels"
+    if voxels > MAX_NIFTI_VOXELS:
+        raise NiftiError(
+            f"{path}: cannot read NIfTI: its header announces {described}, {voxels} in all, more than the 1024³ this "
+            "tool reads (a damaged header, or not a single MRI volume)"
+        )
+    # the proxy's offset: nibabel resets the loaded header's vox_offset
+    needed = int(getattr(img.dataobj, "offset", header.get_data_offset())) + voxels * dtype.itemsize
+    data_file = Path(img.file_map["image"].filename)
+    name = data_file.name.lower()
+    if name.endswith(".gz"):
+        have, verb = _decompressed_size(data_file, needed), "decompresses to"
+    elif name.endswith((".bz2", ".zst")):
+        return  # rare compressions: only the voxel cap applies
+    else:
+        have, verb = data_file.stat().st_size, "holds"
+    if have < needed:
+        raise NiftiError(
+            f"{path}: cannot read NIfTI: the file is truncated, it {verb} {have} bytes where its header announces "
+            f"{described} ({needed} bytes with the header): copy or export it again"
+        )
+
+
 def load_nifti(
     path: str | os.PathLike[str], dtype: np.dtype | type | None = np.float32
 ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Read a NIfTI image fully into memory.
+
+    The header is checked against the file first: a file holding fewer bytes than its header announces, or a header
+    announcing more than :data:`MAX_NIFTI_VOXELS` (1024³) voxels, is refused before any array is allocated.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
@@ -225,18 +368,24 @@ def load_nifti(
         ``(array (X, Y, Z), affine (4, 4) float64, header)``; trailing axes of length 1 are dropped.
 
     Raises:
-        NiftiError: the file is missing, not NIfTI, corrupt (e.g. a truncated ``.gz``) or not 3-D; the message names
-            it.
+        NiftiError: the file is missing, not NIfTI, corrupt (e.g. a truncated ``.gz``), larger than the voxel cap or
+            not 3-D; the message (one line) names it.
     """
     path = Path(path)
     try:
         img = nib.load(path)
-        # nibabel reads lazily: decompression errors only surface when the data are accessed, so read here.
-        data = np.asanyarray(img.dataobj) if dtype is None else img.get_fdata(dtype=np.dtype(dtype))
     except Exception as err:  # nibabel raises many unrelated types (OSError, EOFError, zlib.error, ImageFileError…)
-        raise NiftiError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
+        raise _nifti_error(path, err) from err
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise NiftiError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    try:
+        _check_nifti_size(path, img)
+        # nibabel reads lazily: decompression errors only surface when the data are accessed, so read here.
+        data = np.asanyarray(img.dataobj) if dtype is None else img.get_fdata(dtype=np.dtype(dtype))
+    except NiftiError:
+        raise
+    except Exception as err:
+        raise _nifti_error(path, err) from err
     data = np.asarray(data)
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) as some converters write single volumes
         data = data[..., 0]
@@ -251,29 +400,88 @@ def load_nifti_header(path: str | os.PathLike[str]) -> tuple[np.ndarray, nib.Nif
     try:
         img = nib.load(path)
     except Exception as err:
-        raise NiftiError(f"{path}: cannot read NIfTI header ({type(err).__name__}: {err})") from err
+        raise _nifti_error(path, err, "NIfTI header") from err
     return np.asarray(img.affine, dtype=np.float64), img.header
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TMP_NAME = re.compile(re.escape(TMP_MARKER) + r"(?:(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` only if the block succeeds.
 
-    The temporary name starts with a dot and contains :data:`TMP_MARKER`; it is removed when the block fails.
+    The temporary name starts with a dot and contains :data:`TMP_MARKER`, the host and the process id (so that
+    :func:`remove_stale_temporaries` can tell a dead run's leftovers from a live writer's file); it is removed
+    when the block fails. A short write on a full disk becomes an ``ENOSPC`` error naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix: nibabel chooses gzip from the file name.
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     # A unique name rather than tempfile.mkstemp: mkstemp's 0600 mode would survive the rename.
-    tmp = path.parent / f".{path.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    tmp = path.parent / f".{path.name}{TMP_MARKER}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, OSError) and _disk_full(err, path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
         raise
+
+
+def _disk_full(err: OSError, folder: Path) -> bool:
+    """Whether a write error means the disk (or quota) is full: numpy and zlib report a short write without errno."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if err.errno is not None:
+        return False
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed runs of this host left in ``folder`` (not recursive).
+
+    A temporary file of :func:`atomic_path` whose writer is no longer running (``kill -9``, power loss) would
+    otherwise stay forever. Files of live processes are kept, and so are those written on another host (a shared
+    file system: that host's process may still be writing), which are only reported.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        match = _TMP_NAME.search(path.name) if path.name.startswith(".") else None
+        if match is None or not path.is_file():
+            continue
+        if match["host"] not in (None, _HOST):
+            log.warning("%s: temporary file of a run on host %s; delete it once that run stopped", path, match["host"])
+        elif not _process_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+            log.info("removed %s, a temporary file left by a run that was stopped", path)
+    return removed
 
 
 def save_nifti(
@@ -326,6 +534,51 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     return Path(path)
 
 
+class NpyError(OSError):
+    """A ``.npy`` file that is truncated, damaged or not an array file."""
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone."""
+    with path.open("rb") as handle:
+        major, _ = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(handle)
+        return tuple(shape), np.dtype(dtype), handle.tell()
+
+
+def npy_intact(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete ``.npy`` file: a valid header and exactly the data bytes it announces (a
+    killed writer or a failed copy leaves a shorter file, which memory-mapping would refuse only later)."""
+    path = Path(path)
+    try:
+        shape, dtype, offset = _npy_header(path)
+        return path.stat().st_size == offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def load_npy(path: str | os.PathLike[str], mmap: bool = False, what: str = "array") -> np.ndarray:
+    """Read a ``.npy`` file (``mmap``: memory-mapped, read-only), never unpickling objects.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        NpyError: the file is truncated or not an array file; the message names it and ``what`` it holds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    if not npy_intact(path):
+        raise NpyError(
+            f"{path}: {what} file is truncated or damaged (size {path.stat().st_size} bytes): re-create it, e.g. "
+            "with preprocess.py --overwrite --cases <case>"
+        )
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise NpyError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
+
+
 RECORD_FILE = "evaluation.json"
 """What produced an evaluation folder's rows (see ``brats_core.evaluation.claim_results_folder``)."""
 _SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
@@ -367,10 +620,20 @@ def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
     )
 
 
+class JsonFileError(OSError, ValueError):
+    """A JSON file that is missing, unreadable or malformed: an OSError, so scripts report it in one line
+    (``brats_core.cli.run_main``), and a ValueError, the type callers caught before."""
+
+
 def load_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file; the error names the file when it is missing or malformed."""
+    """Read a JSON file.
+
+    Raises:
+        JsonFileError: the file is missing, unreadable or not JSON; the message names it.
+    """
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read JSON ({err})") from err
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise JsonFileError(f"{path}: cannot read JSON ({reason})") from err

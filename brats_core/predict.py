@@ -12,6 +12,10 @@ Command line (``predict.py`` at the repository root, or ``python -m brats_core.p
     python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue] [--save_probabilities] [--workers 2]
     python predict.py --checkpoint best.pth --flair a_flair.nii.gz --t2 a_t2.nii.gz -o a-seg.nii.gz
 
+Outputs replace only files predict.py wrote (NIfTI files marked in their header, probability files by an entry),
+other files only with ``--overwrite``, and a case's ground truth never; temporaries of a killed run are removed
+from the output folders.
+
 Preprocessing is the training one (:meth:`SegModel.preprocess`: the shared pipeline unless a method has its own);
 missing modalities are masked; the prediction is placed back into the original grid with
 :func:`brats_core.preprocessing.uncrop` and written (atomically) with the reference modality's affine and header (the
@@ -25,11 +29,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
+from .cli import describe_os_error, run_main
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import (
@@ -48,28 +52,26 @@ from .io import (
     PREDICTION_MARK,
     CaseFiles,
     atomic_path,
+    broken_link,
     file_key,
+    file_stem,
     find_case_files,
     has_case_files,
     load_nifti_header,
     make_output_folder,
+    remove_stale_temporaries,
     save_nifti,
     written_by_predict,
 )
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
-from .modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
-from .preprocessing import list_cases, load_case, uncrop
+from .modalities import MODALITIES
+from .preprocessing import load_case, non_case_note, scan_cases, uncrop
 from .registry import SegModel, build_from_config, checkpoint_readers
 from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_ENDING_RE = re.compile(
-    r"[-_](" + "|".join(sorted({*BRATS2023_SUFFIXES.values(), *LEGACY_SUFFIXES.values()}, key=len, reverse=True))
-    + r")$",
-    re.IGNORECASE,
-)  # fmt: skip
 
 
 class PredictError(ValueError):
@@ -84,9 +86,15 @@ def _strip_nifti(name: str) -> str:
 
 
 def case_name_from_files(files: Mapping[str, str | os.PathLike[str]]) -> str:
-    """Case id of explicit modality files: the reference file's name without ``.nii[.gz]`` and modality ending."""
+    """Case id of explicit modality files: the reference file's name without ``.nii[.gz]`` and its BraTS modality
+    ending (a name without one is kept whole)."""
     ref = next(Path(files[m]) for m in MODALITIES if m in files)
-    return _ENDING_RE.sub("", _strip_nifti(ref.name)) or _strip_nifti(ref.name)
+    return file_stem(ref.name) or _strip_nifti(ref.name)
+
+
+def _describe_error(err: BaseException) -> str:
+    """One line: an OS error with its file and cause (e.g. ``…-seg.nii.gz: no space left on device (…)``)."""
+    return describe_os_error(err) if isinstance(err, OSError) else str(err)
 
 
 def tumour_volumes_ml(labels: np.ndarray, affine: np.ndarray | None) -> dict[str, float]:
@@ -311,18 +319,22 @@ def resolve_case(case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[s
         given = {m: Path(case[m]) for m in MODALITIES if case.get(m) is not None}
         if not given:
             raise ValueError("no modality file given")
-        for path in given.values():
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
+        _check_files_exist(given.values())
         first = next(iter(given.values()))
         return CaseFiles(case_name_from_files(given), first.parent, given)
     files = find_case_files(case, require=(), label=False)  # the label map is never read here
-    if files.ignored:
-        log.warning(
-            "%s: ignored %s (not named like a modality: -t2f/-t1c/-t1n/-t2w or _flair/_t1ce/_t1/_t2)",
-            files.folder, ", ".join(files.ignored),
-        )  # fmt: skip
+    note = files.ignored_note()
+    if note:
+        log.warning("%s", note)
     return files
+
+
+def _check_files_exist(paths: Iterable[Path]) -> None:
+    """Raise FileNotFoundError naming the first of ``paths`` that is not a readable file (a broken or looping
+    symbolic link is named as such, not as an absent file)."""
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(broken_link(path) or f"{path}: no such file")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,6 +364,15 @@ class Job:
         """``<case>-regions.nii.gz`` beside the label map."""
         return self._sibling("-regions.nii.gz")
 
+    def outputs(self, save_probabilities: bool = False, save_regions: bool = False) -> list[Path]:
+        """The files this case writes: the label map and the requested extras."""
+        paths = [self.output]
+        if save_probabilities:
+            paths.append(self.probabilities)
+        if save_regions:
+            paths.append(self.regions)
+        return paths
+
 
 def _is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(_NIFTI_SUFFIXES)
@@ -362,6 +383,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     explicit = {m: Path(getattr(args, m)) for m in MODALITIES if getattr(args, m)}
     output = Path(args.output) if args.output else None
     if explicit:
+        _check_files_exist(explicit.values())
         case = case_name_from_files(explicit)
         if output is None:
             output = Path("predictions")
@@ -373,9 +395,13 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     if has_case_files(root):
         folders = [root]
     else:
-        folders = [root / case for case in list_cases(root)]
+        cases, others = scan_cases(root)
+        folders = [root / case for case in cases]
         if not folders:
             raise PredictError(f"{root}: neither a case folder (no modality files found) nor a folder of case folders")
+        note = non_case_note(root, others)
+        if note:  # e.g. an empty case folder: the count of cases would not show it
+            log.warning("%s", note)
     if output is None:
         output = Path("predictions")
     if _is_nifti_path(output):
@@ -385,15 +411,22 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     return [Job(f.name, f, output / f"{f.name}-seg.nii.gz") for f in folders]
 
 
-def check_outputs(jobs: Sequence[Job]) -> None:
-    """Refuse outputs that would overwrite or shadow inputs, and make sure every output folder can be written,
-    before any model runs.
+def check_outputs(
+    jobs: Sequence[Job], save_probabilities: bool = False, save_regions: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse outputs that would overwrite or shadow inputs or replace a user's files, and make sure every output
+    folder can be written, before any model runs; then remove the temporaries a killed run left there.
+
+    Args:
+        jobs: the cases.
+        save_probabilities, save_regions: the extras each case writes (see :meth:`Job.outputs`).
+        overwrite: replace existing files that predict.py did not write (never a ground truth or an input).
 
     Raises:
         PredictError: an output inside a case folder (any folder holding modality files: BraTS 2023 names the ground
-            truth ``<case>-seg.nii.gz``) or
-            equal to an input file, a non-lower-case NIfTI suffix, or an output folder that cannot be created or
-            written.
+            truth ``<case>-seg.nii.gz``) or equal to an input file, an existing output file that predict.py did not
+            write (without ``overwrite``), a non-lower-case NIfTI suffix, or an output folder that cannot be created
+            or written.
     """
     for job in jobs:
         inputs = list(job.source.values()) if isinstance(job.source, dict) else []
@@ -409,19 +442,33 @@ def check_outputs(jobs: Sequence[Job]) -> None:
                 f"-o {parent}: the output would go into the case folder {folder}, where it would overwrite "
                 "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
             )
-        # e.g. modality files given one by one with -o their folder, or -o into another case's folder
-        out = job.output
-        named_like_truth = out.is_file() and file_key(out.name) == LABEL_KEY and has_case_files(parent)
-        if named_like_truth and not written_by_predict(out):
-            raise PredictError(
-                f"{out} exists beside a case's images and was not written by predict.py (the ground truth?): "
-                "choose another output"
-            )
+        for out in job.outputs(save_probabilities, save_regions):
+            _check_replaceable(out, overwrite)
     for parent in sorted({job.output.parent for job in jobs}):
         try:
             make_output_folder(parent)
         except OSError as err:
             raise PredictError(str(err)) from err
+        remove_stale_temporaries(parent)  # logs each file it removes
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Raise PredictError unless ``out`` is absent, a file predict.py wrote, or (with ``overwrite``) another file
+    that is not a ground truth."""
+    if out.is_dir():
+        raise PredictError(f"{out} is a folder: choose another output")
+    if not out.exists() or written_by_predict(out):
+        return
+    # e.g. modality files given one by one with -o their folder, or -o into another case's folder
+    if file_key(out.name) == LABEL_KEY and has_case_files(out.parent):
+        raise PredictError(
+            f"{out} exists beside a case's images and was not written by predict.py (the ground truth?): "
+            "choose another output"
+        )
+    if not overwrite:
+        raise PredictError(
+            f"{out} exists and was not written by predict.py: choose another output, or pass --overwrite to replace it"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads that read the next cases and write finished ones while the model runs (0: all in turn)",
     )
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose output files already exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files that predict.py did not write (by default they are refused; its own "
+        "outputs are replaced, a ground truth beside a case's images never)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -478,15 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _summary_line(case: str, used: Sequence[str], volumes: Mapping[str, float], started: float) -> str:
     vols = " ".join(f"{r} {volumes[r]:.1f}" for r in REGION_NAMES)
     return f"{case}: modalities {'+'.join(used)} | volumes (ml) {vols} | {time.perf_counter() - started:.1f} s"
-
-
-def _outputs(job: Job, args: argparse.Namespace) -> list[Path]:
-    paths = [job.output]
-    if args.save_probabilities:
-        paths.append(job.probabilities)
-    if args.save_regions:
-        paths.append(job.regions)
-    return paths
 
 
 def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_regions: bool) -> None:
@@ -497,8 +541,9 @@ def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_
             raise ValueError("probabilities were not computed")
         with atomic_path(job.probabilities) as tmp, open(tmp, "wb") as handle:
             np.savez_compressed(
-                handle, probabilities=pred.probabilities, channels=np.array(pred.channels), affine=pred.affine
-            )
+                handle, probabilities=pred.probabilities, channels=np.array(pred.channels), affine=pred.affine,
+                writer=np.array(PREDICTION_MARK),
+            )  # fmt: skip
     if save_regions:
         save_nifti(job.regions, pred.regions(), pred.affine, pred.header, PREDICTION_MARK)
     save_nifti(job.output, pred.labels, pred.affine, pred.header, PREDICTION_MARK)
@@ -525,12 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint, args.device, overlap=args.overlap, blend=args.blend, tta=args.tta,
             sw_batch_size=args.sw_batch_size, amp=args.amp, progress=not args.no_progress,
         )  # fmt: skip
-        check_outputs(jobs)  # before any case runs, after the checkpoint (which creates nothing) was found good
+        # before any case runs, after the checkpoint (which creates nothing) was found good
+        check_outputs(jobs, args.save_probabilities, args.save_regions, args.overwrite)
     except (OSError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_describe_error(err)}", file=sys.stderr)
         return 1
 
-    todo = [j for j in jobs if not (args.resume and all(p.is_file() for p in _outputs(j, args)))]
+    def done(job: Job) -> bool:
+        return all(p.is_file() for p in job.outputs(args.save_probabilities, args.save_regions))
+
+    todo = [job for job in jobs if not (args.resume and done(job))]
     for job in jobs:
         if job not in todo:
             print(f"{job.case}: skipped ({job.output} exists)")
@@ -538,8 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar = tqdm(total=len(todo), desc="cases", unit="case", disable=args.no_progress or len(todo) < 2, file=sys.stderr)
 
     def fail(job: Job, err: Exception) -> None:  # one bad case must not stop the others; the summary lists it
-        failed.append((job.case, f"{type(err).__name__}: {err}"))
-        tqdm.write(f"{job.case}: FAILED: {err}", file=sys.stderr)
+        failed.append((job.case, _describe_error(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"))
+        tqdm.write(f"{job.case}: FAILED: {_describe_error(err)}", file=sys.stderr)
         bar.update()
 
     def settle(job: Job, pred: Prediction, started: float, write: Future[None]) -> None:
@@ -606,4 +655,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -6,7 +6,10 @@ Output of ``python preprocess.py --input-path RAW --output-path OUT``, one entry
   z-scored over the brain mask of the crop;
 - ``OUT/seg/<case>_seg.npy``: uint8 ``(H, W, D)``, labels 0..3 (4 → 3), only when the case has a label map;
 - ``OUT/meta/<case>.json``: geometry and provenance (see :func:`case_meta`), written last, so its presence marks a
-  finished case.
+  finished case (when the files it announces are complete: see :func:`unfinished_reason`).
+
+A re-run removes the temporary files a killed run left in ``vol/``, ``seg/`` and ``meta/``, and redoes (saying so)
+the cases whose metadata cannot be read or whose ``.npy`` files are missing, truncated or damaged.
 
 The crop box follows upstream (the non-zero extent of the voxel-wise maximum over the modalities, enlarged to at
 least the patch size) with two bugs fixed by default: the last non-zero slice is kept, and the box is shifted back
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -34,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from brats_core.cli import describe_os_error
 from brats_core.io import (
     CaseFiles,
     CaseFilesError,
@@ -43,6 +48,8 @@ from brats_core.io import (
     load_nifti,
     load_nifti_header,
     make_output_folder,
+    npy_intact,
+    remove_stale_temporaries,
     save_json,
     save_nifti,
     save_npy,
@@ -316,15 +323,88 @@ def output_paths(out_dir: str | os.PathLike[str], case: str) -> OutputPaths:
 _META_KEYS = ("case", "original_shape", "affine", "crop_box", "cropped_shape", "channels", "available", "has_label")
 
 
+class MetadataError(OSError, ValueError):
+    """A case's metadata file (``<out>/meta/<case>.json``) that is missing, not JSON or not preprocessing metadata.
+
+    An OSError, so that scripts report it in one line (``brats_core.cli.run_main``), and a ValueError, the type
+    that callers caught before. The message names the file and the command that re-creates it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}: re-create it with preprocess.py --overwrite --cases {self.path.stem}")
+
+
 def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a case's metadata JSON (``<out>/meta/<case>.json``), checking the keys that uncropping needs."""
-    meta = load_json(path)
+    """Read a case's metadata JSON (``<out>/meta/<case>.json``), checking the keys that uncropping needs.
+
+    Raises:
+        MetadataError: the file is missing, unreadable, not JSON or not preprocessing metadata.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MetadataError(path, f"cannot read it ({(err.strerror or str(err)).lower()})") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise MetadataError(path, f"not valid JSON ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise ValueError(f"{path}: not a preprocessing metadata file (expected format {META_FORMAT!r})")
+        raise MetadataError(path, f"not a preprocessing metadata file (expected format {META_FORMAT!r})")
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+        raise MetadataError(path, f"the metadata lack {', '.join(missing)}")
     return meta
+
+
+PENDING_KEY = "pending"
+"""Key of the mark written to ``meta/<case>.json`` before a case's arrays: the case is being written (or its
+writer was stopped); the arrays beside it are this tool's to replace."""
+
+
+def _pending(path: Path) -> bool:
+    try:
+        return load_json(path).get(PENDING_KEY) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def unfinished_reason(
+    out_dir: str | os.PathLike[str],
+    case: str,
+    patch_size: int | None = None,
+    reference_quirks: bool | None = None,
+) -> str | None:
+    """Why the outputs of ``case`` in ``out_dir`` are not a finished case; None when they are.
+
+    Args:
+        out_dir: output folder.
+        case: case id.
+        patch_size, reference_quirks: when given, the outputs must also have been made with these settings (so a
+            rerun with other settings redoes the case instead of mixing two crops in one folder).
+
+    Returns:
+        None when the metadata and every ``.npy`` file they announce are complete (:func:`brats_core.io.npy_intact`:
+        a killed copy or a full disk leaves shorter files); ``""`` when the case was never finished (no metadata);
+        otherwise one line naming the file: metadata that cannot be read, other settings, or an announced output
+        that is missing, truncated or damaged.
+    """
+    paths = output_paths(out_dir, case)
+    if not (paths.meta.exists() or paths.meta.is_symlink()):
+        return ""
+    try:
+        meta = load_meta(paths.meta)
+    except MetadataError as err:
+        return "" if _pending(paths.meta) else f"{err.path}: {err.problem}"
+    settings = {"patch_size": patch_size, "reference_quirks": reference_quirks}
+    changed = [
+        f"{key} {meta.get(key)}" for key, value in settings.items() if value is not None and meta.get(key) != value
+    ]
+    if changed:
+        return f"{paths.meta}: made with other settings ({', '.join(changed)})"
+    for path, announced in ((paths.vol, True), (paths.seg, bool(meta["has_label"]))):
+        if announced and not npy_intact(path):
+            return f"{path}: {'truncated or damaged' if path.exists() else 'missing'}"
+    return None
 
 
 def is_finished(
@@ -333,25 +413,9 @@ def is_finished(
     patch_size: int | None = None,
     reference_quirks: bool | None = None,
 ) -> bool:
-    """True when the case's metadata and every output it announces exist.
-
-    Args:
-        out_dir: output folder.
-        case: case id.
-        patch_size, reference_quirks: when given, the outputs must also have been made with these settings (so a
-            rerun with other settings redoes the case instead of mixing two crops in one folder).
-    """
-    paths = output_paths(out_dir, case)
-    if not paths.meta.is_file():
-        return False
-    try:
-        meta = load_meta(paths.meta)
-    except ValueError:
-        return False
-    settings = {"patch_size": patch_size, "reference_quirks": reference_quirks}
-    if any(value is not None and meta.get(key) != value for key, value in settings.items()):
-        return False
-    return paths.vol.is_file() and (paths.seg.is_file() or not meta["has_label"])
+    """True when the case's metadata can be read and every output it announces is complete (see
+    :func:`unfinished_reason`, which says why not)."""
+    return unfinished_reason(out_dir, case, patch_size, reference_quirks) is None
 
 
 def load_case(files: CaseFiles) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
@@ -479,11 +543,13 @@ def write_label_original_geometry(
 
 @dataclass(frozen=True)
 class CaseResult:
-    """Outcome of one case: ``status`` is ``"written"``, ``"skipped"`` or ``"failed"`` (then ``reason`` says why)."""
+    """Outcome of one case: ``status`` is ``"written"``, ``"skipped"`` or ``"failed"`` (then ``reason`` says why);
+    ``note`` is a warning to show with it (files of the case folder that were ignored)."""
 
     case: str
     status: str
     reason: str = ""
+    note: str = ""
 
 
 def _remove_outputs(paths: Sequence[Path]) -> None:
@@ -508,17 +574,28 @@ def preprocess_case(
     paths = output_paths(out_dir, case)
     if not overwrite and is_finished(out_dir, case, patch_size, reference_quirks):
         return CaseResult(case, "skipped")
+    note = ""
     try:
         files = find_case_files(case_dir)
+        note = files.ignored_note() or ""
         images, label, affine = load_case(files)
         vol, seg, array_meta = preprocess_arrays(images, label, patch_size, reference_quirks)
     except (CaseFilesError, NiftiError, ValueError) as err:
-        return CaseResult(case, "failed", str(err))
+        return CaseResult(case, "failed", str(err), note)
     except Exception as err:  # e.g. MemoryError: still one case's failure, reported with the others
-        return CaseResult(case, "failed", f"unexpected {type(err).__name__}: {err}")
+        return CaseResult(case, "failed", f"unexpected {type(err).__name__}: {err}", note)
+    foreign = [p for p in (paths.vol, paths.seg) if p.exists()] if not paths.meta.exists() else []
+    if foreign and not overwrite:
+        # no metadata, not even the pending mark written before any array: another tool's output (e.g. the upstream
+        # preprocessing's), which is never replaced silently
+        return CaseResult(
+            case, "failed", f"{foreign[0]} was not written by preprocess.py (no {paths.meta}): pass --overwrite "
+            "to replace it, or choose another --output-path", note,
+        )  # fmt: skip
     try:
-        # Drop the old "finished" marker first, so an interruption below never leaves new data behind old metadata.
-        _remove_outputs([paths.meta])
+        # Replace the old "finished" metadata by a pending mark first: an interruption below never leaves new data
+        # behind old metadata, and the arrays are known to be this tool's.
+        save_json(paths.meta, {"format": META_FORMAT, "case": case, PENDING_KEY: True})
         save_npy(paths.vol, vol)
         if seg is not None:
             save_npy(paths.seg, seg)
@@ -527,22 +604,47 @@ def preprocess_case(
         save_json(paths.meta, case_meta(files, affine, array_meta, seg is not None))
     except (OSError, ValueError) as err:
         _remove_outputs(list(paths))
-        return CaseResult(case, "failed", f"cannot write outputs ({err})")
-    return CaseResult(case, "written")
+        # the cause with the file, e.g. "…_vol.npy: no space left on device", not numpy's "N requested and M written"
+        cause = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        return CaseResult(case, "failed", f"cannot write outputs: {cause}", note)
+    return CaseResult(case, "written", note=note)
 
 
-def list_cases(input_dir: str | os.PathLike[str]) -> list[str]:
-    """Case ids of a BraTS folder, sorted: its sub-folders holding NIfTI files (hidden ones excluded); others, e.g.
-    a ``splits/`` folder of case lists, are left out with a note in the log."""
-    cases = []
+_CASE_LIST_SUFFIXES = (".txt", ".csv")
+
+
+def scan_cases(input_dir: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """The sub-folders of a BraTS folder, sorted: ``(case ids, others to report)``.
+
+    Cases are the sub-folders holding NIfTI files (hidden ones excluded). The others are those a user should hear
+    about, each as ``"name (why)"``: empty folders, and folders holding files but no NIfTI file (e.g. DICOM);
+    folders of case lists only (``.txt``/``.csv``, e.g. ``splits/``) are left out with a note in the log.
+    """
+    cases: list[str] = []
+    others: list[str] = []
     for p in sorted(Path(input_dir).iterdir()):
         if not p.is_dir() or p.name.startswith("."):
             continue
-        if any(f.name.lower().endswith((".nii", ".nii.gz")) for f in p.iterdir()):
+        entries = [f for f in p.iterdir() if not f.name.startswith(".")]
+        if any(f.name.lower().endswith((".nii", ".nii.gz")) for f in entries):
             cases.append(p.name)
+        elif entries and all(f.is_file() and f.suffix.lower() in _CASE_LIST_SUFFIXES for f in entries):
+            log.info("%s: case lists, not a case", p)
         else:
-            log.info("%s: no NIfTI files, not a case", p)
-    return cases
+            others.append(f"{p.name} ({f'no NIfTI file among {len(entries)} entries' if entries else 'empty'})")
+    return cases, others
+
+
+def list_cases(input_dir: str | os.PathLike[str]) -> list[str]:
+    """Case ids of a BraTS folder, sorted: its sub-folders holding NIfTI files (see :func:`scan_cases`)."""
+    return scan_cases(input_dir)[0]
+
+
+def non_case_note(input_dir: str | os.PathLike[str], others: Sequence[str]) -> str | None:
+    """One line naming the sub-folders of ``input_dir`` that are not cases (:func:`scan_cases`), or None."""
+    if not others:
+        return None
+    return f"{input_dir}: {len(others)} sub-folder(s) without NIfTI files, not cases: {', '.join(others)}"
 
 
 def preprocess_dataset(
@@ -574,19 +676,32 @@ def preprocess_dataset(
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     names = list_cases(input_dir) if cases is None else list(cases)
+    # a killed run (kill -9, power loss) leaves its temporaries behind; those of live runs stay
+    removed = [path for sub in ("vol", "seg", "meta") for path in remove_stale_temporaries(out_dir / sub)]
+    if removed:
+        print(
+            f"preprocess: removed {len(removed)} temporary file(s) of a run that was stopped: "
+            + ", ".join(map(str, removed)),
+            file=sys.stderr,
+        )
     results: dict[str, CaseResult] = {}
     todo = []
     for name in names:
-        if not overwrite and is_finished(out_dir, name, patch_size, reference_quirks):
+        reason = None if overwrite else unfinished_reason(out_dir, name, patch_size, reference_quirks)
+        if not overwrite and reason is None:
             results[name] = CaseResult(name, "skipped")
-        else:
-            todo.append(name)
+            continue
+        if reason:
+            print(f"preprocess: {name}: {reason}; preprocessing the case again", file=sys.stderr)
+        todo.append(name)
     args = (out_dir, patch_size, reference_quirks, overwrite)
     bar = tqdm(total=len(names), initial=len(results), desc="preprocess", unit="case", disable=not progress or None)
 
     def record(result: CaseResult) -> bool:
         results[result.case] = result
         bar.update(1)
+        if result.note:
+            tqdm.write(f"warning: {result.note}", file=sys.stderr)
         if result.status == "failed":
             tqdm.write(f"FAILED {result.case}: {result.reason}", file=sys.stderr)
             return strict
@@ -685,15 +800,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_output_folder(out_dir)
     except OSError as err:
         parser.error(f"--output-path: {err}")
-    available = list_cases(input_dir)
+    available, others = scan_cases(input_dir)
     cases = None
     if args.cases:
         cases = [c for item in args.cases for c in item.split(",") if c]
         unknown = [c for c in cases if c not in available]
         if unknown:
             parser.error(f"--cases: no such case folder in {input_dir}: {', '.join(unknown)}")
-    elif not available:
-        parser.error(f"--input-path {input_dir}: no case folders inside")
+    else:
+        if not available:
+            parser.error(f"--input-path {input_dir}: no case folders inside")
+        note = non_case_note(input_dir, others)
+        if note:  # e.g. an empty case folder: the count of cases below would not show it
+            print(f"warning: {note}", file=sys.stderr)
 
     results = preprocess_dataset(
         input_dir, out_dir, cases, args.patch_size, args.reference_quirks, args.overwrite, args.strict,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
 from collections.abc import Callable, Mapping
 from enum import Enum
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-# Method name → module that registers it. A method appears in list_methods() as soon as its module exists.
+# Method name → module that registers it. Every one must import: a method that fails to import is an error, never
+# silently left out of list_methods() (and so out of the contract tests).
 METHOD_MODULES: dict[str, str] = {
     "imfuse": "IMFuse.model",
     "mmformer": "mmFormer.model",
@@ -64,6 +64,9 @@ class SegModel(nn.Module):
     # The "pipeline" recorded in the metadata of the preprocessed cases it was trained on (None: the shared
     # preprocess.py, which records none); the evaluator refuses cases of another pipeline.
     data_pipeline: ClassVar[str | None] = None
+    # True when some scenarios leave parameters without a gradient (a missing modality's encoder is skipped, a
+    # completion image only fills missing channels): DDP must then look for unused parameters in every step.
+    mask_dependent_parameters: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -92,6 +95,11 @@ class SegModel(nn.Module):
 
         vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
         return vol, meta
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters that never receive a gradient in the training forward (upstream's dead parameters, kept for
+        state-dict compatibility); the contract test checks that every other parameter gets one."""
+        return []
 
     @property
     def supports_encode(self) -> bool:
@@ -133,6 +141,9 @@ def register(
     def deco(cls: type[SegModel]) -> type[SegModel]:
         if not dataclasses.is_dataclass(config) or "patch_size" not in {f.name for f in dataclasses.fields(config)}:
             raise TypeError(f"{name}: config {config.__name__} must be a dataclass with a patch_size field")
+        existing = _REGISTRY.get(name)
+        if existing is not None and _where(existing.model_cls) != _where(cls):
+            raise ValueError(f"method {name!r} is registered twice: {_where(existing.model_cls)} and {_where(cls)}")
         cls.method_name = name
         _REGISTRY[name] = MethodInfo(
             name, cls, config, {"paper": {}, **(presets or {})}, display or name, checkpoint_reader
@@ -142,18 +153,25 @@ def register(
     return deco
 
 
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _import_method(name: str) -> None:
+    """Import the module that registers ``name``; its import errors surface, naming the method."""
     module = METHOD_MODULES.get(name)
-    if module is not None and name not in _REGISTRY and importlib.util.find_spec(module.split(".")[0]) is not None:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real missing dependency inside an existing module must surface
-                raise
+    if module is None or name in _REGISTRY:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"method {name!r}: cannot import {module} ({type(err).__name__}: {err})") from err
+    if name not in _REGISTRY:
+        raise ImportError(f"method {name!r}: {module} imported but registered nothing under that name")
 
 
 def list_methods() -> list[str]:
-    """Names of all methods whose module exists, in the order of :data:`METHOD_MODULES`."""
+    """Names of all methods, in the order of :data:`METHOD_MODULES` (then any registered elsewhere)."""
     for name in METHOD_MODULES:
         _import_method(name)
     return [n for n in METHOD_MODULES if n in _REGISTRY] + sorted(set(_REGISTRY) - set(METHOD_MODULES))
@@ -215,7 +233,11 @@ def build_from_config(name: str, config: dict[str, Any]) -> SegModel:
     script that rebuilds the model sets them from its own flags.
     """
     info = method_info(name)
-    known = {f.name for f in dataclasses.fields(info.config_cls) if not f.metadata.get("runtime")}
+    fields = dataclasses.fields(info.config_cls)
+    unknown = sorted(set(config) - {f.name for f in fields})
+    if unknown:
+        raise TypeError(f"{name}: unknown config field(s) {unknown}; known: {sorted(f.name for f in fields)}")
+    known = {f.name for f in fields if not f.metadata.get("runtime")}
     return info.model_cls(info.config_cls(**{k: v for k, v in config.items() if k in known}))
 
 

@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli import run_main
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -659,7 +661,13 @@ def write_slurm(
 def _run(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
     print(f"\n$ {shlex.join(argv)}", flush=True)
     t0 = time.time()
-    subprocess.run(list(argv), check=True, cwd=REPO, env=env)
+    done = subprocess.run(list(argv), cwd=REPO, env=env)
+    if done.returncode:
+        # the step printed its own error; a traceback of this process would only repeat the command line
+        raise SystemExit(
+            f"the step above failed (exit status {done.returncode}); fix what it names and re-run: each step "
+            "continues where it stopped"
+        )
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -835,4 +843,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

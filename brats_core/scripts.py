@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -13,18 +14,27 @@ import torch
 
 from .checkpoint import CheckpointError, StateDictMismatchError, load_checkpoint, load_state_dict_strict
 from .cli import (
+    UsageError,
     add_data_args,
     add_eval_args,
     add_runtime_args,
     args_dict,
     check_scenarios,
+    describe_os_error,
     positive_int,
     setup_logging,
     split_dir,
 )
-from .data import MaskSampler, TrainDataset, uniform_scenario
-from .evaluation import EvalOptions, evaluate, format_table, results_folder_errors, validate
-from .registry import SegModel, build_from_config, config_dict
+from .data import MaskSampler, TrainDataset, check_cases, check_validation_cases, uniform_scenario
+from .evaluation import (
+    EvalOptions,
+    check_pipeline,
+    check_preprocessed_folder,
+    evaluate,
+    format_table,
+    validate,
+)
+from .registry import SegModel, build_from_config, config_dict, method_info
 from .splits import Split, load_split, read_case_list
 from .training import FitConfig, FitResult, LossFn, fit, resolve_device
 from .transforms import Transform
@@ -50,8 +60,15 @@ def train_from_args(
     The checkpoint records the method, its resolved config and the arguments, so the test script rebuilds the
     exact architecture. ``extra_validation(model, split)`` adds method-specific validation scores (e.g. U-HVED's
     ``val_loss`` for its plateau scheduler) to the standard Dice scores.
+
+    Everything is checked before the first step, and before ``fit`` makes ``--savepath``: the data folder, the
+    lists, every training case and, when the run validates, every validation case.
     """
-    split = split or load_split(split_dir(args))
+    if split is None:
+        check_preprocessed_folder(args.datapath)  # before the lists: their default place is inside it
+        split = load_split(split_dir(args))
+    if val_epochs:
+        check_validation_cases(args.datapath, [c for c, _ in split.val], split_dir(args) / "val15splits.csv")
     device = resolve_device(args.device)
     options = EvalOptions(progress=not args.no_progress)
     train_set = TrainDataset(args.datapath, split.train, transform, mask_sampler)
@@ -86,6 +103,26 @@ def train_from_args(
     return result
 
 
+TEST_SCRIPTS: dict[str, str] = {
+    "imfuse": "IMFuse/test.py",
+    "mmformer": "mmFormer/test.py",
+    "robustseg": "RobustSeg/test_robustseg.py",
+    "sfusion": "SFusion/test_sfusion.py",
+    "uhved": "UHVED/test_uhved.py",
+    "m3ae": "m3ae/test.py",
+    "shaspec": "ShaSpec/eval.py",
+    "mam": "MaM/test.py",
+}
+"""The script that evaluates each registered method's checkpoints (named when one is given another's)."""
+
+
+def _display(method: str) -> str:
+    try:
+        return method_info(method).display
+    except KeyError:  # a checkpoint of a method this version does not know
+        return repr(method)
+
+
 def model_from_checkpoint(
     path: str | Path,
     method: str,
@@ -101,12 +138,17 @@ def model_from_checkpoint(
 
     Returns:
         the model in eval mode on ``device`` and the checkpoint dict.
+
+    Raises:
+        CheckpointError: the file cannot be read, or holds another method's model (the message names the script
+            that evaluates it).
     """
     ckpt = load_checkpoint(path)
     stored_method = ckpt.get("method", method)
     if stored_method != method:
+        script = TEST_SCRIPTS.get(stored_method, f"the test script of {_display(stored_method)}")
         raise CheckpointError(
-            f"{path} holds a {stored_method!r} model, not {method!r}: use {stored_method}'s test script"
+            f"{path} holds a {_display(stored_method)} model, not {_display(method)}: evaluate it with {script}"
         )
     if "config" in ckpt:
         config = dict(ckpt["config"])
@@ -127,19 +169,24 @@ def model_from_checkpoint(
 
 
 def load_for_test(
-    parser: argparse.ArgumentParser,
     path: str | Path,
     method: str,
     flags: Mapping[str, Any],
     infer_config: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None,
     device: torch.device,
 ) -> SegModel:
-    """:func:`model_from_checkpoint` for a test script: a missing, unreadable or unfitting checkpoint (or another
-    method's) is a one-line usage error."""
+    """:func:`model_from_checkpoint` for a test script.
+
+    Raises:
+        UsageError: a missing, unreadable or unfitting checkpoint, or another method's (one line naming the file;
+            no usage block).
+    """
     try:
         return model_from_checkpoint(path, method, flags, infer_config, device)[0]
-    except (FileNotFoundError, CheckpointError, StateDictMismatchError) as err:
-        parser.error(str(err))
+    except (CheckpointError, StateDictMismatchError) as err:
+        raise UsageError(str(err)) from None
+    except FileNotFoundError as err:
+        raise UsageError(describe_os_error(err)) from None
 
 
 def resolve_test_file(args: argparse.Namespace) -> Path:
@@ -164,6 +211,22 @@ def resolve_test_file(args: argparse.Namespace) -> Path:
     return found
 
 
+def read_test_list(path: Path, read: Callable[[Path], list[str]] = read_case_list) -> list[str]:
+    """The entries of the test list ``path`` (``read`` parses it: the case ids by default).
+
+    Raises:
+        UsageError: the list cannot be read (not a case list, not text) or holds no cases; one line naming it.
+    """
+    try:
+        cases = read(path)
+    except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError
+        message = str(err)
+        raise UsageError(message if str(path) in message else f"{path}: {message}") from None
+    if not cases:
+        raise UsageError(f"{path}: the test list holds no cases (expected a 'case' column with one row per case)")
+    return cases
+
+
 def test_main(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
@@ -172,7 +235,9 @@ def test_main(
     flags: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
     prepare: Callable[[SegModel, argparse.Namespace], None] | None = None,
 ) -> int:
-    """The body of every test script: parse, rebuild the checkpoint's model, evaluate, print the table.
+    """The body of every test script: parse, check the inputs, rebuild the checkpoint's model, evaluate, print the
+    table. Nothing is written (not even the output folder) before the data folder, the test list, its cases and
+    the checkpoint have been checked.
 
     Args:
         parser: the script's parser (from :func:`build_test_parser`).
@@ -184,31 +249,40 @@ def test_main(
     """
     args = parser.parse_args(argv)
     check_scenarios(parser, args)
-    setup_logging(args.savepath, "test.txt")
+    setup_logging()  # stderr only until the inputs are checked: a refused run leaves no output folder behind
+    check_preprocessed_folder(args.datapath)
+    cases = read_test_list(resolve_test_file(args))
+    check_cases(args.datapath, cases)
     device = resolve_device(args.device)
-    model = load_for_test(parser, args.resume, method, flags(args) if flags else {}, infer_config, device)
+    model = load_for_test(args.resume, method, flags(args) if flags else {}, infer_config, device)
+    check_pipeline(model, args.datapath, cases)
     if prepare is not None:
         prepare(model, args)
-    test_from_args(args, model)
+    setup_logging(args.savepath, "test.txt")
+    test_from_args(args, model, cases)
     return 0
 
 
-def test_from_args(args: argparse.Namespace, model: SegModel) -> list[dict[str, str]]:
-    """Evaluate on the test list (``--test_file`` or ``<split_dir>/test15splits.csv``) over the chosen scenarios."""
-    cases = read_case_list(resolve_test_file(args))
+def test_from_args(
+    args: argparse.Namespace, model: SegModel, cases: Sequence[str] | None = None
+) -> list[dict[str, str]]:
+    """Evaluate ``cases`` (default: those of the test list, ``--test_file`` or ``<split_dir>/test15splits.csv``)
+    over the chosen scenarios, and print the summary table."""
+    if cases is None:
+        cases = read_test_list(resolve_test_file(args))
     device = resolve_device(args.device)
-    with results_folder_errors():
-        summary = evaluate(
-            model.to(device).eval(),
-            args.datapath,
-            cases,
-            args.savepath,
-            args.scenario_list,
-            EvalOptions.from_args(args),
-            device,
-            save_nifti=args.save_nifti,
-            overwrite=args.overwrite,
-        )
+    # results of another evaluation in --savepath raise a ResultsMismatchError: a UsageError for run_main
+    summary = evaluate(
+        model.to(device).eval(),
+        args.datapath,
+        cases,
+        args.savepath,
+        args.scenario_list,
+        EvalOptions.from_args(args),
+        device,
+        save_nifti=args.save_nifti,
+        overwrite=args.overwrite,
+    )
     print(format_table(summary))
     print(f"\nper-case CSV and summary (csv, md, json) in {args.savepath}")
     return summary

@@ -16,10 +16,11 @@ import os
 import random
 import re
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import UsageError, run_main
 from .io import atomic_path, has_case_files, save_text
 from .modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
 from .preprocessing import is_finished, list_cases
@@ -106,41 +107,78 @@ def _case_id(value: str) -> str:
     return os.path.basename(value.strip().rstrip("/"))
 
 
-def read_case_list(path: str | Path) -> list[str]:
-    """Read case ids from a ``.txt`` list (one per line) or a CSV with a ``case`` column (paths allowed)."""
+@contextlib.contextmanager
+def _list_errors(path: Path) -> Iterator[None]:
+    """A list that is not text (a binary file given by mistake) or not CSV is a usage error naming it."""
+    try:
+        yield
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"{path}: not a readable case list ({type(err).__name__}: {err})") from None
+
+
+def _require_cases(path: Path, rows: Sequence[object]) -> None:
+    """Refuse a list without cases: a run over it would do nothing (or, for validation, average nothing)."""
+    if not rows:
+        raise UsageError(
+            f"{path} lists no cases (the file is empty or holds a header only): add the case ids, or write a split "
+            "with `python -m brats_core.splits generate` (or `download` for the paper's)"
+        )
+
+
+def read_case_list(path: str | Path, allow_empty: bool = False) -> list[str]:
+    """Read case ids from a ``.txt`` list (one per line) or a CSV with a ``case`` column (paths allowed).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UsageError: a CSV without a ``case`` column, or (unless ``allow_empty``) a list without cases.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "case" not in reader.fieldnames:
-                raise ValueError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
-            return [_case_id(row["case"]) for row in reader if row["case"].strip()]
-    return [_case_id(line) for line in path.read_text().splitlines() if line.strip()]
+    with _list_errors(path):
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is not None and "case" not in reader.fieldnames:
+                    raise UsageError(f"{path}: expected a CSV with a 'case' column, got header {reader.fieldnames}")
+                cases = [_case_id(row["case"]) for row in reader if (row["case"] or "").strip()]
+        else:
+            cases = [_case_id(line) for line in path.read_text().splitlines() if line.strip()]
+    if not allow_empty:
+        _require_cases(path, cases)
+    return cases
 
 
-def read_mask_csv(path: str | Path, order: Sequence[str] = MODALITIES) -> list[tuple[str, Mask]]:
+def read_mask_csv(
+    path: str | Path, order: Sequence[str] = MODALITIES, allow_empty: bool = False
+) -> list[tuple[str, Mask]]:
     """Read a ``case,mask`` CSV (``val15splits.csv`` / ``test15splits.csv``) into (case, canonical mask) rows.
 
     Args:
         path: the CSV.
         order: modality order of the file's boolean lists (canonical for IM-Fuse's files; SFusion, U-HVED and M3AE
             ship re-ordered copies, see ``modalities.METHOD_ORDERS``).
+        allow_empty: accept a file without rows (a split with no validation case); otherwise a usage error.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UsageError: another header, a malformed row (its line is named) or, unless ``allow_empty``, no rows.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
     rows = []
-    with path.open(newline="") as f:
+    with _list_errors(path), path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"case", "mask"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected header 'case,mask', got {reader.fieldnames}")
+        if reader.fieldnames is not None and not {"case", "mask"} <= set(reader.fieldnames):
+            raise UsageError(f"{path}: expected header 'case,mask', got {reader.fieldnames}")
         for line, row in enumerate(reader, start=2):
             try:
-                rows.append((_case_id(row["case"]), parse_bool_list(row["mask"], order)))
+                rows.append((_case_id(row["case"] or ""), parse_bool_list(row["mask"] or "", order)))
             except ValueError as err:
-                raise ValueError(f"{path}, line {line}: {err}") from err
+                raise UsageError(f"{path}, line {line}: {err}") from err
+    if not allow_empty:
+        _require_cases(path, rows)
     return rows
 
 
@@ -158,8 +196,15 @@ def load_split(split_dir: str | Path, test_file: str | Path | None = None) -> Sp
             f"split folder {d} lacks {', '.join(missing)}; run `python -m brats_core.splits download --out {d}` "
             f"for the paper's split or `python -m brats_core.splits generate` for a new one"
         )
-    split = Split(read_case_list(d / "train.txt"), read_mask_csv(d / "val15splits.csv"), read_mask_csv(test_path))
-    split.check_disjoint()
+    split = Split(
+        read_case_list(d / "train.txt"),
+        read_mask_csv(d / "val15splits.csv", allow_empty=True),  # a small split has none; training decides
+        read_mask_csv(test_path, allow_empty=True),  # training does not use it; test scripts read it themselves
+    )
+    try:
+        split.check_disjoint()
+    except ValueError as err:
+        raise UsageError(f"split folder {d}: {err}") from err
     return split
 
 
@@ -303,4 +348,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

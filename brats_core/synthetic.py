@@ -34,6 +34,8 @@ from brats_core.io import LABEL_KEY, save_nifti
 from brats_core.labels import ED, ET, NCR
 from brats_core.modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
 
+from .cli import run_main
+
 DEFAULT_SHAPE = (240, 240, 155)
 
 # Tissue classes of the intensity model; the tumour ones reuse the label values.
@@ -225,4 +227,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

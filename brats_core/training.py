@@ -3,9 +3,10 @@
 Upstream semantics by default (METHODS.md §0.8): one epoch = N_train optimiser steps of ``batch_size`` samples
 (``--iter_per_epoch`` overrides), the learning rate is set per epoch by a scheduler (poly for the RFNet family),
 ``model_last.pth`` is written after every epoch and ``best.pth`` when the validation score improves. Added: AMP on
-CUDA, DDP through ``torchrun``, TensorBoard scalars, a progress bar, ``--max_steps`` for smoke runs, and resume that
-reproduces an uninterrupted run exactly on CPU (every sample is a function of (seed, epoch, position); model,
-optimiser, scheduler, scaler and RNG states are checkpointed, also mid-epoch).
+CUDA, DDP through ``torchrun``, TensorBoard scalars, a progress bar (without it, progress lines with the time left),
+``--max_steps`` for smoke runs, and resume that reproduces an uninterrupted run exactly on CPU (every sample is a
+function of (seed, epoch, position); model, optimiser, scheduler, scaler and RNG states are checkpointed, also
+mid-epoch). Every input is checked before the output folder is made, so a refused run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state, unwrap
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from .cli import UsageError
-from .data import EpochSampler, seed_worker
+from .data import EpochSampler, check_finite, seed_worker, volume_path
+from .io import load_npy, remove_stale_temporaries
 from .registry import config_mismatch
 
 log = logging.getLogger(__name__)
@@ -127,6 +137,7 @@ class FitConfig:
     overwrite: bool = False  # start afresh in a savepath that holds a run (see claim_run_folder)
     log_every: int = 10
     progress: bool = True
+    progress_seconds: float = 30.0  # without the bar: a progress line after the first step, then this often
     extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint: method, config, args
 
 
@@ -210,6 +221,18 @@ def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, next_epoc
                 scheduler.step()
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], path: str | Path) -> None:
+    """``optimizer.load_state_dict`` for a resumed run; state of another optimiser or parameter layout is refused
+    in one line naming the checkpoint (torch raises a bare ``ValueError``/``KeyError``)."""
+    try:
+        optimizer.load_state_dict(state)  # type: ignore[arg-type]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path}: its optimiser state does not fit this run's optimiser ({type(err).__name__}: {err}); resume "
+            "with the flags the run was started with"
+        ) from err
+
+
 def _check_same_architecture(model: nn.Module, saved: Mapping[str, Any] | None, path: str | Path) -> None:
     """Refuse to resume a run with another architecture than the checkpoint's (flags without parameters, such as
     IM-Fuse's ``--interleaved_tokenization``, would otherwise pass the strict state-dict load silently)."""
@@ -221,6 +244,88 @@ def _check_same_architecture(model: nn.Module, saved: Mapping[str, Any] | None, 
             f"{path}: the checkpoint was trained with another architecture ({'; '.join(diff)}); resume with the "
             "checkpoint's flags, or start a new run"
         )
+
+
+def check_step_finite(loss: torch.Tensor, batch: Mapping[str, Any], root: str | Path | None, where: str) -> None:
+    """Stop at a non-finite loss, naming its cause: a volume holding NaN or infinite values, or a diverged run.
+
+    The input check rides on the loss check's one synchronisation per step; files are read only after a failure.
+
+    Args:
+        loss: the step's scalar loss.
+        batch: with ``image`` ``(B, ...)`` as the model got it and ``name`` (the B case ids).
+        root: the preprocessed folder of the batch's cases (None: not known).
+        where: the step, for the message (``epoch 3, step 7``).
+
+    Raises:
+        NpyError: a case's volume file holds non-finite values (named; one line through ``cli.run_main``).
+        FloatingPointError: otherwise (the run diverged, or non-finite values came from elsewhere).
+    """
+    image = batch["image"]
+    if bool(torch.isfinite(loss) & torch.isfinite(image).all()):
+        return
+    names = list(batch.get("name") or [])
+    finite = torch.isfinite(image.flatten(1)).all(1).tolist()
+    bad = [name for name, ok in zip(names, finite, strict=False) if not ok]
+    if root is not None:
+        for case in dict.fromkeys(bad):
+            path = volume_path(root, case)
+            check_finite(load_npy(path, mmap=True, what="volume"), path)
+    if bad:  # from the data pipeline, not the files (or the files were not known)
+        raise FloatingPointError(f"non-finite input values at {where} (cases {', '.join(bad)})")
+    raise FloatingPointError(
+        f"non-finite loss {float(loss)} at {where} (cases {', '.join(names)}): the training diverged; try a lower "
+        "learning rate"
+    )
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class ProgressLog:
+    """Progress lines for runs without a bar (``--no_progress``, logs): one after the first step, then one every
+    ``every`` seconds, with the step, the mean loss so far in the epoch, seconds per step and the time left.
+
+    The rate counts only time spent in training steps (validation is left out of the estimate); the first step of
+    a session, which includes start-up, counts only until a second step is timed.
+    """
+
+    def __init__(self, every: float, num_epochs: int, steps_per_epoch: int, max_steps: int | None = None) -> None:
+        self.every, self.num_epochs, self.steps_per_epoch = every, num_epochs, steps_per_epoch
+        self.max_steps = max_steps
+        self.steps, self.busy, self.first, self.due = 0, 0.0, 0.0, 0.0
+        self.last = time.monotonic()
+
+    def start_epoch(self) -> None:
+        """Call before an epoch's first batch: time between epochs (validation, checkpoints) is not step time."""
+        self.last = time.monotonic()
+
+    def step(self, epoch: int, step_in_epoch: int, global_step: int, mean_loss: float) -> None:
+        """Call after each optimiser step (``epoch`` 0-based; ``step_in_epoch``, ``global_step`` include it)."""
+        now = time.monotonic()
+        self.busy += now - self.last
+        self.last = now
+        self.steps += 1
+        if self.steps == 1:
+            self.first = self.busy
+        elif now < self.due:
+            return
+        self.due = now + self.every
+        rate = (self.busy - self.first) / (self.steps - 1) if self.steps > 1 else self.first
+        epoch_left = self.steps_per_epoch - step_in_epoch
+        run_left = (self.num_epochs - epoch - 1) * self.steps_per_epoch + epoch_left
+        if self.max_steps is not None:
+            run_left = min(run_left, self.max_steps - global_step)
+            epoch_left = min(epoch_left, run_left)
+        log.info(
+            "epoch %d/%d, step %d/%d: loss %.4f, %.2f s/step, about %s left in the epoch and %s in the run "
+            "(validation not counted)", epoch + 1, self.num_epochs, step_in_epoch, self.steps_per_epoch, mean_loss,
+            rate, _duration(epoch_left * rate), _duration(run_left * rate),
+        )  # fmt: skip
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -260,9 +365,6 @@ def fit(
         raise ValueError(f"--batch_size {config.batch_size} is not divisible by the {world} processes")
     savepath = Path(config.savepath)
     is_main = rank == 0
-    claim_run_folder(savepath, config.resume, config.overwrite, delete=is_main)
-    if is_main:
-        savepath.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
     steps_per_epoch = config.iter_per_epoch or len(train_set)
@@ -279,7 +381,7 @@ def fit(
         _check_same_architecture(model, ckpt.get("config"), config.resume)
         load_state_dict_strict(model, ckpt["state_dict"], str(config.resume))
         if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(optimizer, ckpt["optimizer"], config.resume)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         next_epoch = int(ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1))
@@ -292,11 +394,25 @@ def fit(
             set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d, step %d", config.resume, next_epoch, step_in_epoch)
 
+    # Every check has passed (the lists and cases before fit, the checkpoint above): only now is the output folder
+    # claimed and made, so that a refused run leaves nothing behind, and --overwrite deletes nothing for it.
+    claim_run_folder(savepath, config.resume, config.overwrite, delete=is_main)
+    if is_main:
+        savepath.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(savepath)  # what runs killed while writing a checkpoint left
+        log.info(
+            "training in %s from epoch %d of %d, %d steps per epoch", savepath, next_epoch + 1, config.num_epochs,
+            steps_per_epoch,
+        )  # fmt: skip
+
     train_model: nn.Module = model
     if world > 1:
-        # upstream IM-Fuse keeps dead parameters for state-dict compatibility: they never receive gradients
+        # DDP's search for parameters without a gradient costs a graph traversal per step: only for models that
+        # declare dead parameters (kept for upstream's state dicts) or a graph that depends on the mask
+        bare = unwrap(model)
+        find_unused = bool(getattr(bare, "mask_dependent_parameters", True)) or bool(bare.unused_parameter_names())
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
         )
 
     if config.compile:
@@ -328,6 +444,8 @@ def fit(
 
     last = savepath / "model_last.pth"
     stop = False
+    progress = ProgressLog(config.progress_seconds, config.num_epochs, steps_per_epoch, config.max_steps)
+    root = getattr(train_set, "root", None)  # names a damaged volume when a loss is not finite
     for epoch in range(next_epoch, config.num_epochs):
         next_epoch = epoch
         sampler.set_epoch(epoch, skip=step_in_epoch * per_rank_batch)
@@ -346,12 +464,12 @@ def fit(
             dynamic_ncols=True,
         )
         t0, running = time.time(), 0.0
-        for batch in bar:
+        progress.start_epoch()
+        for done, batch in enumerate(bar, start=1):
             batch = _to_device(batch, device)
             with amp_context(device, config.amp):
                 loss, scalars = loss_fn(train_model, batch, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step_in_epoch}")
+            check_step_finite(loss, batch, root, f"epoch {epoch + 1}, step {step_in_epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -362,6 +480,8 @@ def fit(
             running += value
             if is_main:
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if not config.progress:
+                    progress.step(epoch, step_in_epoch, global_step, running / done)
                 if global_step % config.log_every == 0 and writer is not None:
                     writer.add_scalar("train/loss", value, global_step)
                     for k, v in scalars.items():

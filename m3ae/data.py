@@ -37,7 +37,17 @@ from tqdm.auto import tqdm
 
 from brats_core.cli import run_main
 from brats_core.data import check_cases, label_path, volume_path
-from brats_core.io import CaseFilesError, NiftiError, find_case_files, load_json, save_json, save_npy
+from brats_core.io import (
+    CaseFilesError,
+    NiftiError,
+    find_case_files,
+    load_json,
+    load_npy,
+    npy_intact,
+    remove_stale_temporaries,
+    save_json,
+    save_npy,
+)
 from brats_core.modalities import MODALITIES
 from brats_core.preprocessing import case_meta, list_cases, load_case, output_paths, validate_label
 from brats_core.transforms import RandomFlip, RandomIntensityChange
@@ -137,15 +147,16 @@ def preprocess_arrays(
 
 
 def is_finished(cache: str | Path, case: str) -> bool:
-    """True when the case's metadata (written by this pipeline) and its volume exist."""
+    """True when the case's metadata (written by this pipeline) and its intact volume (and label map) exist; a
+    truncated file (a killed copy) counts as unfinished, so the case is written again."""
     paths = output_paths(cache, case)
-    if not (paths.meta.is_file() and paths.vol.is_file()):
+    if not (paths.meta.is_file() and npy_intact(paths.vol)):
         return False
     try:
         meta = load_json(paths.meta)
     except ValueError:
         return False
-    return meta.get("pipeline") == PIPELINE and (paths.seg.is_file() or not meta.get("has_label"))
+    return meta.get("pipeline") == PIPELINE and (npy_intact(paths.seg) or not meta.get("has_label"))
 
 
 def preprocess_case(case_dir: str | Path, cache: str | Path, overwrite: bool = False) -> str:
@@ -185,6 +196,8 @@ def preprocess_dataset(
     if not raw.is_dir():
         raise FileNotFoundError(f"BraTS folder {raw} not found")
     names = list(cases) if cases is not None else list_cases(raw)
+    for sub in ("vol", "seg", "meta"):  # what runs killed while writing the cache left (logged)
+        remove_stale_temporaries(cache / sub)
     absent = [c for c in names if not (raw / c).is_dir()]
     if absent:
         raise FileNotFoundError(f"{len(absent)} case folder(s) missing in {raw}: {', '.join(absent[:10])}")
@@ -299,10 +312,12 @@ class _WindowDataset(Dataset):
             window_start(lo, hi, d, self.patch_size, rng) for (lo, hi), d in zip(box, self.shapes[index], strict=True)
         ]
         lower = [lo for lo, _ in box]
-        vol = np.load(volume_path(self.root, case), mmap_mode="r")
+        vol = load_npy(volume_path(self.root, case), mmap=True, what="volume")
         image = read_window(vol, lower, start, self.patch_size).astype(np.float32)
         seg_file = label_path(self.root, case)
-        seg = np.load(seg_file, mmap_mode="r") if seg_file.is_file() else np.zeros(vol.shape[:3], np.uint8)
+        seg = (
+            load_npy(seg_file, mmap=True, what="label map") if seg_file.is_file() else np.zeros(vol.shape[:3], np.uint8)
+        )
         label = read_window(seg, lower, start, self.patch_size).astype(np.int64)
         return image, label, np.asarray(start, dtype=np.int64)
 

@@ -243,6 +243,7 @@ class M3AE(SegModel):
     """
 
     output_kind = OutputKind.REGION_LOGITS
+    mask_dependent_parameters = True  # limage only fills missing modalities: no gradient with all four present
     region_order = REGION_ORDER
     window_origin = "image"
     data_pipeline = "m3ae"  # m3ae.data.PIPELINE

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import save_checkpoint, unwrap
+from brats_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from brats_core.cli import (
     add_compile_arg,
     add_data_args,
@@ -33,6 +33,7 @@ from brats_core.cli import (
     setup_logging,
     split_dir,
 )
+from brats_core.evaluation import check_preprocessed_folder
 from brats_core.registry import build_method, config_dict
 from brats_core.splits import read_case_list
 from brats_core.training import FitConfig, fit, seed_everything
@@ -43,6 +44,25 @@ from m3ae.model import model_to_resume, tokens_to_voxels
 log = logging.getLogger("m3ae.pretrain")
 
 LIMAGE_REGULARISER = 0.005
+M3AE_KEYS = ("limage", "unet.conv1a.weight", "unet.up1conv.weight")
+"""Weights every M3AE checkpoint holds (pre-training or fine-tuning; ours or upstream's)."""
+
+
+def load_m3ae_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``load_checkpoint`` for the M3AE scripts: another method's checkpoint, or one without M3AE's weights, is
+    refused naming the file (before any work), instead of failing deep inside the model builder.
+
+    Raises:
+        CheckpointError: unreadable, another method's, or no M3AE weights.
+    """
+    ckpt = load_checkpoint(path)
+    method = ckpt.get("method", "m3ae")
+    if method != "m3ae":
+        raise CheckpointError(f"{path} holds a {method!r} model, not M3AE")
+    missing = [k for k in M3AE_KEYS if k not in ckpt["state_dict"]]
+    if missing:
+        raise CheckpointError(f"{path} holds no M3AE weights (no {', '.join(missing)})")
+    return ckpt
 
 
 class PretrainLoss:
@@ -109,9 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.savepath, "pretrain.txt")
     seed_everything(args.seed)
 
+    # every input is checked before the cache is built and before fit() makes --savepath
+    if args.raw_path is None:  # otherwise ensure_cache builds the cache from --raw_path below
+        check_preprocessed_folder(args.datapath)
     train = read_case_list(split_dir(args) / "train.txt")
-    ensure_cache(args.datapath, train, args.raw_path, args.workers)
+    if len(train) < args.batch_size:
+        parser.error(f"--batch_size {args.batch_size} exceeds the {len(train)} training cases")
     if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
+        load_m3ae_checkpoint(args.resume)
         model = model_to_resume(args.resume)
         if not model.config.pre_train:
             parser.error(f"--resume {args.resume} is not a pre-training checkpoint")
@@ -120,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.patch_size:
             overrides["patch_size"] = args.patch_size
         model = build_method("m3ae", "tiny_pretrain" if args.preset == "tiny" else "pretrain", **overrides)
+    ensure_cache(args.datapath, train, args.raw_path, args.workers)
     cfg = model.config
     optimizer = torch.optim.Adam(
         [{"params": model.network_parameters(), "lr": args.lr}, {"params": [model.limage], "lr": args.limage_lr}],
@@ -127,8 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     dataset = PretrainDataset(args.datapath, train, cfg.patch_size, cfg.token_grid, cfg.visible_tokens, args.mdp)
-    if len(train) < args.batch_size:
-        parser.error(f"--batch_size {args.batch_size} exceeds the {len(train)} training cases")
     extra = {"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "pretrain"}
     config = FitConfig(
         savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=args.batch_size,

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brats_core.cli import (
+    UsageError,
     add_data_args,
     add_eval_args,
     add_runtime_args,
@@ -31,12 +32,12 @@ from brats_core.cli import (
     setup_logging,
 )
 from brats_core.data import load_case
+from brats_core.evaluation import check_pipeline, check_preprocessed_folder
 from brats_core.inference import predict_scenarios
 from brats_core.labels import label_to_regions
 from brats_core.modalities import METHOD_ORDERS, SCENARIOS, Scenario, format_bool_list, to_canonical
 from brats_core.registry import SegModel
-from brats_core.scripts import load_for_test, resolve_test_file, test_from_args
-from brats_core.splits import read_case_list
+from brats_core.scripts import load_for_test, read_test_list, resolve_test_file, test_from_args
 from brats_core.training import resolve_device
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
 from m3ae.data import ensure_cache
@@ -156,20 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_scenarios(parser, args)
+    if args.reference_quirks and len(args.scenario_list) != len(SCENARIOS):
+        parser.error("--reference-quirks reproduces upstream's run over all 15 scenarios; drop --scenarios")
     default_savepath(args, "m3ae_train", "model_1")
     apply_devices(args.devices)
-    setup_logging(args.savepath, "test.txt")
+    setup_logging()  # stderr only until the inputs are checked: a refused run leaves no output folder behind
+    if args.raw_path is None:  # otherwise the cache is built from --raw_path below
+        check_preprocessed_folder(args.datapath)
+    cases = read_test_list(resolve_test_file(args))
     device = resolve_device(args.device)
-    model = load_for_test(parser, args.checkpoint, "m3ae", {}, infer_architecture, device)
+    model = load_for_test(args.checkpoint, "m3ae", {}, infer_architecture, device)
     if model.config.pre_train:
-        parser.error(f"{args.checkpoint} is a pre-training checkpoint (4 reconstruction outputs): fine-tune it first")
-    cases = read_case_list(resolve_test_file(args))
+        raise UsageError(
+            f"{args.checkpoint} is a pre-training checkpoint (4 reconstruction outputs): fine-tune it first "
+            f"(m3ae/train.py --pretrained {args.checkpoint})"
+        )
     ensure_cache(args.datapath, cases, args.raw_path, args.workers)
+    check_pipeline(model, args.datapath, cases)
+    setup_logging(args.savepath, "test.txt")
     if not args.reference_quirks:
-        test_from_args(args, model)
+        test_from_args(args, model, cases)
         return 0
-    if len(args.scenario_list) != len(SCENARIOS):
-        parser.error("--reference-quirks reproduces upstream's run over all 15 scenarios; drop --scenarios")
     model.window_origin = "crop"  # type: ignore[attr-defined]
     log.info("--reference-quirks: completion image at crop-relative window positions, upstream scoring")
     means = evaluate_upstream(

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import load_checkpoint
 from brats_core.cli import (
+    UsageError,
     add_compile_arg,
     add_data_args,
     add_runtime_args,
@@ -37,7 +37,8 @@ from brats_core.cli import (
     setup_logging,
     split_dir,
 )
-from brats_core.evaluation import EvalOptions, validate
+from brats_core.data import check_validation_cases
+from brats_core.evaluation import EvalOptions, check_preprocessed_folder, validate
 from brats_core.losses import region_dice_bce
 from brats_core.registry import build_method, config_dict
 from brats_core.scripts import add_val_args, select_val_epochs
@@ -46,6 +47,7 @@ from brats_core.training import FitConfig, fit, resolve_device, seed_everything
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
 from m3ae.data import FinetuneDataset, completion_array, ensure_cache
 from m3ae.model import M3AE, REGION_ORDER, model_to_resume
+from m3ae.pretrain import load_m3ae_checkpoint
 
 log = logging.getLogger("m3ae.train")
 
@@ -106,16 +108,16 @@ def load_pretrained(model: M3AE, path: str | Path) -> None:
 
     Everything but the 4-channel output conv is taken; the new head and the deep-supervision heads keep their fresh
     initialisation (upstream deletes ``unet.up1conv.*`` and loads the rest non-strictly). Any other difference is an
-    error that names the keys.
+    usage error that names the keys.
     """
-    state = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if not k.startswith("unet.up1conv.")}
+    state = {k: v for k, v in load_m3ae_checkpoint(path)["state_dict"].items() if not k.startswith("unet.up1conv.")}
     own = model.state_dict()
     fresh = {k for k in own if k.startswith(("unet.up1conv.", "unet.ds_out."))}
     missing = sorted(set(own) - set(state) - fresh)
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not an M3AE pre-training checkpoint for this model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
         )
@@ -124,9 +126,7 @@ def load_pretrained(model: M3AE, path: str | Path) -> None:
 
 def pretrained_architecture(path: str | Path) -> dict[str, Any]:
     """Architecture fields a fine-tuning model must share with the pre-trained weights (from their shapes)."""
-    state = load_checkpoint(path)["state_dict"]
-    if "limage" not in state or "unet.conv1a.weight" not in state:
-        raise ValueError(f"{path} holds no M3AE weights (no limage / unet.conv1a)")
+    state = load_m3ae_checkpoint(path)["state_dict"]
     z, y, x = state["limage"].shape[2:]
     return {"init_channels": int(state["unet.conv1a.weight"].shape[0]), "image_shape": (int(x), int(y), int(z))}
 
@@ -196,9 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.savepath, "train.txt")
     seed_everything(args.seed)
 
+    # every input is checked before the cache is built and before fit() makes --savepath
+    if args.raw_path is None:  # otherwise ensure_cache builds the cache from --raw_path below
+        check_preprocessed_folder(args.datapath)
     split = load_split(split_dir(args))
-    ensure_cache(args.datapath, split.train + [c for c, _ in split.val], args.raw_path, args.workers)
+    val_epochs = select_val_epochs(UPSTREAM_VAL_EPOCHS, args.epochs, args.debug, args.val_every)
+    if val_epochs:  # its cases are checked with the cache below
+        val_list = [c for c, _ in split.val]
+        check_validation_cases(args.datapath, val_list, split_dir(args) / "val15splits.csv", check_files=False)
     if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
+        resumed = load_m3ae_checkpoint(args.resume)
         model = model_to_resume(args.resume)
     else:
         overrides: dict[str, Any] = {"deep_supervised": args.deep_supervised}
@@ -209,12 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("loaded the pre-trained encoder, decoder and completion image from %s", args.pretrained)
     if model.config.pre_train:
         parser.error(f"{args.resume} is a pre-training checkpoint: give it with --pretrained to start fine-tuning")
+    ensure_cache(args.datapath, split.train + [c for c, _ in split.val], args.raw_path, args.workers)
     model.limage.requires_grad_(False)  # frozen in fine-tuning; the data pipeline fills missing input from a copy
     optimizer = torch.optim.Adam(model.network_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
 
     if args.resume:  # the frozen completion image of the run being continued feeds the data pipeline
-        model.limage.data.copy_(load_checkpoint(args.resume)["state_dict"]["limage"])
+        model.limage.data.copy_(resumed["state_dict"]["limage"])
     dataset = FinetuneDataset(
         args.datapath, split.train, model.patch_size, completion_array(model), copies=args.batch_size, mdp=args.mdp
     )
@@ -226,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         iter_per_epoch=args.iter_per_epoch,
         seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
         max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        val_epochs=set(select_val_epochs(UPSTREAM_VAL_EPOCHS, args.epochs, args.debug, args.val_every)),
+        val_epochs=set(val_epochs),
         extra={"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "finetune"},
     )  # fmt: skip
     log.info(

@@ -25,6 +25,7 @@ from brats_core.cli import (
     setup_logging,
     split_dir,
 )
+from brats_core.evaluation import check_preprocessed_folder
 from brats_core.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method, method_info
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("--pretrain is accepted for compatibility but unused, as upstream")
     if args.debug and args.iter_per_epoch is None:
         args.iter_per_epoch = 1  # upstream's --debug: one iteration per epoch
+    check_preprocessed_folder(args.datapath)  # before the lists: their default place is inside it
     split = load_split(split_dir(args))
     if args.stop_epoch is not None:
         # max_steps counts global steps, which a resumed run restores, so this is an absolute epoch limit

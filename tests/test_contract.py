@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import MASKS
 
 from brats_core.checkpoint import save_checkpoint
 from brats_core.inference import predict_scenarios
-from brats_core.registry import OutputKind, build_method, config_dict, list_methods
+from brats_core.registry import METHOD_MODULES, OutputKind, build_from_config, build_method, config_dict, list_methods
 from brats_core.scripts import model_from_checkpoint
 
 METHODS = list_methods()
@@ -43,7 +48,38 @@ def _expected_channels(model):
 
 
 def test_methods_are_registered():
-    assert "imfuse" in METHODS
+    assert METHODS[: len(METHOD_MODULES)] == list(METHOD_MODULES)
+
+
+def test_a_method_module_that_fails_to_import_fails_the_contract_suite(tmp_path):
+    # a plugin makes SFusion's model module unimportable, as a syntax error or a missing dependency would
+    (tmp_path / "break_sfusion.py").write_text(
+        "import sys\n\ndef pytest_configure(config):\n    sys.modules['SFusion.model'] = None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "break_sfusion", str(Path(__file__))],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "cannot import SFusion.model" in done.stdout + done.stderr
+
+
+def test_registry_refuses_duplicates_and_unknown_config_keys():
+    from brats_core import registry
+
+    info = registry.method_info("uhved")
+
+    class Other(info.model_cls):
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("uhved", config=info.config_cls)(Other)
+    assert registry.method_info("uhved").model_cls is info.model_cls
+    config = config_dict(build_method("uhved", "tiny"))
+    build_from_config("uhved", config)
+    with pytest.raises(TypeError, match="unknown config field"):
+        build_from_config("uhved", {**config, "no_such_field": 1})
 
 
 def test_train_forward_backward(method):
@@ -56,8 +92,30 @@ def test_train_forward_backward(method):
         assert outputs and all(torch.isfinite(t).all() for t in outputs)
         loss = loss + sum(t.float().mean() for t in outputs)
     loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # every parameter learns, except the dead ones a model declares (kept for upstream's state dicts); DDP's
+    # find_unused_parameters follows the same declaration
+    unused = set(model.unused_parameter_names())
+    params = dict(model.named_parameters())
+    assert unused <= set(params), sorted(unused - set(params))
+    without = sorted(n for n, p in params.items() if p.requires_grad and p.grad is None and n not in unused)
+    assert not without, f"{len(without)} parameters get no gradient: {without[:5]}"
+    assert all(params[n].grad is None for n in unused), "a parameter declared unused got a gradient"
+    for name, p in params.items():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_mask_dependent_parameters_declaration_is_exact(method):
+    # DDP runs without its per-step search for unused parameters unless the model declares dead parameters or a
+    # mask-dependent graph: a wrong "False" would stall multi-GPU training, a wrong "True" only slows it
+    model = _model(method).train()
+    declared = set(model.unused_parameter_names())
+    x = _input(model, 1)
+    gaps = []
+    for m in MASKS:
+        model.zero_grad(set_to_none=True)
+        sum(t.float().mean() for t in _tensors(model(x, torch.tensor([m])))).backward()
+        gaps += [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and n not in declared]
+    assert bool(gaps) == model.mask_dependent_parameters, gaps[:3]
 
 
 def test_eval_output_shape_and_kind(method):

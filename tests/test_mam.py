@@ -24,6 +24,7 @@ from brats_core.splits import Split
 from brats_core.synthetic import write_synthetic_dataset
 from MaM import prepare_dataset, test, train
 from MaM.model import NATIVE_ORDER, MaMConfig, MaMOutput, MultimodalRecon, reconstruction_loss
+from MaM.trained_model import load_nnunet_checkpoint
 from MaM.trainer import ScenarioNetwork, native_masks, nnUNetTrainerMissingReconBaseline
 
 PERM = [0, 2, 1, 3]  # canonical (FLAIR, T1ce, T1, T2) channel indices in MaM order (FLAIR, T1, T1ce, T2)
@@ -372,10 +373,10 @@ def test_nnunet_plan_train_resume_predict_score(tmp_path, monkeypatch) -> None:
         ) / "fold_0"  # fmt: skip
         for name in ("checkpoint_final.pth", "checkpoint_best.pth", "validation/summary.json"):
             assert (fold / name).is_file(), name
-        first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+        first = load_nnunet_checkpoint(fold / "checkpoint_final.pth")  # weights-only, as train.py --c reads it
         assert first["current_epoch"] == 1 and first["trainer_name"] == "nnUNetTrainerMissingReconBaseline"
         assert train.main([*common, "--num_epochs", "2", "--c"]) == 0  # resume: one more epoch
-        second = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+        second = load_nnunet_checkpoint(fold / "checkpoint_final.pth")  # weights-only, as train.py --c reads it
         assert second["current_epoch"] == 2
         assert len(second["logging"]["train_losses"]) == 2 and math.isnan(second["logging"]["mean_fg_dice"][0]) is False
         key = "decoder.transpconvs.0.weight"  # always on the gradient path (seg_layers.0 has DS weight 0)

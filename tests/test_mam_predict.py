@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brats_core import predict
-from brats_core.checkpoint import save_checkpoint
+from brats_core.checkpoint import CheckpointError, save_checkpoint
 from brats_core.modalities import BRATS2023_SUFFIXES
 from brats_core.registry import build_method, checkpoint_readers, config_dict, make_config
 from brats_core.splits import Split
@@ -27,7 +27,7 @@ from MaM.trained_model import read_nnunet_checkpoint
 _RESAMPLING = "resample_data_or_seg_to_shape"
 
 
-def _plans(config: MaMConfig) -> dict[str, Any]:
+def nnunet_plans(config: MaMConfig) -> dict[str, Any]:
     def kwargs(is_seg: bool, order: int) -> dict[str, Any]:
         return {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
 
@@ -56,13 +56,13 @@ def _plans(config: MaMConfig) -> dict[str, Any]:
     return plans
 
 
-def _write_nnunet_checkpoint(path: Path, seed: int = 0, **init_overrides: Any) -> None:
+def write_nnunet_checkpoint(path: Path, seed: int = 0, **init_overrides: Any) -> None:
     """A checkpoint laid out as nnU-Net's trainer saves it (numpy scalars in the log included), random weights."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from MaM.trainer import nnUNetTrainerMissingReconBaseline
 
-    plans = _plans(make_config("mam", "tiny"))
+    plans = nnunet_plans(make_config("mam", "tiny"))
     manager = PlansManager(plans)
     torch.manual_seed(seed)
     network = nnUNetTrainerMissingReconBaseline.build_network_architecture(
@@ -93,7 +93,7 @@ def test_mam_registers_a_checkpoint_reader() -> None:
 
 def test_reader_loads_nnunet_checkpoints_safely_and_ignores_other_files(tmp_path, capsys) -> None:
     ckpt = tmp_path / "fold_0" / "checkpoint_final.pth"
-    _write_nnunet_checkpoint(ckpt)
+    write_nnunet_checkpoint(ckpt)
     loaded = read_nnunet_checkpoint(ckpt)
     assert loaded is not None and loaded["trainer_name"] == prepare_dataset.TRAINER
     assert float(loaded["_best_ema"]) == 0.25
@@ -113,8 +113,8 @@ def test_reader_loads_nnunet_checkpoints_safely_and_ignores_other_files(tmp_path
 
 def test_broken_nnunet_checkpoints_are_reported_by_name(tmp_path, capsys) -> None:
     ckpt = tmp_path / "fold_0" / "checkpoint_best.pth"
-    _write_nnunet_checkpoint(ckpt, configuration="3d_lowres")
-    with pytest.raises(ValueError, match=r"checkpoint_best\.pth: configuration '3d_lowres'"):
+    write_nnunet_checkpoint(ckpt, configuration="3d_lowres")
+    with pytest.raises(CheckpointError, match=r"checkpoint_best\.pth: configuration '3d_lowres'"):
         predict.Predictor(ckpt, device="cpu")
     case = write_synthetic_dataset(tmp_path / "brats", 1, shape=(24, 24, 24), seed=1)[0]
     code = predict.main(["--checkpoint", str(ckpt), "-i", str(tmp_path / "brats" / case), "-o", str(tmp_path / "o")])
@@ -131,7 +131,7 @@ def _respace(case_dir: Path, zooms: tuple[float, float, float]) -> None:
 
 def test_predict_matches_mam_test_py_on_nnunet_checkpoints(tmp_path) -> None:
     ckpt = tmp_path / "results" / "fold_0" / "checkpoint_final.pth"
-    _write_nnunet_checkpoint(ckpt, seed=3)
+    write_nnunet_checkpoint(ckpt, seed=3)
     cases = write_synthetic_dataset(tmp_path / "brats", 3, shape=(44, 40, 34), seed=7)
     case = cases[2]
     _respace(tmp_path / "brats" / case, (1.25, 1.0, 0.8))
@@ -176,7 +176,7 @@ def test_predict_matches_mam_test_py_on_nnunet_checkpoints(tmp_path) -> None:
 
 def test_predictor_uses_nnunets_gaussian_blending_unless_told(tmp_path) -> None:
     ckpt = tmp_path / "fold_0" / "checkpoint_final.pth"
-    _write_nnunet_checkpoint(ckpt)
+    write_nnunet_checkpoint(ckpt)
     p = predict.Predictor(ckpt, device="cpu")
     assert p.method == "mam" and p.options.blend == "gaussian" and p.patch_size == 32
     assert p._engine is not None and p._engine.trained.predictor.use_gaussian

@@ -22,15 +22,6 @@ SUFFIX_2023 = {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_method("imfuse", "tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_checkpoint(path, model, method="imfuse", config=config_dict(model))
-    return path
-
-
-@pytest.fixture(scope="module")
 def predictor(checkpoint: Path) -> Predictor:
     return Predictor(checkpoint, device="cpu")
 

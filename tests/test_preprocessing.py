@@ -24,6 +24,8 @@ from brats_core.io import (
 )
 from brats_core.modalities import BRATS2023_SUFFIXES, MODALITIES
 from brats_core.preprocessing import (
+    META_FORMAT,
+    PENDING_KEY,
     apply_zscore,
     crop_box,
     is_finished,
@@ -327,8 +329,8 @@ def test_resume_skips_finished_cases_and_overwrite_redoes_them(raw: Path, tmp_pa
     assert rc == 0 and "0 written, 2 skipped" in err
     assert snapshot(out) == first
 
-    # An interrupted case (outputs but no metadata) is not finished: it is redone, the other is skipped.
-    output_paths(out, GOOD).meta.unlink()
+    # An interrupted case (its arrays behind the pending mark that precedes them) is redone, the other is skipped.
+    save_json(output_paths(out, GOOD).meta, {"format": META_FORMAT, "case": GOOD, PENDING_KEY: True})
     rc, err = run(raw, out, capsys=capsys)
     assert rc == 0 and "1 written, 1 skipped" in err
     assert is_finished(out, GOOD)

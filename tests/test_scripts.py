@@ -95,6 +95,8 @@ def test_test_script_finds_upstream_style_lists_and_reports_errors_in_one_line(p
     assert run_main(partial(test.main, argv)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines
     assert last.startswith("test.py: error: test list not found (looked for nowhere.csv, ")
-    with pytest.raises(SystemExit) as exit_info:
-        test.main([*common, "--savepath", str(tmp_path / "e3"), "--resume", str(tmp_path / "absent.pth")])
-    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err
+    argv = [*common, "--savepath", str(tmp_path / "e3"), "--resume", str(tmp_path / "absent.pth")]
+    assert run_main(partial(test.main, argv)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("test.py: error: checkpoint not found: ") and "absent.pth" in last
+    assert not (tmp_path / "e3").exists()  # refused before the output folder was made

@@ -159,6 +159,23 @@ def test_aspp_pooling_quirk_is_an_input_independent_constant() -> None:
         assert not torch.allclose(fixed._pooled(a), fixed._pooled(b))
 
 
+def test_aspp_pooling_quirk_trains_at_batch_two_and_leaves_parameters_unchanged() -> None:
+    # the quirk once applied an in-place LeakyReLU to a view of branch5_norm.bias: autograd and batches > 1 raised,
+    # and a batch-1 forward without autograd overwrote the bias with LeakyReLU(bias)
+    torch.manual_seed(0)
+    aspp = ASPP(8, True, pool_quirk=True)
+    with torch.no_grad():
+        aspp.branch5_norm.bias.uniform_(-1, -0.5)  # negative: LeakyReLU changes every entry
+    before = {k: v.clone() for k, v in aspp.state_dict().items()}
+    out = aspp(torch.randn(2, 8, 4, 4, 4, requires_grad=True))
+    out.square().mean().backward()
+    assert aspp.branch5_norm.bias.grad is not None and torch.isfinite(aspp.branch5_norm.bias.grad).all()
+    with torch.no_grad():
+        aspp.eval()(torch.randn(1, 8, 4, 4, 4))
+    for key, value in aspp.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+
+
 def test_config_rejects_sizes_the_encoder_cannot_stride() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         build_method("shaspec", "tiny", patch_depth=40)

@@ -126,3 +126,21 @@ def test_download_failure_is_one_line_and_leaves_no_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         splits.main(["download", "--out", str(tmp_path / "a_file" / "splits")])
     assert "download failed" in capsys.readouterr().err
+
+
+def test_lists_without_cases_or_text_are_usage_errors_naming_the_file(tmp_path):
+    from brats_core.cli import UsageError
+
+    (tmp_path / "val15splits.csv").write_text("case,mask\n")
+    (tmp_path / "train.txt").write_text("\n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    for read, name in ((splits.read_mask_csv, "val15splits.csv"), (splits.read_case_list, "train.txt")):
+        with pytest.raises(UsageError, match=rf"{name} lists no cases"):
+            read(tmp_path / name)
+        assert read(tmp_path / name, allow_empty=True) == []
+    with pytest.raises(UsageError, match=r"binary\.txt: not a readable case list"):
+        splits.read_case_list(tmp_path / "binary.txt")
+    # a split folder may have no validation or test case (a small generated split): training decides
+    (tmp_path / "train.txt").write_text("A\nB\n")
+    (tmp_path / "test15splits.csv").write_text("case,mask\n")
+    assert splits.load_split(tmp_path) == splits.Split(["A", "B"], [], [])

@@ -314,7 +314,7 @@ def test_ddp_ranks_step_the_plateau_scheduler_with_rank0_scores(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_plateau_worker, args=(str(root), cases, str(tmp_path), port), nprocs=2)
-    lrs = [torch.load(tmp_path / f"lr_rank{r}.pt") for r in (0, 1)]
+    lrs = [torch.load(tmp_path / f"lr_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert lrs == [0.025, 0.025]  # no improvement after epochs 2 and 3: two halvings on both ranks
 
 
