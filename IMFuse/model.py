@@ -1,8 +1,8 @@
-"""IM-Fuse (MICCAI 2025): mmFormer with Mamba fusion of the modality tokens (METHODS.md §1).
+"""IM-Fuse (MICCAI 2025): mmFormer with Mamba fusion of the modality tokens.
 
 One class covers both upstream classes: ``first_skip=False`` is ``IMFuse_no1skip.Model`` (what ``train_poly.py``
 trains by default), ``first_skip=True`` is ``IMFuse.IMFuse`` (what upstream ``test.py`` builds). With the paper config
-the state-dict keys, their order and shapes equal ``spec/state_dicts/imfuse_first_skip{0,1}_mamba_skip{0,1}.txt``, so
+the state-dict keys, their order and shapes equal upstream's state dict, so
 upstream checkpoints (``module.`` prefix stripped) load strictly. Every token count derives from ``patch_size``.
 """
 

@@ -5,7 +5,7 @@
 
 ``CosineAnnealingLR(T_max=100, eta_min=5e-6)`` stepped once per epoch (the rate cycles every 200 epochs), always the
 model without the level-1 skip (upstream's ``IMFuse_no1skip.Model``; no ``--first_skip``); everything else, flags
-included, as ``train_poly.py`` (METHODS.md §1.5, §1.8). The paper's runs used ``train_poly.py``.
+included, as ``train_poly.py``. The paper's runs used ``train_poly.py``.
 """
 
 from __future__ import annotations

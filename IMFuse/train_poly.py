@@ -1,4 +1,4 @@
-"""Train IM-Fuse (upstream ``IMFuse/train_poly.py``): RAdam, poly learning rate, the §1.5 loss and validation epochs.
+"""Train IM-Fuse (upstream ``IMFuse/train_poly.py``): RAdam, poly learning rate, upstream's loss and validation epochs.
 
     python IMFuse/train_poly.py --datapath <preprocessed> --num_epochs 1000 --dataname BRATS2023 \
         --savepath <run> --mamba_skip --interleaved_tokenization
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from brats_core.cli import add_data_args, add_runtime_args, add_train_args, run_main, setup_logging
+from brats_core.cli import add_data_args, add_preset_arg, add_runtime_args, add_train_args, run_main, setup_logging
 from brats_core.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
@@ -39,7 +39,7 @@ def build_parser(
     lr: float = 2e-4,
     first_skip: bool = True,
 ) -> argparse.ArgumentParser:
-    """The upstream flags (METHODS.md §1.8); ``train.py`` has another learning rate and no ``--first_skip``."""
+    """The upstream flags; ``train.py`` has another learning rate and no ``--first_skip``."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_data_args(p, savepath_required=True)
     add_train_args(p, batch_size=1, lr=lr, weight_decay=3e-5, num_epochs=1000, seed=999)
@@ -56,7 +56,7 @@ def build_parser(
             help="train upstream's IMFuse.IMFuse (level-1 skip) instead of the default IMFuse_no1skip.Model",
         )
     g.add_argument("--region_fusion_start_epoch", type=int, default=0, help="epoch from which the fused loss counts")
-    g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests/demo)")
+    add_preset_arg(g)
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
     add_val_args(g)
     g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream

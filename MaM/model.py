@@ -1,4 +1,4 @@
-"""Missing-as-Masking (MaM): ``MultimodalRecon``, an nnU-Net with one encoder per modality (METHODS.md §8.2).
+"""Missing-as-Masking (MaM): ``MultimodalRecon``, an nnU-Net with one encoder per modality.
 
 Four modality-specific plain nnU-Net encoders (``dynamic_network_architectures.PlainConvEncoder``, one input channel,
 F/4 features per stage) see one modality each. Skip features of missing modalities are set to exactly zero; at the
@@ -10,7 +10,7 @@ region logits (WT, TC, ET).
 Upstream builds a full 4-channel ``PlainConvEncoder`` only so that the decoder can read its configuration; it is never
 run, but the decoder registers it, so its parameters appear twice in the state dict (``encoder.*`` and
 ``decoder.encoder.*``, 28,296,384 dead parameters). It is kept here so that upstream checkpoints load strictly: with
-the paper config the state dict equals ``spec/state_dicts/mam.txt`` key for key (691 entries, 67,358,767 unique
+the paper config the state dict equals upstream's key for key (691 entries, 67,358,767 unique
 parameters, 39,062,383 of them used in ``forward``).
 
 Channel order: the model contract is canonical (FLAIR, T1ce, T1, T2); upstream's nnU-Net channels are FLAIR, T1,
@@ -56,7 +56,7 @@ NONLIN_KWARGS: dict[str, Any] = {"inplace": True}  # LeakyReLU default slope 0.0
 
 @dataclasses.dataclass
 class MaMConfig:
-    """MultimodalRecon hyper-parameters; the defaults are upstream's ``3d_fullres_multiencoder_recon`` (§8.1-8.2).
+    """MultimodalRecon hyper-parameters; the defaults are upstream's ``3d_fullres_multiencoder_recon``.
 
     Attributes:
         patch_size: side of the cubic training patch / sliding window; must be divisible by ``2**(n_stages-1)``.
@@ -273,7 +273,7 @@ def _plain_encoder(in_channels: int, features: Sequence[int], config: MaMConfig)
     checkpoint_reader="MaM.trained_model:open_checkpoint",  # nnU-Net's fold_N/checkpoint_*.pth
 )
 class MultimodalRecon(SegModel):
-    """MaM's network (§8.2). Eval output: region logits (WT, TC, ET) ``(B, 3, P, P, P)``."""
+    """MaM's network. Eval output: region logits (WT, TC, ET) ``(B, 3, P, P, P)``."""
 
     output_kind = OutputKind.REGION_LOGITS
     default_blend = "gaussian"  # nnU-Net's predictor
@@ -406,7 +406,7 @@ class MultimodalRecon(SegModel):
 
 
 def reconstruction_loss(output: MaMOutput, mask: torch.Tensor) -> torch.Tensor:
-    """Bottleneck reconstruction MSE (§8.3): mean over (sample, missing modality) of MSE(reconstructed, encoder).
+    """Bottleneck reconstruction MSE: mean over (sample, missing modality) of MSE(reconstructed, encoder).
 
     Args:
         output: train output of :meth:`MultimodalRecon.forward_native`.

@@ -1,5 +1,5 @@
 """BraTS 2023 folder + split → nnU-Net v2 raw dataset for MaM, then (optionally) nnU-Net planning, preprocessing and
-the ``3d_fullres_multiencoder_recon`` plans entry (METHODS.md §8.1).
+the ``3d_fullres_multiencoder_recon`` plans entry.
 
     python MaM/prepare_dataset.py --input-path <BraTS2023> --output-path $nnUNet_raw --split_dir <splits> --plan
 
@@ -11,7 +11,7 @@ Writes ``<output>/Dataset138_MaM/``:
 - ``dataset.json`` with the channel names of that order (upstream's file named them T2, T1c, T1, Flair), regions
   WT {1,2,3}, TC {1,3}, ET {3} and ``regions_class_order`` [2, 1, 3], so that nnU-Net writes BraTS labels
   (WT only → 2 ED, TC without ET → 1 NCR, ET → 3) and no label swap is needed afterwards (upstream wrote [1, 2, 3]
-  and swapped 1↔2 in its scorer, §8.4);
+  and swapped 1↔2 in its scorer);
 - ``splits_final.json`` whose fold 0 is the paper split (train = ``train.txt``, val = ``val15splits.csv``), and the
   split files themselves (``train.txt``, ``val15splits.csv``, ``test15splits.csv``).
 
@@ -75,7 +75,7 @@ def channel_names() -> dict[str, str]:
 
 
 def dataset_json(num_training: int, name: str = DATASET_NAME) -> dict[str, Any]:
-    """The nnU-Net ``dataset.json`` of MaM (§8.1, with correct channel names and label-writing region order)."""
+    """The nnU-Net ``dataset.json`` of MaM (with correct channel names and label-writing region order)."""
     return {
         "name": name,
         "description": "BraTS 2023 GLI for Missing-as-Masking; channels FLAIR, T1, T1ce, T2",
@@ -183,7 +183,7 @@ def convert_dataset(
 
 def mam_configuration(plans: dict[str, Any], config: MaMConfig, num_classes: int = 3) -> dict[str, Any]:
     """The ``3d_fullres_multiencoder_recon`` plans entry: inherits ``3d_fullres``; batch 1, the cubic patch, 512
-    maximum features and the MultimodalRecon architecture (§8.1)."""
+    maximum features and the MultimodalRecon architecture."""
     if PARENT_CONFIGURATION not in plans.get("configurations", {}):
         raise KeyError(f"the plans have no {PARENT_CONFIGURATION!r} configuration to inherit from")
     parent = plans["configurations"][PARENT_CONFIGURATION]

@@ -1,5 +1,5 @@
 """Predict the test cases under the 15 scenarios with nnU-Net's predictor and score them (upstream ``test_mam.sh`` +
-``test_mam.py``, METHODS.md §8.4).
+``test_mam.py``).
 
     python MaM/test.py --input-path $nnUNet_raw/Dataset138_MaM/imagesTs --output-path <dir> \
         --checkpoint-path checkpoint_best.pth
@@ -10,7 +10,8 @@ mirroring off as upstream evaluates; ``--tta`` turns it on), sigmoid > 0.5 per r
 and resampled to the original geometry. Predictions go to ``<output-path>/prediction_<bits>/<case>.nii.gz`` with
 upstream's bit strings (FLAIR, T1, T1ce, T2), linked as ``<savepath>/predictions/<case>_<canonical bits>.nii.gz``
 (the evaluator's naming, which ``report.py`` reads); scores (Dice WT/TC/ET with ε = 1e-8 and empty/empty = 1, ETpp,
-HD95) go to ``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are
+HD95; with ``--lesion_wise`` the BraTS lesion-wise Dice and HD95 on the original grid) go to
+``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are
 written by ``brats_core.evaluation.summarize``, as for every other method. Finished (case, scenario) rows are skipped
 on a re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import time
@@ -33,18 +33,19 @@ import torch
 
 from brats_core.cli import UsageError, add_overwrite_arg, run_main
 from brats_core.evaluation import (
-    METRICS,
     case_list_identity,
+    check_lesion_wise,
     claim_results_folder,
     format_table,
     read_rows,
     results_folder_errors,
+    score_cells,
     shard_file,
     summarize,
     weights_digest,
     write_results,
 )
-from brats_core.metrics import case_scores
+from brats_core.metrics import LESION_WISE_HELP, case_scores, lesion_wise_scores
 from brats_core.modalities import Scenario, format_mam_bits, parse_mam_mask, parse_scenarios, scenario_for
 from brats_core.splits import read_case_list
 from MaM.prepare_dataset import CONFIGURATION, FILE_ENDING, PLANS, TRAINER, dataset_folder_name
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-step_size", "--step_size", dest="step_size", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off in upstream's runs)")
     p.add_argument("--no_hd95", action="store_true", help="skip HD95")
+    p.add_argument("--lesion_wise", action="store_true", help=LESION_WISE_HELP)
     p.add_argument("--no_nifti", action="store_true", help="do not write the prediction NIfTI files")
     add_overwrite_arg(p)
     p.add_argument("-device", "--device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +134,8 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     from MaM.trained_model import load_trained_model
 
     device = torch.device(args.device)
+    if args.lesion_wise:
+        check_lesion_wise()
     ckpt_path = Path(args.checkpoint_path)
     if not ckpt_path.is_file():
         ckpt_path = _model_folder(args) / f"fold_{args.fold}" / args.checkpoint_path
@@ -153,11 +157,11 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
     identity = {
         "data": str(images.resolve()), "cases": case_list_identity(cases), "labels": str(labels.resolve()),
         "method": "mam", "weights": weights_digest(model.network), "step_size": args.step_size, "tta": args.tta,
-        "hd95": not args.no_hd95,
+        "hd95": not args.no_hd95, "lesion_wise": args.lesion_wise,
     }  # fmt: skip
     per_case = shard_file(save, scenarios)
     claim_results_folder(save, identity, args.overwrite, per_case)
-    rows = read_rows(per_case, scenarios, hd95=not args.no_hd95, damaged="computed again")
+    rows = read_rows(per_case, scenarios, hd95=not args.no_hd95, damaged="computed again", lesion_wise=args.lesion_wise)
     done = {(r["case"], r["scenario"]) for r in rows}
     log.info("%s: %d cases × %d scenarios → %s", ckpt_path, len(cases), len(scenarios), save)
     for n, case in enumerate(cases, 1):
@@ -186,9 +190,11 @@ def run(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> list[dict[st
             if not args.no_nifti:
                 written.append((s, seg))
             scores = case_scores(seg, gt, spacing=spacing, hd95=not args.no_hd95)
+            # seg and gt are on the original image grid already (nnU-Net un-crops and resamples the prediction)
+            lesion = lesion_wise_scores(seg, gt, spacing=spacing) if args.lesion_wise else None
             rows.append({
                 "case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{(time.time() - t0) / len(todo):.2f}",
-                **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
+                **score_cells(scores, lesion),
             })  # fmt: skip
         # label maps and rows are written only while the folder still belongs to this evaluation
         write_results(

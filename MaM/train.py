@@ -1,4 +1,4 @@
-"""Train MaM with the pinned nnU-Net v2 (upstream's ``nnUNetv2_train`` / ``run_training.py`` flags, §8.6).
+"""Train MaM with the pinned nnU-Net v2 (upstream's ``nnUNetv2_train`` / ``run_training.py`` flags).
 
     python MaM/train.py 138 3d_fullres_multiencoder_recon 0 [-tr nnUNetTrainerMissingReconBaseline] [--c]
 
@@ -144,9 +144,8 @@ def build_trainer(
     return trainer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot see: other trainers, several GPUs, contradicting flags, nnU-Net's folders."""
     if args.tr != TRAINER:
         parser.error(f"-tr {args.tr}: this entry point trains {TRAINER} only")
     if args.num_gpus != 1:
@@ -163,21 +162,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_mam_mask(args.mask)
         except ValueError as err:
             parser.error(f"-mask: {err}")
+
+
+def select_device(name: str) -> torch.device:
+    """The device and thread settings of nnU-Net's ``run_training``."""
+    if name == "cpu":
+        import multiprocessing
+
+        torch.set_num_threads(multiprocessing.cpu_count())
+        return torch.device("cpu")
+    if name == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+        return torch.device("cuda")
+    return torch.device("mps")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.seed is not None:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-    if args.device == "cpu":
-        import multiprocessing
-
-        torch.set_num_threads(multiprocessing.cpu_count())  # as nnU-Net's run_training
-        device = torch.device("cpu")
-    elif args.device == "cuda":
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-        device = torch.device("cuda")
-    else:
-        device = torch.device("mps")
+    device = select_device(args.device)
 
     from MaM.trained_model import load_nnunet_checkpoint
     from MaM.trainer import RESUME_KEYS, load_pretrained_weights

@@ -1,4 +1,4 @@
-"""``nnUNetTrainerMissingReconBaseline``: MaM's recipe (METHODS.md §8.3) as a subclass of the pinned nnU-Net v2 trainer.
+"""``nnUNetTrainerMissingReconBaseline``: MaM's recipe as a subclass of the pinned nnU-Net v2 trainer.
 
 Everything nnU-Net does stays nnU-Net's (data loading, augmentation, region targets, deep-supervision pyramids, SGD,
 poly LR, AMP, gradient clipping, checkpoints, resume); this class only adds what MaM changes:
@@ -53,7 +53,7 @@ from MaM.trained_model import load_nnunet_checkpoint
 UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     20, 50, 70, 100, 120, 150, 200, 250, 300, 350, 370, 390, 400, 420, 450, 460, 470, 480, 485, 490, 495, 499,
 )  # fmt: skip
-"""0-based epochs at which upstream validates (§8.3)."""
+"""0-based epochs at which upstream validates."""
 
 
 _CUDA = torch.device("cuda")  # nnU-Net's default device, kept in the overridden signature
@@ -129,7 +129,7 @@ class nnUNetTrainerMissingReconBaseline(nnUNetTrainer):  # noqa: N801 - upstream
         self.num_epochs = 500
         self.num_iterations_per_epoch = 150
         self.num_val_iterations_per_epoch = 125
-        # With batch 1 nnU-Net's rounding of 0.5 forces a foreground patch for every sample (§8.3).
+        # With batch 1 nnU-Net's rounding of 0.5 forces a foreground patch for every sample.
         self.oversample_foreground_percent = 0.5
         self.save_every = 1  # checkpoint_latest.pth every epoch, as upstream
         self.recon_weight = 1.0

@@ -1,4 +1,4 @@
-"""RobustSeg / Robust-MSeg (Chen et al., MICCAI 2019) as reproduced in IM-Fuse's benchmark (METHODS.md §3).
+"""RobustSeg / Robust-MSeg (Chen et al., MICCAI 2019) as reproduced in IM-Fuse's benchmark.
 
 Feature disentanglement (a style and a content encoder per modality), content zeroed for missing modalities, gated
 fusion at four scales, a segmentation decoder and (training only) four AdaIN image decoders. The pieces shared with
@@ -6,7 +6,7 @@ SFusion live in :mod:`brats_core.nn.rmbts`; this file holds RobustSeg's :class:`
 its state-dict :class:`~brats_core.nn.rmbts.Layout`, the gated fusion and the config.
 
 Channel and mask order: canonical (FLAIR, T1ce, T1, T2), which is also upstream's. State-dict keys, order and shapes
-equal upstream's ``RobustSeg(num_cls=4)`` at the paper patch of 80³ (``spec/state_dicts/robustseg.txt``).
+equal upstream's ``RobustSeg(num_cls=4)`` at the paper patch of 80³.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FLAVOUR = Flavour(
     up_norm_eps=1e-6,
     align_corners=True,
 )
-"""RobustSeg's conv blocks and decoders (METHODS.md §3.1)."""
+"""RobustSeg's conv blocks and decoders."""
 
 LAYOUT = Layout(
     nested=False,

@@ -19,7 +19,7 @@ UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     10, 15, 20, 25, 30, 40, 50, 60, 70, 90, 110, 130, 150, 175, 200, 225, 250,
     260, 270, 275, 280, 285, 290, 295, 300,
 )  # fmt: skip
-"""Upstream's validation epochs (1-based), METHODS.md §3.2."""
+"""Upstream's validation epochs (1-based)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

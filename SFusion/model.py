@@ -1,4 +1,4 @@
-"""SFusion (Liu et al., MICCAI 2023) as reproduced in IM-Fuse's benchmark: upstream class ``TF_RMBTS`` (METHODS.md §4).
+"""SFusion (Liu et al., MICCAI 2023) as reproduced in IM-Fuse's benchmark: upstream class ``TF_RMBTS``.
 
 RobustSeg's framework (:mod:`brats_core.nn.rmbts`) with the gated fusion replaced by one SFusion block per scale:
 the PRESENT modalities' content maps are average-pooled to a token grid, concatenated, position-encoded and mixed by a
@@ -10,7 +10,7 @@ their positions in the token sequence); the model takes canonical (FLAIR, T1ce, 
 Upstream also honours only the FIRST sample's mask for the whole batch; here every sample uses its own mask unless
 ``first_sample_mask`` (``--reference-quirks``) is set, and then only in training mode. State-dict keys, order and
 shapes equal upstream's ``TF_RMBTS(in_channels=1, out_channels=4, levels=4, feature_maps=16)`` at the paper patch of
-128³ (``spec/state_dicts/sfusion_f16.txt``), with upstream's ``LazyLinear`` layers as plain ``Linear(8, 8F)`` (their
+128³, with upstream's ``LazyLinear`` layers as plain ``Linear(8, 8F)`` (their
 input is always the 8-wide style code), so a fresh model's state dict equals a trained one's.
 """
 
@@ -43,7 +43,7 @@ FLAVOUR = Flavour(
     up_norm_eps=1e-5,
     align_corners=False,
 )
-"""SFusion's conv blocks and decoders (METHODS.md §4.1): zero padding, IN ε 1e-5 and LeakyReLU 0.01 everywhere,
+"""SFusion's conv blocks and decoders: zero padding, IN ε 1e-5 and LeakyReLU 0.01 everywhere,
 including the image decoder's convs and its final conv (the reconstruction is instance-normalised and rectified)."""
 
 LAYOUT = Layout(

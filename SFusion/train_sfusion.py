@@ -25,7 +25,7 @@ UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     10, 15, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 110, 130, 150, 175, 200, 225, 250,
     260, 270, 275, 280, 285, 290, 295, 300,
 )  # fmt: skip
-"""Upstream's validation epochs (1-based), METHODS.md §4.2."""
+"""Upstream's validation epochs (1-based)."""
 
 # upstream flags whose only valid value is the architecture's (any other value crashed or mis-built upstream)
 _FIXED = {"levels": 4, "in_channels": 1, "out_channels": 4}

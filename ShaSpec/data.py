@@ -1,4 +1,4 @@
-"""ShaSpec's own input pipeline (METHODS.md §7.2), built on ``brats_core`` readers.
+"""ShaSpec's own input pipeline, built on ``brats_core`` readers.
 
 Upstream reads raw NIfTI with nibabel at every step. Here :func:`prepare_cache` reads each raw BraTS case once,
 applies ShaSpec's normalisation (histogram clip, z-score over the non-background voxels, background 0) and writes it
@@ -205,7 +205,7 @@ def mirror(rng: np.random.Generator, image: np.ndarray, regions: np.ndarray) -> 
 
 
 def batchgenerators_augmentation(patch: Sequence[int]) -> Compose:
-    """Upstream's batchgenerators pipeline (§7.2) for ``(D, H, W)`` patches, with the installed transforms."""
+    """Upstream's batchgenerators pipeline for ``(D, H, W)`` patches, with the installed transforms."""
     angle = (-15.0 / 360 * 2 * math.pi, 15.0 / 360 * 2 * math.pi)
     return Compose(
         [

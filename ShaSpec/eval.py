@@ -1,4 +1,4 @@
-"""Evaluate ShaSpec (upstream ``ShaSpec/eval.py``, METHODS.md §7.4) on the test list, one or all 15 scenarios.
+"""Evaluate ShaSpec (upstream ``ShaSpec/eval.py``) on the test list, one or all 15 scenarios.
 
     python ShaSpec/eval.py --data_dir <BraTS2023> --data_list BraTS23/BraTS23_test.csv \
         --restore_from snapshots/random/final.pth --mode 0,1          # FLAIR + T1 (ShaSpec order FLAIR,T1,T1ce,T2)
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from brats_core.cli import add_overwrite_arg, add_runtime_args, run_main, setup_logging
 from brats_core.data import load_case
 from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
+from brats_core.metrics import LESION_WISE_HELP
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
 from brats_core.scripts import load_for_test, read_test_list
 from brats_core.training import resolve_device
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenarios decoded in one batch (shared protocol; faster, not bit-exact with 1)",
     )  # fmt: skip
     o.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
+    o.add_argument("--lesion_wise", action="store_true", help=f"{LESION_WISE_HELP} (shared protocol)")
     o.add_argument(
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original geometry"
     )
@@ -133,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = parse_modes(args.mode)
     except ValueError as err:
         parser.error(str(err))
+    if args.reference_quirks and args.lesion_wise:
+        parser.error("--lesion_wise belongs to the shared protocol; upstream's scoring (--reference-quirks) has none")
     savepath = Path(args.savepath)
     setup_logging()  # stderr only until the inputs are checked: a refused run leaves no output folder behind
     device = resolve_device(args.device)
@@ -153,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     options = EvalOptions(
         overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, hd95=not args.no_hd95,
-        progress=not args.no_progress, scenario_batch=args.scenario_batch,
+        progress=not args.no_progress, scenario_batch=args.scenario_batch, lesion_wise=args.lesion_wise,
     )  # fmt: skip
     summary = evaluate(
         model, cache, cases, savepath, scenarios, options, device, save_nifti=args.save_nifti,

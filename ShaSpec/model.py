@@ -1,4 +1,4 @@
-"""ShaSpec (``DualNet_SS``): shared-specific feature modelling for missing MRI modalities (METHODS.md §7.1).
+"""ShaSpec (``DualNet_SS``): shared-specific feature modelling for missing MRI modalities.
 
 One weight-standardised 3-D ResNet-50 + ASPP encoder is SHARED by all modalities (run on each channel as a separate
 single-channel volume); four modality-SPECIFIC encoders of the same architecture run on their own channel. At the
@@ -9,7 +9,7 @@ the shared encoder's features of all four channels and predicts three region log
 Layout: the network runs in upstream's ``(D, H, W) = (z, x, y)`` layout with the stem striding ``(1, 2, 2)`` and the
 modalities in ShaSpec's order FLAIR, T1, T1ce, T2; :meth:`ShaSpec.forward` takes the project's canonical
 ``(B, 4, X, Y, Z)`` input (FLAIR, T1ce, T1, T2) and canonical masks and translates at the boundary. Parameter names
-and shapes equal upstream's ``state_dicts/shaspec.txt`` (187,708,132 parameters at paper size).
+and shapes equal upstream's state dict (187,708,132 parameters at paper size).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ShaSpecConfig:
 
 
 class WSConv3d(nn.Conv3d):
-    """3-D convolution with weight standardisation (§7.1): per output channel the kernel is centred and divided by
+    """3-D convolution with weight standardisation: per output channel the kernel is centred and divided by
     ``sqrt(var + 1e-12)`` (unbiased variance of the flattened kernel); a no-op when ``weight_std`` is False."""
 
     def __init__(self, *args: Any, weight_std: bool = True, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""ShaSpec's own sliding window and scores (METHODS.md §7.3–7.4), used for its validation during training and for
+"""ShaSpec's own sliding window and scores, used for its validation during training and for
 ``eval.py --reference-quirks``. The paper protocol shared by all methods lives in ``brats_core.evaluation``.
 
 Upstream tiles the volume with the training crop (80×160×160 in ``(D, H, W)``) at overlap 1/3, i.e. strides

@@ -1,5 +1,5 @@
 # ruff: noqa: N999 - the upstream script name (train_SS.py) is part of the documented command line
-"""Train ShaSpec (upstream ``ShaSpec/train_SS.py``, METHODS.md §7.3): warm-up with all modalities, then random-missing.
+"""Train ShaSpec (upstream ``ShaSpec/train_SS.py``): warm-up with all modalities, then random-missing.
 
     python ShaSpec/train_SS.py --data_dir <BraTS2023> --train_list BraTS23/BraTS23_train.csv \
         --val_list BraTS23/BraTS23_val.csv --snapshot_dir snapshots/warmup --num_steps 245000 \
@@ -19,33 +19,32 @@ import argparse
 import csv
 import dataclasses
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch import nn
 
-from brats_core.checkpoint import load_checkpoint, load_state_dict_strict, rng_state, save_checkpoint, set_rng_state
-from brats_core.cli import UsageError, add_runtime_args, add_train_overwrite_arg, args_dict, run_main, setup_logging
-from brats_core.data import EpochSampler, check_validation_cases, load_case, seed_worker
-from brats_core.io import remove_stale_temporaries
+from brats_core.checkpoint import load_checkpoint
+from brats_core.cli import (
+    UsageError,
+    add_preset_arg,
+    add_progress_arg,
+    add_runtime_args,
+    add_train_overwrite_arg,
+    positive_int,
+    run_main,
+    setup_logging,
+)
+from brats_core.data import check_validation_cases, load_case
 from brats_core.losses import region_dice_bce
 from brats_core.modalities import FULL, METHOD_ORDERS, Mask, parse_bool_list, parse_shaspec_mode
-from brats_core.registry import build_from_config, build_method, config_dict
-from brats_core.training import (
-    amp_context,
-    check_step_finite,
-    claim_run_folder,
-    grad_scaler,
-    load_optimizer_state,
-    resolve_device,
-    seed_everything,
-)
+from brats_core.registry import build_from_config, build_method
+from brats_core.training import FitConfig, PolyLR, Trainer, ValidateFn, claim_run_folder, seed_everything
 from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
 from ShaSpec.model import ShaSpec, ShaSpecOutput
 from ShaSpec.scoring import REGIONS, soft_validation_score
@@ -64,16 +63,7 @@ TRAIN_VAL_ITERS: tuple[int, ...] = (
     110000, 120000, 130000, 150000, 170000, 180000, 190000, 200000, 210000, 220000, 230000, 250000, 270000, 290000,
     *range(310000, 400000, 10000), 406000,
 )  # fmt: skip
-"""Upstream's validation iterations (1-based), METHODS.md §7.3."""
-
-
-def poly_lr(base_lr: float, iteration: int, num_steps: int, power: float = 0.9) -> float:
-    """``base_lr·(1 − i/num_steps)^power`` with ``i`` clamped to ``[0, num_steps]``: 0 from ``num_steps`` on (upstream
-    raised a negative number to 0.9 there and got a complex learning rate)."""
-    if num_steps <= 0:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    i = min(max(iteration, 0), num_steps)
-    return base_lr * (1.0 - i / num_steps) ** power
+"""Upstream's validation iterations (1-based)."""
 
 
 def validation_iterations(warm_up: bool, num_steps: int) -> list[int]:
@@ -84,7 +74,7 @@ def validation_iterations(warm_up: bool, num_steps: int) -> list[int]:
 
 
 def shaspec_loss(out: ShaSpecOutput, regions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """``Dice + BCE + 0.1·L_shared + 0.02·L_spec`` (§7.3).
+    """``Dice + BCE + 0.1·L_shared + 0.02·L_spec``.
 
     Dice: per sample and region ``1 − 2Σs·y/(Σs + Σy + 1)``, averaged; BCE: the per-region mean BCE-with-logits SUMMED
     over the 3 regions; L_shared: L1 between the bottleneck shared features of modality pairs (0,1), (1,2), (2,3),
@@ -102,6 +92,11 @@ def shaspec_loss(out: ShaSpecOutput, regions: torch.Tensor) -> tuple[torch.Tenso
     l_spec = F.cross_entropy(domain, labels)
     loss = seg + SHARED_WEIGHT * l_shared + SPECIFIC_WEIGHT * l_spec
     return loss, {"seg": float(seg.detach()), "shared": float(l_shared.detach()), "spec": float(l_spec.detach())}
+
+
+def step_loss(model: nn.Module, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`shaspec_loss` of the model's training output for a batch of the dataset (a ``training.LossFn``)."""
+    return shaspec_loss(model(batch["image"], batch["mask"]), batch["regions"])
 
 
 def resolve_list(data_dir: str | Path, path: str | Path) -> Path:
@@ -185,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=1)
     g.add_argument("--num_gpus", type=int, default=1, help="accepted; use torchrun-free single-device training")
     g.add_argument("--local_rank", type=int, default=0, help="accepted for compatibility")
-    g.add_argument("--num_steps", type=int, default=40000, help="last GLOBAL iteration of the poly schedule")
+    g.add_argument("--num_steps", type=positive_int, default=40000, help="last GLOBAL iteration of the poly schedule")
     g.add_argument("--start_iters", type=int, default=0)
-    g.add_argument("--val_pred_every", type=int, default=875, help="write last.pth every N iterations")
+    g.add_argument("--val_pred_every", type=positive_int, default=875, help="write last.pth every N iterations")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--num_classes", type=int, default=3)
     g.add_argument("--weight_std", action="store_true", default=True, help="always on, as upstream")
@@ -213,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume a run exactly (model, optimiser, iteration, best score, RNG) from this checkpoint",
     )
     o = p.add_argument_group("added")
-    o.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="architecture preset")
+    add_preset_arg(o)
     o.add_argument("--cache_dir", default=None, help="normalised-volume cache (default: <snapshot_dir>/../cache)")
     o.add_argument(
         "--val_mask_order",
@@ -224,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--activation_checkpointing", action="store_true", help="recompute activations (less memory)")
     o.add_argument("--no_augmentation", action="store_true", help="skip the batchgenerators augmentation")
-    o.add_argument("--log_every", type=int, default=50)
+    o.add_argument("--log_every", type=positive_int, default=50, help="a log line every N iterations")
+    add_progress_arg(o)
     add_train_overwrite_arg(o)
     add_runtime_args(p)
     p.set_defaults(workers=1)
@@ -260,32 +256,94 @@ def cache_dir_of(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) if args.cache_dir else Path(args.snapshot_dir).resolve().parent / "cache"
 
 
-def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None] | None = None) -> int:
-    """Run the training; ``on_step(iteration, lr)`` is called after every optimiser step (tests)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    snapshot = Path(args.snapshot_dir)
-    setup_logging(snapshot, "train_log.txt")
-    seed_everything(args.random_seed)
-    device = resolve_device(args.device)
+class ShaSpecTrainer(Trainer):
+    """The shared engine with upstream ShaSpec's iteration-based rules.
+
+    The run is one epoch of ``--num_steps`` GLOBAL iterations, which a reload continues (its sample stream skips
+    the iterations done); poly per iteration; validation at upstream's iterations; snapshots ``last.pth`` every
+    ``--val_pred_every`` iterations and at the end, ``final.pth`` when the last iteration ran, ``best.pth`` at the
+    best validation. Snapshots keep upstream's ``iter`` (the last finished iteration, 0-based), from which a
+    reload's position comes.
+
+    Args:
+        start_iters: the first iteration of a fresh run, and of a reload of weights without an iteration.
+        on_step: called with ``(iteration, lr)`` after every optimiser step (tests).
+    """
+
+    checkpoints = SNAPSHOTS
+    last_name = "last.pth"
+    continue_with = "--continue {savepath}/last.pth"
+    # the model is built from the checkpoint's config; only --input_size (not part of the weights) may differ
+    check_architecture = False
+
+    def __init__(
+        self, *args: Any, start_iters: int = 0, on_step: Callable[[int, float], None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_iters, self.on_step = start_iters, on_step
+        self._place(start_iters)
+
+    def _place(self, iteration: int) -> None:
+        """Continue at global ``iteration``: past ``--num_steps`` there is nothing left to do."""
+        num_steps = int(self.config.iter_per_epoch or 0)
+        self.global_step = iteration
+        self.epoch, self.step_in_epoch = (0, iteration) if iteration < num_steps else (1, 0)
+
+    def restore_position(self, ckpt: Mapping[str, Any]) -> None:
+        if "iter" not in ckpt:  # weights only (a .safetensors export, a bare state dict)
+            log.warning("%s records no iteration: starting at --start_iters %d", self.config.resume, self.start_iters)
+        self._place(int(ckpt["iter"]) + 1 if "iter" in ckpt else self.start_iters)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = super().checkpoint_state()
+        for key in ("epoch", "next_epoch", "step_in_epoch"):  # the position is the iteration
+            del state[key]
+        return {**state, "iter": self.steps_done - 1}
+
+    def where(self) -> str:
+        return f"iteration {self.steps_done}"
+
+    def on_step_end(self, loss: float, scalars: Mapping[str, float]) -> None:
+        iteration, lr = self.steps_done, self.optimizer.param_groups[0]["lr"]
+        if self.on_step is not None:
+            self.on_step(iteration, lr)
+        if iteration % self.config.log_every == 0:
+            log.info(
+                "iter %d/%d lr %.3e loss %.4f (seg %.4f shared %.4f spec %.4f) %.1fs", iteration,
+                self.config.iter_per_epoch, lr, loss, scalars["seg"], scalars["shared"], scalars["spec"],
+                time.time() - self.epoch_started,
+            )  # fmt: skip
+        super().on_step_end(loss, scalars)
+
+    def on_train_end(self) -> None:
+        if self.session_steps and self.steps_done >= int(self.config.iter_per_epoch or 0):
+            self.save("final.pth")
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Refuse bad ``--mode`` values and a new run over another run's snapshots; returns the checkpoint to start
+    from (``--continue``, or ``--reload_path`` with ``--reload_from_checkpoint``)."""
     if args.mode.strip().lower() != "random":
         try:
             parse_shaspec_mode(args.mode)
         except ValueError as err:
             parser.error(str(err))
-
-    resume_path = args.continue_path or (args.reload_path if args.reload_from_checkpoint else None)
-    claim = partial(
-        claim_run_folder,
-        snapshot, resume_path, args.overwrite, checkpoints=SNAPSHOTS, continue_with="--continue {savepath}/last.pth",
-    )  # fmt: skip
-    try:
-        claim(delete=False)  # refuse at once; --overwrite deletes only once every input has been checked
+    resume = args.continue_path or (args.reload_path if args.reload_from_checkpoint else None)
+    try:  # refuse at once; --overwrite deletes only once every input has been checked
+        claim_run_folder(
+            Path(args.snapshot_dir), resume, args.overwrite, delete=False, checkpoints=SNAPSHOTS,
+            continue_with=ShaSpecTrainer.continue_with,
+        )  # fmt: skip
     except UsageError as err:
         parser.error(str(err))
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    return resume
+
+
+def build_model(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Mapping[str, Any] | None) -> ShaSpec:
+    """The checkpoint's architecture (with this run's activation checkpointing), else the preset's from the flags;
+    ``--input_size`` sets the window of either."""
     if ckpt is not None and ckpt.get("method", "shaspec") != "shaspec":
-        parser.error(f"{resume_path} holds a {ckpt['method']!r} model, not ShaSpec")
+        parser.error(f"{args.continue_path or args.reload_path} holds a {ckpt['method']!r} model, not ShaSpec")
     if ckpt is not None and "config" in ckpt:
         model = build_from_config("shaspec", ckpt["config"])
         model.config.activation_checkpointing = args.activation_checkpointing
@@ -300,30 +358,16 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
         model = build_method("shaspec", args.preset, **overrides)
     assert isinstance(model, ShaSpec)
     apply_input_size(parser, model, args.input_size)
-    crop = (model.config.patch_depth, model.config.patch_size, model.config.patch_size)
-    model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=MOMENTUM, nesterov=True)
-    scaler = grad_scaler(device, args.amp)
+    return model
 
-    start, best = args.start_iters, -math.inf
-    if ckpt is not None:
-        load_state_dict_strict(model, ckpt["state_dict"], str(resume_path))
-        if "optimizer" in ckpt:
-            load_optimizer_state(optimizer, ckpt["optimizer"], resume_path)
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        if "iter" in ckpt:
-            start = int(ckpt["iter"]) + 1
-        else:  # weights only (a .safetensors export, a bare state dict)
-            log.warning("%s records no iteration: starting at --start_iters %d", resume_path, start)
-        # upstream restores val_Dice_best on every reload, the warm-up's best.pth included: the random-missing run
-        # then writes its best.pth only when it beats the warm-up's score
-        best = float(ckpt.get("best_score", -math.inf))
-        if args.continue_path and "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        log.info("continuing from %s at global iteration %d", resume_path, start)
 
-    # the lists and every case before the cache is built, and all of it before the snapshot folder is made
+def prepare_data(args: argparse.Namespace, model: ShaSpec) -> tuple[ShaSpecTrainDataset, ValidateFn | None]:
+    """The training crops and the validation (None with ``--train_only``); the lists and every case are checked
+    before the cache is built.
+
+    Raises:
+        UsageError: an empty training list, or validation cases that are missing.
+    """
     train_list = resolve_list(args.data_dir, args.train_list)
     train_entries = read_entries(train_list)
     if not train_entries:
@@ -338,76 +382,53 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None
     train_cases = prepare_cache(args.data_dir, train_entries, cache)
     val_cases = prepare_cache(args.data_dir, [e for e, _ in raw_rows], cache)
     val_rows = [(c, m) for c, (_, m) in zip(val_cases, raw_rows, strict=True)]
-    val_iters = set() if args.train_only else set(validation_iterations(args.warm_up, args.num_steps))
+    crop = (model.config.patch_depth, model.config.patch_size, model.config.patch_size)
     dataset = ShaSpecTrainDataset(
         cache, train_cases, crop, mode=args.mode, random_scale=args.random_scale, random_mirror=args.random_mirror,
         augment=not args.no_augmentation, reference_quirks=args.reference_quirks,
     )  # fmt: skip
-    claim()
-    snapshot.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(snapshot)  # what runs killed while writing a snapshot left
-    # one stream of num_steps·batch samples (upstream repeats the list to that length); a reload skips what is done
-    sampler = EpochSampler(len(train_cases), args.num_steps * args.batch_size, args.random_seed)
-    sampler.set_epoch(0, skip=min(start, args.num_steps) * args.batch_size)
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, worker_init_fn=seed_worker,
-        pin_memory=device.type == "cuda", drop_last=True,
+    return dataset, None if args.train_only else (lambda m, _epoch: validate(m, cache, val_rows))  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None, on_step: Callable[[int, float], None] | None = None) -> int:
+    """Run the training; ``on_step(iteration, lr)`` is called after every optimiser step (tests)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.snapshot_dir, "train_log.txt")
+    seed_everything(args.random_seed)
+    resume = check_flags(parser, args)
+    ckpt = load_checkpoint(resume) if resume else None
+    model = build_model(parser, args, ckpt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=MOMENTUM, nesterov=True)
+    val_iters = set() if args.train_only else set(validation_iterations(args.warm_up, args.num_steps))
+    config = FitConfig.from_args(
+        args, model, savepath=args.snapshot_dir, num_epochs=1, iter_per_epoch=args.num_steps, seed=args.random_seed,
+        resume=resume, restore_rng=bool(args.continue_path), val_steps=val_iters, schedule_per="iteration",
+        save_every=args.val_pred_every, save_per="iteration", log_every=args.log_every,
     )  # fmt: skip
-    extra = {"method": "shaspec", "config": config_dict(model), "args": args_dict(args)}
-
-    def save(name: str, iteration: int) -> None:
-        save_checkpoint(
-            snapshot / name, model, iter=iteration, best_score=best, optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rng_state(), **extra,
-        )  # fmt: skip
-
+    scheduler = PolyLR(optimizer, args.num_steps, args.power, decimals=None)
+    trainer = ShaSpecTrainer(
+        model, step_loss, optimizer, config, scheduler, start_iters=args.start_iters, on_step=on_step
+    )
+    if ckpt is not None:
+        # upstream restores val_Dice_best on every reload, the warm-up's best.pth included: the random-missing run
+        # then writes its best.pth only when it beats the warm-up's score
+        trainer.resume(ckpt)
+    dataset, trainer.validate = prepare_data(args, model)
+    start = trainer.steps_done
     log.info(
         "ShaSpec %s: %d training cases, crop %s, mode %s, global iterations %d..%d, %d validations",
-        "warm-up" if args.warm_up else "training", len(train_cases), crop, args.mode, start, args.num_steps - 1,
-        len([i for i in val_iters if i > start]),
+        "warm-up" if args.warm_up else "training", len(dataset), dataset.input_size, args.mode, start,
+        args.num_steps - 1, len([i for i in val_iters if i > start]),
     )  # fmt: skip
     if start >= args.num_steps:
-        log.warning(
-            "nothing to do: the run continues at iteration %d and --num_steps %d ends before it", start, args.num_steps
-        )
-    t0 = time.time()
-    iteration = start - 1
-    for iteration, batch in zip(range(start, args.num_steps), loader, strict=False):
-        lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        image = batch["image"].to(device, non_blocking=True)
-        regions = batch["regions"].to(device, non_blocking=True)
-        with amp_context(device, args.amp):
-            out = model(image, batch["mask"].to(device))
-            loss, parts = shaspec_loss(out, regions)
-        check_step_finite(loss, {"image": image, "name": batch["name"]}, cache, f"iteration {iteration}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if on_step is not None:
-            on_step(iteration, lr)
-        if iteration % args.log_every == 0:
-            log.info(
-                "iter %d/%d lr %.3e loss %.4f (seg %.4f shared %.4f spec %.4f) %.1fs", iteration, args.num_steps, lr,
-                float(loss.detach()), parts["seg"], parts["shared"], parts["spec"], time.time() - t0,
-            )  # fmt: skip
-        if iteration + 1 in val_iters:
-            scores = validate(model, cache, val_rows)
-            log.info("validation at %d: %s", iteration + 1, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            if scores["mean_dice"] > best:
-                best = scores["mean_dice"]
-                save("best.pth", iteration)
-        if (iteration + 1) % args.val_pred_every == 0:
-            save("last.pth", iteration)
-        if iteration >= args.num_steps - 1:
-            save("final.pth", iteration)
-    if iteration >= start:
-        save("last.pth", iteration)
+        log.warning("nothing to do: the run continues at iteration %d and --num_steps %d ends before it", start,
+                    args.num_steps)  # fmt: skip
+    result = trainer.run_training(dataset)
     log.info(
-        "done at global iteration %d; best validation mean Dice %.4f; checkpoints in %s", iteration, best, snapshot
-    )
+        "done at global iteration %d; best validation mean Dice %.4f; checkpoints in %s", result.global_step - 1,
+        result.best_score, args.snapshot_dir,
+    )  # fmt: skip
     return 0
 
 

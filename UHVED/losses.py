@@ -1,5 +1,5 @@
-"""U-HVED's losses (METHODS.md §5.2): CE + Dice + 0.1·multi-subset KLD + 0.1·MSE reconstruction, and the
-validation segmentation loss that drives the plateau scheduler (§5.4)."""
+"""U-HVED's losses: CE + Dice + 0.1·multi-subset KLD + 0.1·MSE reconstruction, and the
+validation segmentation loss that drives the plateau scheduler."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from UHVED.model import Gaussian, UHVEDTrainOutput, product_of_gaussians, upcast
 
 KLD_EPS = 1e-5  # epsilon of the products of Gaussians inside the KL term (the model's own fusion uses 1e-7)
 KL_VAR_EPS = 0.01  # added to the second distribution's variance in the KL formula
-WEIGHTED_CE_EPS = 1e-8  # U-HVED's weighted CE adds this to the class-weight denominator (§0.7)
+WEIGHTED_CE_EPS = 1e-8  # U-HVED's weighted CE adds this to the class-weight denominator
 
 SUBSETS: tuple[tuple[int, ...], ...] = tuple(
     s for k in range(1, len(MODALITIES) + 1) for s in itertools.combinations(range(len(MODALITIES)), k)
@@ -43,7 +43,7 @@ def kl_divergence(a: Gaussian, b: Gaussian) -> torch.Tensor:
 
 
 def multi_subset_kld(params: Gaussian, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two KL terms of one scale (§5.2).
+    """The two KL terms of one scale.
 
     With q_full the product of the PRESENT modalities' Gaussians and the prior, and q_S the product over subset S
     (all 15 non-empty subsets, whichever modalities are present) and the prior, all with eps 1e-5::

@@ -1,11 +1,11 @@
-"""U-HVED (Dorent et al., MICCAI 2019): hetero-modal variational encoder-decoder (METHODS.md §5.1).
+"""U-HVED (Dorent et al., MICCAI 2019): hetero-modal variational encoder-decoder.
 
 Each modality has its own U-Net encoder whose four scales each emit a Gaussian (first half of the channels: mean,
 second half: log-variance). Per scale, the Gaussians of the available modalities and a standard-normal prior are
 fused by a product of Gaussians; a sample of the product (training) or its mean (inference) feeds five decoders of
 identical structure: one reconstruction decoder per modality and the segmentation decoder.
 
-With the paper config the state-dict keys, their order and shapes equal ``spec/state_dicts/uhved.txt`` (1,250,552
+With the paper config the state-dict keys, their order and shapes equal upstream's state dict (1,250,552
 parameters), so upstream checkpoints (``module.`` prefix stripped) load strictly. No parameter depends on the patch
 size: any input side that is a multiple of 8 (≥ 16) works, and ``patch_size`` only sets the training crop and the
 sliding window.
@@ -121,7 +121,7 @@ def upcast_half(t: torch.Tensor) -> torch.Tensor:
 def product_of_gaussians(
     mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor | None = None, eps: float = FUSION_EPS
 ) -> Gaussian:
-    """Fuse per-modality Gaussians with a standard-normal prior expert (METHODS.md §5.1).
+    """Fuse per-modality Gaussians with a standard-normal prior expert.
 
     With precisions ``T_m = 1 / (exp(logvar_m) + eps)`` of the present modalities (absent ones contribute
     ``T = 0`` and ``μT = 0``) and the prior ``N(0, 1)`` (``T = 1``, ``μ = 0``)::

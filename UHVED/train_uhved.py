@@ -1,4 +1,4 @@
-"""Train U-HVED (upstream ``UHVED/train_uhved.py``): Adam (amsgrad), LR plateau on the validation loss, §5.2 loss.
+"""Train U-HVED (upstream ``UHVED/train_uhved.py``): Adam (amsgrad), LR plateau on the validation loss, upstream's loss.
 
 python UHVED/train_uhved.py --datapath <preprocessed> --num_epochs 400 --dataname BRATS2023 --savepath <run>
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_data_args, add_runtime_args, add_train_args, run_main, setup_logging
+from brats_core.cli import add_data_args, add_preset_arg, add_runtime_args, add_train_args, run_main, setup_logging
 from brats_core.data import load_case
 from brats_core.inference import predict_scenarios
 from brats_core.modalities import Mask
-from brats_core.registry import SegModel, build_method, method_info
+from brats_core.registry import SegModel, build_method
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
 from brats_core.splits import Split
 from brats_core.training import seed_everything
@@ -30,7 +30,7 @@ UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     5, 10, 15, 20, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 90, 100, 110, 125, 150, 175, 200, 225, 250,
     260, 270, 275, 280, 285, 290, 295, 300, 310, 320, 330, 340, 350, 360, 370, 380, 390, 400,
 )  # fmt: skip
-"""Upstream's hard-coded validation epochs (1-based), METHODS.md §5.2."""
+"""Upstream's hard-coded validation epochs (1-based)."""
 
 
 def upstream_val_epochs(num_epochs: int) -> list[int]:
@@ -88,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, batch_size=1, lr=1e-3, weight_decay=1e-5, num_epochs=300, seed=999)
     add_runtime_args(p)
     g = p.add_argument_group("U-HVED")
-    g.add_argument(
-        "--preset", default="paper", choices=list(method_info("uhved").presets), help="model size (tiny: CPU tests)"
-    )
+    add_preset_arg(g)
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 112)")
     add_val_args(g)
     return p
@@ -106,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = torch.optim.Adam(
         model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, amsgrad=True
     )
-    # PyTorch defaults as upstream (mode min, factor 0.1, patience 10, rel. threshold 1e-4); `fit` steps it only
+    # PyTorch defaults as upstream (mode min, factor 0.1, patience 10, rel. threshold 1e-4); the trainer steps it only
     # after validation epochs, with the validation loss below.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_protocol.py --methods imfuse,mmformer --patch 32 --shape 32 32 32 --threads 2
 
-Upstream-style protocol (METHODS.md §0.9, as upstream's test scripts): 15 independent sliding-window passes, one per
+Upstream-style protocol (as upstream's test scripts): 15 independent sliding-window passes, one per
 scenario, each window a batch of 1 through ``model(window, mask)``, fp32. Encode-once path (this project's evaluator,
 ``brats_core.inference.predict_scenarios``): every window is encoded once and decoded for the 15 masks. Both run in
 the same process on the same volume and weights, one after the other; the label maps (hence every Dice) must be

@@ -119,7 +119,7 @@ def usable_backends(device: torch.device) -> list[str]:
     """Backends to compare on ``device``: chunked always; triton and mamba_ssm when usable."""
     names = ["chunked"]
     # On CPU triton is usable only in Triton's interpreter (TRITON_INTERPRET=1): a dry run of its code path.
-    names += [name for name in ("triton", "mamba_ssm") if mamba_mod._BACKENDS[name].is_usable(device)]
+    names += [name for name in ("triton", "mamba_ssm") if mamba_mod.is_backend_usable(name, device)]
     return names
 
 

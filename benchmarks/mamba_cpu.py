@@ -1,6 +1,6 @@
 """CPU benchmark of one Mamba block (``brats_core.nn.mamba.Mamba``) forward + backward at IM-Fuse's extreme sizes.
 
-Cases (batch 1, fp32; sizes from MAMBA.md §0):
+Cases (batch 1, fp32; IM-Fuse's block sizes):
 
 * ``bottleneck`` – d_model 512, d_state 256, L 2 560 (the 8³ bottleneck MFB); target ≤ 6 s, ≤ 0.6 GB.
 * ``skip64`` – d_model 16, d_state 16, L 1 310 720 (the 64³ skip MFB); target ≤ 20 s, ≤ 6 GB.

@@ -33,8 +33,8 @@ PAPER_BATCH = {"imfuse": 1, "mmformer": 3, "robustseg": 1, "sfusion": 1, "uhved"
 
 
 def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[..., Any], torch.optim.Optimizer]:
-    """The loss and optimiser of the method's train script (METHODS.md §1.5, §2.2, §3.2, §4.2, §5.2, §6.4, §7.3,
-    §8.3), as ``loss_fn(model, batch, epoch) -> (loss, parts)`` on the shared random batch (see :func:`_batch`)."""
+    """The loss and optimiser of the method's train script, as ``loss_fn(model, batch, epoch) -> (loss, parts)`` on
+    the shared random batch (see :func:`_batch`)."""
     params = model.parameters()
     if method in ("imfuse", "mmformer"):
         from brats_core.losses import FusedSeparateDeepLoss

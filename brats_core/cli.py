@@ -130,7 +130,25 @@ def add_train_args(
     add_train_overwrite_arg(g)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
     add_compile_arg(g)
-    g.add_argument("--no_progress", action="store_true", help="no progress bars (log files stay)")
+    add_progress_arg(g)
+
+
+PRESETS = ("paper", "tiny")
+"""The model sizes every training script offers: the published one, and the small one of the CPU tests and demo."""
+
+
+def add_preset_arg(group: argparse._ActionsContainer) -> None:
+    """``--preset paper|tiny`` (see :data:`PRESETS`)."""
+    group.add_argument(
+        "--preset", default="paper", choices=PRESETS, help="model size: paper (published) or tiny (CPU tests, demo)"
+    )
+
+
+def add_progress_arg(group: argparse._ActionsContainer) -> None:
+    """``--no_progress``: a training script logs progress lines (step, loss, time left) instead of bars."""
+    group.add_argument(
+        "--no_progress", action="store_true", help="no progress bars: progress lines with the time left instead"
+    )
 
 
 def add_train_overwrite_arg(group: argparse._ArgumentGroup) -> None:
@@ -154,6 +172,8 @@ def add_compile_arg(group: argparse._ArgumentGroup) -> None:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    from .metrics import LESION_WISE_HELP  # imported here: the command-line helpers need no metrics otherwise
+
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         "--scenarios",
@@ -179,6 +199,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "may differ from the paper protocol's by float rounding; 1 (default) is bit-exact",
     )
     g.add_argument("--no_hd95", action="store_true", help="skip HD95 (faster)")
+    g.add_argument("--lesion_wise", action="store_true", help=LESION_WISE_HELP)
     g.add_argument(
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original image geometry"
     )

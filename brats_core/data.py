@@ -23,7 +23,7 @@ MaskSampler = Callable[[np.random.Generator], Mask]
 
 
 def uniform_scenario(rng: np.random.Generator) -> Mask:
-    """Upstream's training rule: one of the 15 non-empty subsets, each with probability 1/15 (§0.6)."""
+    """Upstream's training rule: one of the 15 non-empty subsets, each with probability 1/15."""
     return SCENARIOS[int(rng.integers(0, 15))].mask
 
 
@@ -133,8 +133,8 @@ def load_case(root: str | Path, case: str, with_label: bool = True) -> tuple[np.
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(case index, sample seed)`` for one epoch of ``num_samples`` samples.
 
-    Upstream's loader repeats shuffled passes over the training set forever and an epoch is N_train optimiser steps
-    (§0.8), so an epoch generally spans several passes; this sampler concatenates seeded permutations to the
+    Upstream's loader repeats shuffled passes over the training set forever and an epoch is N_train optimiser steps,
+    so an epoch generally spans several passes; this sampler concatenates seeded permutations to the
     requested length. ``set_epoch`` selects the stream; ``skip`` drops the first samples (resume mid-epoch);
     ``rank``/``world_size`` shard the stream for DDP.
     """
@@ -225,7 +225,7 @@ class EvalDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (upstream's rule, §0.6)."""
+    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed (upstream's rule)."""
     import random
 
     seed = torch.initial_seed() % (2**32 - 1)

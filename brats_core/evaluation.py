@@ -1,11 +1,14 @@
-"""The paper's evaluation protocol for any registered model (METHODS.md §0.9).
+"""The paper's evaluation protocol for any registered model.
 
 Every test case × every selected scenario: sliding window (window = patch, overlap 0.5, uniform blending), argmax
 (or nested regions for sigmoid methods), per-case Dice WT/TC/ET on the preprocessed crop (ε = 1e-8, empty/empty =
 1), ETpp (ET < 500 voxels dropped), plus HD95. Outputs in ``out_dir``:
 
 - ``per_case_<tag>.csv``: one row per (case, scenario); ``<tag>`` is ``all`` or the selected scenarios' bits, so
-  array jobs over scenario subsets can share a folder; finished rows are skipped when re-run;
+  array jobs over scenario subsets can share a folder; finished rows are skipped when re-run; with
+  ``EvalOptions.lesion_wise`` also the BraTS lesion-wise Dice and HD95 per region (``LesionWise_Dice_WT``, …,
+  ``nan`` where neither the prediction nor the ground truth has a lesion of the region), computed on the original
+  image grid (see :func:`lesion_wise_scorer`);
 - ``summary.csv`` / ``summary.md`` / ``summary.json``: 15 rows (upstream order) + mean, merged over all shards;
 - optionally ``predictions/<case>_<bits>.nii.gz`` in the original image geometry (from the preprocessing meta);
 - ``evaluation.json``: what produced the rows (method, a digest of the weights, the settings that change the numbers,
@@ -57,7 +60,7 @@ from .io import (
     save_json,
     save_text,
 )
-from .metrics import case_scores
+from .metrics import LESION_WISE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
 from .modalities import SCENARIOS, Mask, Scenario
 from .registry import SegModel, output_config
 
@@ -84,6 +87,7 @@ class EvalOptions:
     etpp_threshold: int = 500
     progress: bool = True
     scenario_batch: int = 1  # masks decoded per call (see inference.predict_scenarios); 1 = bit-exact protocol
+    lesion_wise: bool = False  # also the BraTS lesion-wise Dice and HD95 (metrics.lesion_wise_scores)
 
     @classmethod
     def from_args(cls, args: object) -> EvalOptions:
@@ -92,6 +96,7 @@ class EvalOptions:
             overlap=args.overlap, blend=args.blend, tta=args.tta, sw_batch_size=args.sw_batch_size,
             amp=getattr(args, "amp", False), use_encode=not args.no_encode_once, hd95=not args.no_hd95,
             progress=not getattr(args, "no_progress", False), scenario_batch=getattr(args, "scenario_batch", 1),
+            lesion_wise=getattr(args, "lesion_wise", False),
         )  # fmt: skip
 
 
@@ -181,6 +186,79 @@ def case_spacing(root: str | Path, case: str) -> tuple[float, float, float]:
         return (1.0, 1.0, 1.0)
     x, y, z = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
     return (float(x), float(y), float(z))
+
+
+_CROP_KEYS = frozenset({"original_shape", "crop_box", "cropped_shape"})
+_warned_crop_grid: set[Path] = set()
+
+
+def lesion_wise_scorer(root: str | Path, case: str, label: np.ndarray) -> Callable[[np.ndarray], dict[str, float]]:
+    """The lesion-wise scores (:data:`~brats_core.metrics.LESION_WISE_KEYS`) of a case's predictions, as the BraTS
+    challenge computes them: on the original image grid, with the source voxel spacing.
+
+    The prediction and the ground truth ``label`` (both ``(H, W, D)`` on the preprocessed crop) are placed back into
+    the original grid with the crop box of ``<root>/meta/<case>.json`` (``preprocessing.uncrop``; background
+    outside the box). A case without that metadata (upstream-preprocessed data) is scored on the crop with 1 mm
+    voxels (:func:`case_spacing`), with a warning: the same values wherever the crop holds every tumour voxel (it
+    only drops background) and the source grid is 1 mm, as BraTS 2023's is.
+
+    Raises:
+        MetadataError: the metadata's crop box does not fit the case's arrays.
+    """
+    from .preprocessing import output_paths
+
+    meta = read_case_meta(root, case)
+    if meta is not None and not meta.keys() >= _CROP_KEYS:
+        meta = None
+    if meta is None and Path(root) not in _warned_crop_grid:
+        _warned_crop_grid.add(Path(root))
+        log.warning(
+            "%s: no crop box in meta/%s.json (upstream-preprocessed data?): lesion-wise metrics are computed on the "
+            "preprocessed crop, not on the original image grid (the same values where the crop holds the whole "
+            "tumour)", root, case,
+        )  # fmt: skip
+    path = output_paths(root, case).meta
+    gt, spacing = _source_grid(label, meta, path), case_spacing(root, case)
+
+    def score(pred: np.ndarray) -> dict[str, float]:
+        scores = lesion_wise_scores(_source_grid(pred, meta, path), gt, spacing=spacing)
+        return {k: scores[k] for k in LESION_WISE_KEYS}
+
+    return score
+
+
+def _source_grid(array: np.ndarray, meta: Mapping[str, Any] | None, path: Path) -> np.ndarray:
+    """``array`` of a case's crop in the original grid of ``meta`` (the case's metadata ``path``); itself without."""
+    from .preprocessing import MetadataError, uncrop
+
+    if meta is None:
+        return array
+    try:
+        return uncrop(array, meta)
+    except (TypeError, ValueError) as err:
+        raise MetadataError(path, f"its crop box does not fit the case's arrays ({err})") from None
+
+
+def check_lesion_wise() -> None:
+    """Refuse ``--lesion_wise`` (before any work) where the package that computes it cannot be loaded.
+
+    Raises:
+        UsageError: one line saying how to install it.
+    """
+    try:
+        require_lesion_wise()
+    except ImportError as err:
+        raise UsageError(f"--lesion_wise: {err}") from None
+
+
+def score_cells(scores: Mapping[str, float], lesion_wise: Mapping[str, float] | None = None) -> dict[str, str]:
+    """The score columns of a per-case row: the :data:`METRICS` of ``scores`` (:func:`~brats_core.metrics.case_scores`;
+    NaN, not computed, left empty) and, when given, the :data:`~brats_core.metrics.LESION_WISE_KEYS` of
+    ``lesion_wise`` (NaN, no lesion on either side, written as ``nan``)."""
+    cells = {k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))}
+    if lesion_wise is not None:
+        cells |= {k: f"{lesion_wise[k]:.6f}" for k in LESION_WISE_KEYS}
+    return cells
 
 
 def validate(
@@ -293,10 +371,16 @@ def _plain(identity: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(identity, default=str))
 
 
+_RECORD_DEFAULTS: dict[str, Any] = {"lesion_wise": False}
+"""Keys whose absence from a record has a known meaning: older versions never computed the lesion-wise metrics."""
+
+
 def _differences(saved: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:
     """One ``key: there, now`` entry per key both have with different values (keys only one side has are not
-    compared, so records of older versions stay valid)."""
+    compared, so records of older versions stay valid; a key of :data:`_RECORD_DEFAULTS` that ``saved`` lacks takes
+    its default)."""
     identity = _plain(identity)
+    saved = {**{k: v for k, v in _RECORD_DEFAULTS.items() if k in identity}, **saved}
     return [
         f"{k}: {saved[k]!r} there, {identity[k]!r} now"
         for k in sorted(set(saved) & set(identity))
@@ -604,10 +688,11 @@ def evaluation_identity(
         "sw_batch": options.sw_batch_size > 1,
         "etpp_threshold": options.etpp_threshold,
         "hd95": options.hd95,
+        "lesion_wise": options.lesion_wise,
     }
 
 
-PER_CASE_HEADER = ("case", "scenario", "bits", *METRICS, "seconds")
+PER_CASE_HEADER = ("case", "scenario", "bits", *METRICS, *LESION_WISE_KEYS, "seconds")
 _REQUIRED_COLUMNS = ("case", "scenario", "bits", *DICE_KEYS)  # written by every version of the evaluator
 _SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -621,11 +706,29 @@ def _number(text: str) -> float | None:
 
 
 def _row_problem(
-    row: Mapping[str, str], width: int, header: Sequence[str], scenarios: Collection[str] | None, hd95: bool
+    row: Mapping[str, str],
+    width: int,
+    header: Sequence[str],
+    scenarios: Collection[str] | None,
+    hd95: bool,
+    lesion_wise: bool = False,
 ) -> str | None:
     """Why a per-case row cannot be a finished result (None: it can)."""
     if width != len(header):
         return f"{width} fields, the header has {len(header)}"
+    return (
+        _identity_problem(row, scenarios)
+        or _score_problem(row, hd95, lesion_wise)
+        or (
+            f"seconds {row['seconds']!r} is not a number"
+            if row.get("seconds") and _number(row["seconds"]) is None
+            else None
+        )
+    )
+
+
+def _identity_problem(row: Mapping[str, str], scenarios: Collection[str] | None) -> str | None:
+    """What is wrong with a row's case, scenario and bits (None: nothing)."""
     scenario = _SCENARIO_BY_NAME.get(row["scenario"])
     if not row["case"].strip():
         return "no case"
@@ -635,22 +738,27 @@ def _row_problem(
         return f"scenario {scenario.name} does not belong in this file"
     if row["bits"] != scenario.bits:
         return f"bits {row['bits']!r}, scenario {scenario.name} has {scenario.bits}"
-    for key in DICE_KEYS:
-        if key == "ETpp" and not row[key]:
-            continue  # left empty by scorers without the post-processing (complete by its width: not cut short)
-        value = _number(row[key])
-        if value is None or not 0 <= value <= 1:
-            return f"{key} {row[key]!r} is not a Dice score"
-    for key in (k for k in METRICS if k.startswith("HD95_") and k in row):
-        if not row[key]:  # empty when computed without HD95
-            if hd95:
+    return None
+
+
+def _score_problem(row: Mapping[str, str], hd95: bool, lesion_wise: bool) -> str | None:
+    """The first score cell of a row that is not a valid value (None: all are)."""
+    cells = [(key, row[key], "dice", key != "ETpp") for key in DICE_KEYS]  # ETpp: empty from scorers without it
+    cells += [(key, row[key], "distance", hd95) for key in METRICS if key.startswith("HD95_") and key in row]
+    cells += [
+        (key, row.get(key, ""), "dice" if key.startswith("LesionWise_Dice") else "distance", lesion_wise)
+        for key in LESION_WISE_KEYS  # absent from the files of older versions
+    ]
+    for key, cell, kind, required in cells:
+        if not cell:  # empty: computed without that metric, or cut short
+            if required:
                 return f"no {key}"
             continue
-        value = _number(row[key])
-        if value is None or value < 0:
-            return f"{key} {row[key]!r} is not a distance"
-    if row.get("seconds") and _number(row["seconds"]) is None:
-        return f"seconds {row['seconds']!r} is not a number"
+        if cell == "nan" and key in LESION_WISE_KEYS:  # no lesion of the region in the prediction nor the truth
+            continue
+        value = _number(cell)
+        if value is None or value < 0 or (kind == "dice" and value > 1):
+            return f"{key} {cell!r} is not a {'Dice score' if kind == 'dice' else 'distance'}"
     return None
 
 
@@ -678,13 +786,15 @@ def read_rows(
     scenarios: Sequence[Scenario] | None = None,
     hd95: bool = False,
     damaged: str = "ignored",
+    lesion_wise: bool = False,
 ) -> list[dict[str, str]]:
     """The valid rows of a per-case results file (``per_case_<tag>.csv``); none when it does not exist.
 
-    A row is valid when it has every column, a case, a known scenario (one of ``scenarios`` when given) with its
-    bits, Dice scores in [0, 1], and numbers (or, without ``hd95``, nothing) in the other columns. Damaged rows, e.g.
-    one cut short by a full disk, are left out with a warning naming the file and line that says what happens to
-    them (``damaged``: e.g. "computed again").
+    A row is valid when it has every column of its file's header, a case, a known scenario (one of ``scenarios``
+    when given) with its bits, Dice scores in [0, 1], and numbers (or, without ``hd95``, nothing) in the other
+    columns; lesion-wise columns hold numbers or ``nan``, and may be empty or absent (files of older versions)
+    unless ``lesion_wise`` asks for them. Damaged rows, e.g. one cut short by a full disk, are left out with a
+    warning naming the file and line that says what happens to them (``damaged``: e.g. "computed again").
 
     Raises:
         DamagedResultsError: the path is not a file, not UTF-8 CSV text, or lacks the evaluator's columns.
@@ -694,7 +804,7 @@ def read_rows(
     rows = []
     for line, values in lines:
         row = dict(zip(header, values + [""] * (len(header) - len(values)), strict=False))
-        problem = _row_problem(row, len(values), header, names, hd95)
+        problem = _row_problem(row, len(values), header, names, hd95, lesion_wise)
         if problem is None:
             rows.append(row)
         else:
@@ -727,13 +837,15 @@ def evaluate(
     out = Path(out_dir)
     check_cases(root, cases)
     check_pipeline(model, root, cases)
+    if options.lesion_wise:
+        check_lesion_wise()
     predictions = out / "predictions"
     if save_nifti and predictions.exists() and not predictions.is_dir():
         raise DamagedResultsError(f"{predictions}: not a folder, where --save_nifti writes label maps: move it away")
     per_case = shard_file(out, scenarios)
     identity = evaluation_identity(model, options, root, cases)
     claim_results_folder(out, identity, overwrite, per_case)
-    rows = read_rows(per_case, scenarios, hd95=options.hd95, damaged="computed again")
+    rows = read_rows(per_case, scenarios, hd95=options.hd95, damaged="computed again", lesion_wise=options.lesion_wise)
     done = {(r["case"], r["scenario"]) for r in rows}
 
     def needed(case: str, s: Scenario) -> bool:
@@ -753,19 +865,16 @@ def evaluate(
         spacing = case_spacing(root, case)
         preds = segment(model, torch.from_numpy(image), [s.mask for s in todo], options, device, origin)
         seconds = (time.time() - t0) / len(todo)
+        lesion_scorer = lesion_wise_scorer(root, case, label) if options.lesion_wise else None
         for s, pred in zip(todo, preds, strict=True):
             scores = case_scores(
                 pred.numpy(), label, etpp_threshold=options.etpp_threshold, spacing=spacing, hd95=options.hd95
             )
+            lesion = lesion_scorer(pred.numpy()) if lesion_scorer is not None else None
             rows.append(
-                {
-                    "case": case,
-                    "scenario": s.name,
-                    "bits": s.bits,
-                    "seconds": f"{seconds:.2f}",
-                    **{k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))},
-                }
-            )
+                {"case": case, "scenario": s.name, "bits": s.bits, "seconds": f"{seconds:.2f}",
+                 **score_cells(scores, lesion)}
+            )  # fmt: skip
         # the label maps too are written only while the folder is still this evaluation's
         save_maps = partial(_save_predictions, root, case, todo, preds, predictions) if save_nifti else None
         write_results(out, identity, per_case, rows, save_maps)
@@ -820,7 +929,7 @@ def _summarize(out: Path) -> list[dict[str, str]]:
     by_scenario: dict[str, list[dict[str, str]]] = {}
     for r in merged.values():
         by_scenario.setdefault(r["scenario"], []).append(r)
-    metrics = [m for m in METRICS if any(r.get(m) not in (None, "") for r in merged.values())]
+    metrics = [m for m in (*METRICS, *LESION_WISE_KEYS) if any(r.get(m) not in (None, "") for r in merged.values())]
     summary: list[dict[str, str]] = []
     for s in SCENARIOS:
         if s.name not in by_scenario:
@@ -858,7 +967,11 @@ def format_table(summary: Sequence[Mapping[str, str]]) -> str:
     """The summary as a fixed-width text table for the terminal."""
     if not summary:
         return "(no results)"
-    metrics = [k for k in METRICS if k in summary[0]]
-    lines = [f"{'scenario':<26}" + "".join(f"{m:>9}" for m in metrics)]
-    lines += [f"{r['display']:<26}" + "".join(f"{float(r[m]):>9.4f}" for m in metrics) for r in summary]
+    metrics = [k for k in (*METRICS, *LESION_WISE_KEYS) if k in summary[0]]
+    widths = [max(9, len(m) + 1) for m in metrics]
+    lines = [f"{'scenario':<26}" + "".join(f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True))]
+    lines += [
+        f"{r['display']:<26}" + "".join(f"{float(r[m]):>{w}.4f}" for m, w in zip(metrics, widths, strict=True))
+        for r in summary
+    ]
     return "\n".join(lines)

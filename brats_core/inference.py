@@ -1,4 +1,4 @@
-"""Sliding-window inference (METHODS.md §0.9) and the encode-once / decode-per-scenario evaluation path.
+"""Sliding-window inference and the encode-once / decode-per-scenario evaluation path.
 
 The paper protocol is :func:`sliding_window` with window = training patch, overlap 0.5 and uniform blending (sum of
 window outputs divided by the number of windows covering each voxel), followed by :func:`outputs_to_labels`.

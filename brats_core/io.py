@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,33 @@ def _describe(key: str) -> str:
     return f"{key} (-{BRATS2023_SUFFIXES[key]} or _{LEGACY_SUFFIXES[key]})"
 
 
+def _sort_files(folder: Path, names: Sequence[str], label: bool) -> tuple[dict[str, list[str]], list[str]]:
+    """The candidate files of each key (modality, or the label map when ``label``) and the ignored NIfTI files.
+
+    Raises:
+        CaseFilesError: a file named like a modality or label map is a broken or looping link.
+    """
+    candidates: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    broken: list[str] = []
+    for name in names:
+        key = file_key(name)
+        if key is None or (key == LABEL_KEY and not label):
+            if key is None and name.lower().endswith((".nii", ".nii.gz")):
+                ignored.append(name)
+            continue
+        problem = broken_link(folder / name)
+        if problem is not None:
+            broken.append(problem)
+        elif key == LABEL_KEY and written_by_predict(folder / name):
+            ignored.append(name)  # a prediction written beside the images is not the ground truth
+        else:
+            candidates.setdefault(key, []).append(name)
+    if broken:
+        raise CaseFilesError("; ".join(broken))
+    return candidates, ignored
+
+
 def find_case_files(
     case_dir: str | os.PathLike[str],
     require: Collection[str] = MODALITIES,
@@ -223,28 +250,7 @@ def find_case_files(
         raise CaseFilesError(f"{folder}: not a folder")
     # links too: a broken one named like a modality must be reported as such, not as a missing file
     names = sorted(p.name for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
-    candidates: dict[str, list[str]] = {}
-    own_prefix: set[str] = set()
-    ignored: list[str] = []
-    broken: list[str] = []
-    for name in names:
-        key = file_key(name)
-        if key is None or (key == LABEL_KEY and not label):
-            if key is None and name.lower().endswith((".nii", ".nii.gz")):
-                ignored.append(name)
-            continue
-        problem = broken_link(folder / name)
-        if problem is not None:
-            broken.append(problem)
-            continue
-        if key == LABEL_KEY and written_by_predict(folder / name):
-            ignored.append(name)  # a prediction written beside the images is not the ground truth
-            continue
-        candidates.setdefault(key, []).append(name)
-        if file_stem(name) == folder.name:
-            own_prefix.add(name)
-    if broken:
-        raise CaseFilesError("; ".join(broken))
+    candidates, ignored = _sort_files(folder, names, label)
 
     def found_listing() -> str:
         shown = [f"{n} (not a BraTS name)" if n in ignored and file_key(n) is None else n for n in names]
@@ -252,8 +258,8 @@ def find_case_files(
 
     chosen: dict[str, Path] = {}
     for key, files in candidates.items():
-        if len(files) > 1:
-            files = [f for f in files if f in own_prefix] or files
+        if len(files) > 1:  # those named after the folder win
+            files = [f for f in files if file_stem(f) == folder.name] or files
         if len(files) > 1:
             raise CaseFilesError(f"{folder}: ambiguous {key} file, candidates {', '.join(files)}; {found_listing()}")
         chosen[key] = folder / files[0]

@@ -1,11 +1,11 @@
-"""Segmentation losses shared by several methods (METHODS.md §0.7 and the region losses of §6.4, §7.3, §8.3).
+"""Segmentation losses shared by several methods: upstream's RFNet-family losses and M3AE's region losses.
 
 The RFNet-family losses (IM-Fuse, mmFormer, RobustSeg, SFusion, U-HVED) take class PROBABILITIES ``(B, C, ...)``
-(after softmax) and a one-hot target of the same shape; they are exactly the formulas of §0.7. An integer label map
+(after softmax) and a one-hot target of the same shape; they are exactly upstream's formulas. An integer label map
 ``(B, ...)`` is accepted too and is one-hot encoded with the strict :func:`one_hot`.
 
 Upstream builds its one-hot targets as ``eye(C)[label]``, so the label value −1 that its rotation augmentation writes
-outside the rotated cube becomes the LAST class (ET) — see METHODS.md §0.5. :func:`one_hot_upstream` reproduces that
+outside the rotated cube becomes the LAST class (ET) (docs/upstream.md). :func:`one_hot_upstream` reproduces that
 for the ``--reference-quirks`` path; :func:`one_hot` rejects such labels.
 
 The region-based methods (M3AE, ShaSpec, MaM) use soft Dice on sigmoid outputs plus binary cross-entropy on region
@@ -153,11 +153,11 @@ def region_dice_bce(
     denominator, not squared, batch Dice, weights 1/1) are this project's generic choice. Method folders wrap this
     function with their upstream settings:
 
-    - M3AE EDice (§6.4): ``dice_weight=0.7, bce_weight=0.3, squared=True``; upstream applies ``BCELoss`` to
+    - M3AE EDice: ``dice_weight=0.7, bce_weight=0.3, squared=True``; upstream applies ``BCELoss`` to
       ``sigmoid(logits)``, which equals BCE with logits apart from ``BCELoss``'s log clamp at −100.
-    - ShaSpec (§7.3): ``smooth_numerator=False, batch_dice=False, bce_weight=3.0`` (upstream SUMS the per-channel
+    - ShaSpec: ``smooth_numerator=False, batch_dice=False, bce_weight=3.0`` (upstream SUMS the per-channel
       mean BCE over the 3 regions).
-    - MaM / nnU-Net DC+BCE (§8.3): ``smooth=1e-5, batch_dice=False``; nnU-Net adds ``−D`` instead of ``1 − D``,
+    - MaM / nnU-Net DC+BCE: ``smooth=1e-5, batch_dice=False``; nnU-Net adds ``−D`` instead of ``1 − D``,
       a constant offset that leaves the gradients unchanged.
 
     Args:
@@ -219,7 +219,7 @@ def rfnet_term(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class FusedSeparateDeepLoss:
-    """The mmFormer / IM-Fuse training loss (METHODS.md §1.5, §2.2), a ``fit`` ``LossFn``:
+    """The mmFormer / IM-Fuse training loss, a ``training.LossFn``:
     ``L = [wCE + Dice](fused)·[epoch ≥ region_fusion_start_epoch] + Σ_4 [wCE + Dice](sep) + Σ_4 [wCE + Dice](ds)``,
     for models whose train mode returns ``(fused, 4 separate, 4 deep-supervision)`` probabilities.
 

@@ -1,4 +1,4 @@
-"""Per-case segmentation metrics: the paper's Dice/ETpp protocol (METHODS.md §0.9), HD95, BraTS lesion-wise metrics.
+"""Per-case segmentation metrics: the paper's Dice/ETpp protocol, HD95, BraTS lesion-wise metrics.
 
 All functions take numpy label maps (BraTS labels 0..3, same shape for prediction and ground truth) or binary masks;
 regions are WT = {1, 2, 3}, TC = {1, 3}, ET = {3} (:data:`brats_core.labels.REGIONS`).
@@ -11,8 +11,11 @@ idea, rounded to 373).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,23 +31,34 @@ HD95_EMPTY_PENALTY: float = math.dist((0, 0, 0), BRATS_SHAPE)
 """HD95 (mm) when exactly one of prediction and ground truth is empty: the BraTS volume's diagonal, ≈ 373.13."""
 
 ETPP_THRESHOLD: int = 500
-"""ETpp: a predicted ET with fewer voxels than this is removed (METHODS.md §0.9)."""
+"""ETpp: a predicted ET with fewer voxels than this is removed (the paper protocol)."""
 
 SCORE_KEYS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp", "HD95_WT", "HD95_TC", "HD95_ET")
 """Keys of :func:`case_scores`, in CSV column order."""
 
 LESION_WISE_METRICS: dict[str, str] = {
-    "LW_Dice": "sq_dsc",
-    "LW_HD95": "sq_hd95",
-    "LW_TP": "tp",
-    "LW_FP": "fp",
-    "LW_FN": "fn",
-    "LW_F1": "rq",
+    "LesionWise_Dice": "sq_dsc",
+    "LesionWise_HD95": "sq_hd95",
+    "LesionWise_TP": "tp",
+    "LesionWise_FP": "fp",
+    "LesionWise_FN": "fn",
+    "LesionWise_F1": "rq",
     "Global_Dice": "global_bin_dsc",
     "Global_HD95": "global_bin_hd95",
 }
-"""Output key prefix of :func:`lesion_wise_scores` → Panoptica result field (the leaderboard fields that
-``brats_evaluation.parse_seg_results`` reports)."""
+"""Output key prefix of :func:`lesion_wise_scores` → Panoptica result field (the fields that the package's
+``brats-parse-metrics seg`` reports for the leaderboard: ``lesionwise_dsc_mean`` is ``sq_dsc``, …)."""
+
+LESION_WISE_KEYS: tuple[str, ...] = tuple(
+    f"LesionWise_{metric}_{region}" for metric in ("Dice", "HD95") for region in REGION_NAMES
+)
+"""The lesion-wise scores the evaluator writes per case and scenario (``--lesion_wise``), in CSV column order."""
+
+LESION_WISE_HELP = (
+    "also score the BraTS lesion-wise Dice and HD95 of WT, TC and ET with the official BraTS-evaluation package "
+    "(an optional dependency, AGPL-3.0) on the original image grid; a few seconds more per case and scenario"
+)
+"""The help text of every test script's ``--lesion_wise`` flag."""
 
 
 def dice(pred: np.ndarray, gt: np.ndarray, eps: float = 1e-8) -> float:
@@ -137,12 +151,18 @@ def lesion_wise_scores(
 ) -> dict[str, float]:
     """BraTS lesion-wise metrics of one case through the official ``BraTS-evaluation`` package (Panoptica).
 
-    Runs the package's bundled Panoptica config (``"gli"``: connected-component lesions, maximum bipartite matching
-    on Dice) on the WT, TC and ET groups and returns its leaderboard fields (:data:`LESION_WISE_METRICS`), e.g.
-    ``LW_Dice_ET`` (mean Dice over matched lesions), ``LW_FN_WT`` (missed lesions), ``Global_HD95_TC``. Values are
-    the package's, unchanged (NaN where it reports none), except an infinite HD95 (no matched lesion, or one side
-    empty), which becomes ``hd95_inf_value`` so that means over cases stay finite (the package's CSV parser does this
-    for the global HD95, with 373).
+    Runs the package's bundled Panoptica config (``"gli"``) on the WT, TC and ET groups and returns its leaderboard
+    fields (:data:`LESION_WISE_METRICS`), e.g. ``LesionWise_Dice_ET``, ``LesionWise_FN_WT`` (missed lesions),
+    ``Global_HD95_TC``. The lesions of a region are the 26-connected components of its mask in the prediction and in
+    the ground truth; they are matched one to one by maximum bipartite matching on Dice (any overlap qualifies).
+    ``LesionWise_Dice`` and ``LesionWise_HD95`` are the mean Dice and HD95 over the matched pairs only: a missed or a
+    false-positive lesion lowers them only when no lesion is matched at all (then Dice 0 and HD95 infinite); with
+    no lesion on either side they are NaN. (BraTS 2023's own script counted every missed and false-positive lesion
+    as Dice 0 and HD95 374 in the mean, after merging nearby ground-truth lesions and dropping those of at most 50
+    voxels: its numbers differ where lesions are missed or spurious; ``LesionWise_TP/FP/FN`` and ``LesionWise_F1``
+    report the detection.) Values are the package's, unchanged, except an infinite HD95, which becomes
+    ``hd95_inf_value`` so that means over cases stay finite (the package's CSV parser does this for the global
+    HD95, with 373).
 
     Args:
         pred_labels: predicted BraTS labels ``(X, Y, Z)``.
@@ -160,13 +180,16 @@ def lesion_wise_scores(
     evaluator = _lesion_evaluator(config)
     groups = {region.lower(): region for region in REGION_NAMES}
     skipped = [name for name in evaluator.segmentation_class_groups_names if name not in groups]
-    results = evaluator.evaluate(
-        pred_labels.astype(np.uint8),
-        gt_labels.astype(np.uint8),
-        voxelspacing=tuple(float(s) for s in spacing),
-        verbose=False,
-        skip_groups=skipped,
-    )
+    with warnings.catch_warnings():
+        # the config's normalised surface Dice (not reported here) warns about its default threshold on every call
+        warnings.filterwarnings("ignore", message="The threshold is set to 0.5", category=UserWarning)
+        results = evaluator.evaluate(
+            pred_labels.astype(np.uint8),
+            gt_labels.astype(np.uint8),
+            voxelspacing=tuple(float(s) for s in spacing),
+            verbose=False,
+            skip_groups=skipped,
+        )
     scores: dict[str, float] = {}
     for group, region in groups.items():
         fields = results[group].to_dict(True)
@@ -179,18 +202,32 @@ def lesion_wise_scores(
     return scores
 
 
+def require_lesion_wise(config: str = "gli") -> None:
+    """Load the lesion-wise evaluator now (once per process), so that a missing package stops a run before any work.
+
+    Raises:
+        ImportError: ``BraTS-evaluation`` or its dependency ``panoptica`` is missing (the message says how to
+            install it).
+    """
+    _lesion_evaluator(config)
+
+
 @functools.cache
 def _lesion_evaluator(config: str) -> Any:
     """The Panoptica evaluator of a bundled BraTS-evaluation config, built once per process."""
     try:
+        import panoptica
         from brats_evaluation import config_path
-        from panoptica import Panoptica_Evaluator
     except ImportError as err:
         raise ImportError(
             "lesion-wise metrics need the optional package BraTS-evaluation (module brats_evaluation, which "
-            "brings panoptica): `pip install BraTS-evaluation`. Note that panoptica currently requires numpy<2.3."
+            "brings panoptica; AGPL-3.0): `pip install BraTS-evaluation==0.0.10`, or the project's extra "
+            "`pip install -e '.[lesionwise]'`; its panoptica requires numpy<2.3"
         ) from err
-    return Panoptica_Evaluator.load_from_config(str(config_path(config)))
+    if hasattr(panoptica, "disable_citation_reminder"):  # a banner amid the evaluation's output (the README asks
+        panoptica.disable_citation_reminder()  # users to cite Panoptica instead)
+    with contextlib.redirect_stdout(io.StringIO()):  # the config's intended TC/WT label overlap is printed as a note
+        return panoptica.Panoptica_Evaluator.load_from_config(str(config_path(config)))
 
 
 def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ BRATS2023_SUFFIXES: dict[str, str] = {"flair": "t2f", "t1ce": "t1c", "t1": "t1n"
 LEGACY_SUFFIXES: dict[str, str] = {"flair": "flair", "t1ce": "t1ce", "t1": "t1", "t2": "t2"}
 """File suffixes of BraTS 2018–2021 (``<case>_flair.nii.gz`` …); the label map is ``<case>_seg.nii.gz``."""
 
-# Channel orders used internally by the upstream code of each method (METHODS.md §0.3).
+# Channel orders used internally by the upstream code of each method.
 METHOD_ORDERS: dict[str, tuple[str, ...]] = {
     "canonical": MODALITIES,
     "sfusion": ("t1ce", "t1", "t2", "flair"),
@@ -81,7 +81,7 @@ class Scenario:
         return torch.tensor([self.mask] * batch, dtype=torch.bool, device=device)
 
 
-# Upstream test order (METHODS.md §0.3): 0001, 0100, 0010, 1000, 0101, 0110, 1010, 0011, 1001, 1100, 1110, 1011,
+# Upstream test order: 0001, 0100, 0010, 1000, 0101, 0110, 1010, 0011, 1001, 1100, 1110, 1011,
 # 1101, 0111, 1111 in FLAIR, T1ce, T1, T2 order.
 _UPSTREAM_BITS = (
     "0001", "0100", "0010", "1000", "0101", "0110", "1010", "0011",

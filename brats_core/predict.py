@@ -11,6 +11,12 @@ Command line (``predict.py`` at the repository root, or ``python -m brats_core.p
 
     python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue] [--save_probabilities] [--workers 2]
     python predict.py --checkpoint best.pth --flair a_flair.nii.gz --t2 a_t2.nii.gz -o a-seg.nii.gz
+    python predict.py --checkpoint fold0.pth fold1.pth -i CASES/ -o predictions/ --save_uncertainty  # an ensemble
+
+Several checkpoints (folds, seeds or methods) make an ensemble: each member runs its own preprocessing and sliding
+window, their probabilities are averaged in the input grid, and the labels follow from the mean as for one model
+(:class:`Predictor`). ``--save_uncertainty`` writes the voxel-wise entropy of the (averaged) probabilities
+(:func:`entropy_map`) as ``<case>-uncertainty.nii.gz``.
 
 Outputs replace only files predict.py wrote (NIfTI files marked in their header, probability files by an entry),
 other files only with ``--overwrite``, and a case's ground truth never; temporaries of a killed run are removed
@@ -36,7 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .cli import describe_os_error, run_main
+from .cli import UsageError, describe_os_error, run_main
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import (
@@ -63,10 +69,10 @@ from .io import (
     save_nifti,
     written_by_predict,
 )
-from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions
+from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions, regions_to_labels
 from .modalities import MODALITIES
 from .preprocessing import load_case, non_case_note, scan_cases, uncrop
-from .registry import SegModel, build_from_config, checkpoint_readers
+from .registry import OutputKind, SegModel, build_from_config, checkpoint_readers
 from .training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,8 @@ class Prediction:
             (C = 3, WT, TC, ET; 0 outside the crop) for sigmoid methods.
         channels: names of the probability channels.
         affine, header: the reference modality's (first available in canonical order) when read from files.
+        uncertainty: float32 ``(X, Y, Z)`` when requested: the voxel-wise entropy of the probabilities (an
+            ensemble's: of its members' mean), in nats, 0 outside the crop (see :func:`entropy_map`).
     """
 
     labels: np.ndarray
@@ -124,6 +132,7 @@ class Prediction:
     channels: tuple[str, ...] = ()
     affine: np.ndarray | None = None
     header: nib.Nifti1Header | None = None
+    uncertainty: np.ndarray | None = None
 
     def regions(self) -> np.ndarray:
         """Binary region maps, uint8 ``(X, Y, Z, 3)`` in WT, TC, ET order (derived from :attr:`labels`)."""
@@ -161,88 +170,67 @@ def _open_foreign(path: Path, device: torch.device, options: EvalOptions) -> Cas
     return None
 
 
-class Predictor:
-    """A trained model ready to segment cases with any subset of the modalities.
+CheckpointPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+"""One checkpoint path, or several (an ensemble)."""
 
-    Args:
-        checkpoint: one of our checkpoints (``.pth`` or ``.safetensors``) recording ``method`` and ``config``, or a
-            checkpoint a method's own tool wrote (MaM: nnU-Net's ``fold_N/checkpoint_*.pth``), which that method's
-            registered reader opens.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        overlap, blend, tta, sw_batch_size, amp: sliding-window options (see :class:`EvalOptions`); ``blend`` None
-            is the method's own (:attr:`SegModel.default_blend`).
-        progress: a progress bar over the sliding windows of each case.
 
-    Raises:
-        PredictError: the checkpoint does not record its method and no method's reader recognises it (e.g. an
-            upstream checkpoint: use the method's test script, which infers the architecture from the weights).
-    """
+class _MemberOutput(NamedTuple):
+    """What one checkpoint gives for a case, in the input grid: labels ``(X, Y, Z)`` uint8, the modalities used and,
+    when asked for, float32 probabilities ``(C, X, Y, Z)`` with their channel names."""
 
-    def __init__(
-        self,
-        checkpoint: str | os.PathLike[str],
-        device: str | torch.device = "auto",
-        overlap: float = 0.5,
-        blend: str | None = None,
-        tta: bool = False,
-        sw_batch_size: int = 1,
-        amp: bool = False,
-        progress: bool = False,
-    ) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.options = EvalOptions(
-            overlap=overlap, blend=blend, tta=tta, sw_batch_size=sw_batch_size, amp=amp, hd95=False, progress=progress
-        )
+    labels: np.ndarray
+    modalities: tuple[str, ...]
+    probabilities: np.ndarray | None = None
+    channels: tuple[str, ...] = ()
+
+
+def probability_kind(model: SegModel) -> str:
+    """``"class"`` for softmax and logit methods (probabilities of background, NCR, ED, ET), ``"region"`` for sigmoid
+    methods (probabilities of WT, TC, ET): what an ensemble of ``model`` with others averages."""
+    return "region" if model.output_kind is OutputKind.REGION_LOGITS else "class"
+
+
+class _Member:
+    """One checkpoint: its model, or the engine of the method whose reader opened it, with its window options."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, options: EvalOptions) -> None:
+        self.checkpoint = checkpoint
+        self.options = options
+        blend = options.blend  # None: the method's own, known once the model is
         try:
-            ckpt: dict | None = load_checkpoint(self.checkpoint)
+            ckpt: dict | None = load_checkpoint(checkpoint)
             failure: Exception | None = None
         except (RuntimeError, ValueError) as err:
             ckpt, failure = None, err
-        self._engine: CaseEngine | None = None
+        self.engine: CaseEngine | None = None
         if ckpt is None or not ckpt.get("method"):
-            self._engine = _open_foreign(self.checkpoint, self.device, self.options)
-            if self._engine is None:
+            self.engine = _open_foreign(checkpoint, device, options)
+            if self.engine is None:
                 raise failure or PredictError(
-                    f"{self.checkpoint} does not record which method it holds (no 'method' entry): predict.py needs "
+                    f"{checkpoint} does not record which method it holds (no 'method' entry): predict.py needs "
                     "a checkpoint written by this project's training scripts or by nnU-Net for MaM (upstream "
                     "checkpoints: use the method's test script, or re-save the model with "
                     "brats_core.checkpoint.save_checkpoint(..., method=, config=))"
                 )
-            self.model: SegModel = self._engine.model
-            self.method: str = self.model.method_name
-            self.options.blend = blend or self.model.default_blend
-            return
-        if "config" not in ckpt:
-            raise PredictError(f"{self.checkpoint} records method {ckpt['method']!r} but no model 'config' entry")
-        self.method = str(ckpt["method"])
-        model = build_from_config(self.method, dict(ckpt["config"]))
-        load_state_dict_strict(model, ckpt["state_dict"], str(self.checkpoint))
-        self.model = model.to(self.device).eval()
+            self.model: SegModel = self.engine.model
+        else:
+            if "config" not in ckpt:
+                raise PredictError(f"{checkpoint} records method {ckpt['method']!r} but no model 'config' entry")
+            model = build_from_config(str(ckpt["method"]), dict(ckpt["config"]))
+            load_state_dict_strict(model, ckpt["state_dict"], str(checkpoint))
+            self.model = model.to(device).eval()
+        self.method: str = self.model.method_name
         self.options.blend = blend or self.model.default_blend
+        self.device = device
 
-    @property
-    def patch_size(self) -> int:
-        """The model's training patch side (also the crop minimum and sliding-window size)."""
-        return self.model.patch_size
-
-    def predict(
-        self, images: Mapping[str, np.ndarray], probabilities: bool = False, spacing: Sequence[float] | None = None
-    ) -> Prediction:
-        """Segment one case held in memory.
-
-        Args:
-            images: modality key (``flair``, ``t1ce``, ``t1``, ``t2``) -> ``(X, Y, Z)``, any non-empty subset; absent
-                modalities are masked.
-            probabilities: also return the per-voxel probabilities (float16).
-            spacing: voxel size in mm along X, Y, Z; only models that resample (MaM's nnU-Net pipeline) use it,
-                assuming their training spacing when it is None.
-
-        Returns:
-            The :class:`Prediction` in the input grid (no affine/header: arrays carry none).
-        """
-        if self._engine is not None:
-            return self._engine.predict(images, probabilities, spacing)
+    def run(
+        self, images: Mapping[str, np.ndarray], probabilities: bool, spacing: Sequence[float] | None
+    ) -> _MemberOutput:
+        """The labels (and the probabilities when asked for) of one case."""
+        if self.engine is not None:
+            pred = self.engine.predict(images, probabilities, spacing)
+            probs = None if pred.probabilities is None else pred.probabilities.astype(np.float32)
+            return _MemberOutput(pred.labels, pred.modalities, probs, pred.channels)
         vol, meta = self.model.preprocess(images)
         used = tuple(m for m in MODALITIES if m in meta["available"])
         mask = tuple(m in used for m in MODALITIES)
@@ -256,15 +244,204 @@ class Predictor:
         kind, order = self.model.output_kind, self.model.region_order
         labels = uncrop(outputs_to_labels(blended, kind, order).to(torch.uint8).cpu().numpy(), meta)
         if not probabilities:
-            return Prediction(labels, used)
+            return _MemberOutput(labels, used)
         probs, channels = outputs_to_probabilities(blended, kind, order)
-        probs = probs.float().clamp(0, 1).to(torch.float16).cpu().numpy()
         # Outside the crop there is no tumour: background probability 1 for classes, 0 for every region.
-        full = np.zeros((len(channels), *meta["original_shape"]), dtype=np.float16)
+        full = np.zeros((len(channels), *meta["original_shape"]), dtype=np.float32)
         if channels[0] == LABEL_NAMES[0]:
             full[0] = 1
-        full[(slice(None), *(slice(int(lo), int(hi)) for lo, hi in meta["crop_box"]))] = probs
-        return Prediction(labels, used, full, channels)
+        full[(slice(None), *(slice(int(lo), int(hi)) for lo, hi in meta["crop_box"]))] = (
+            probs.float().clamp(0, 1).cpu().numpy()
+        )
+        return _MemberOutput(labels, used, full, channels)
+
+
+def labels_from_probabilities(probabilities: np.ndarray, channels: Sequence[str]) -> np.ndarray:
+    """The label map of (averaged) probabilities ``(C, X, Y, Z)``, by a single model's rule: the most probable class
+    for class probabilities (ties: the first), regions with probability > 0.5 (i.e. logit > 0) nested ET ⊂ TC ⊂ WT
+    for region probabilities in WT, TC, ET order. Returns uint8 ``(X, Y, Z)``."""
+    if tuple(channels) == REGION_NAMES:
+        return regions_to_labels(probabilities > 0.5, REGION_NAMES)
+    return outputs_to_labels(torch.from_numpy(probabilities), OutputKind.PROBABILITIES).to(torch.uint8).numpy()
+
+
+def entropy_map(probabilities: np.ndarray, channels: Sequence[str]) -> np.ndarray:
+    """Voxel-wise entropy in nats (natural logarithm) of probabilities ``(C, X, Y, Z)``, float32 ``(X, Y, Z)``.
+
+    Class probabilities: ``H = −Σ_c p_c ln p_c`` (0 to ln 4 ≈ 1.386). Region probabilities (WT, TC, ET: three
+    sigmoids, not a distribution): the sum of the three binary entropies ``−p ln p − (1 − p) ln(1 − p)`` (0 to
+    3 ln 2 ≈ 2.079). With ``0 ln 0 = 0``, a certain voxel (e.g. outside the brain crop: background 1, every region 0)
+    has entropy 0.
+    """
+    p = torch.from_numpy(np.asarray(probabilities, dtype=np.float32)).clamp(0, 1)
+    entropy = torch.special.entr(p).sum(dim=0)
+    if tuple(channels) == REGION_NAMES:
+        entropy += torch.special.entr(1 - p).sum(dim=0)
+    return entropy.numpy()
+
+
+def _checkpoint_paths(checkpoint: CheckpointPaths) -> list[Path]:
+    """The checkpoint paths of a :class:`Predictor`, refusing none and repeats."""
+    paths = [Path(checkpoint)] if isinstance(checkpoint, str | os.PathLike) else [Path(c) for c in checkpoint]
+    if not paths:
+        raise UsageError("no checkpoint given: give one, or several to ensemble them")
+    seen: set[Path] = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise UsageError(f"{path} is given twice: an ensemble averages different checkpoints, give each once")
+        seen.add(path.resolve())
+    return paths
+
+
+def _check_one_kind(members: Sequence[_Member]) -> None:
+    """Refuse an ensemble of class-probability and region-probability methods (UsageError naming each)."""
+    if len({probability_kind(m.model) for m in members}) > 1:
+        listing = ", ".join(f"{m.checkpoint} ({m.method}: {probability_kind(m.model)} probabilities)" for m in members)
+        raise UsageError(
+            f"cannot ensemble {listing}: class probabilities (background, NCR, ED, ET) and region probabilities (WT, "
+            "TC, ET) do not average; give checkpoints of softmax methods only or of sigmoid (region) methods only"
+        )
+
+
+def _probabilities_of(out: _MemberOutput, checkpoint: Path) -> np.ndarray:
+    if out.probabilities is None:  # a method's reader that ignored the request
+        raise PredictError(f"{checkpoint}: its reader returned no probabilities to average")
+    return out.probabilities
+
+
+class Predictor:
+    """A trained model, or an ensemble of several, ready to segment cases with any subset of the modalities.
+
+    An ensemble (several checkpoints: folds, seeds or methods) averages its members' probabilities in the input
+    grid, each member running its own preprocessing and sliding window (window size, crop and normalisation may
+    differ between methods); the labels then follow from the mean as for a single model (see
+    :func:`labels_from_probabilities`). All members must give probabilities of one kind (:func:`probability_kind`):
+    class probabilities (softmax and logit methods, mixed freely) or region probabilities (sigmoid methods, whatever
+    their region order). A single checkpoint gives exactly its own labels and probabilities. With ``tta`` each
+    member's probabilities are those of its outputs averaged over the 8 flips, as the method blends its windows
+    (probabilities for the softmax methods, logits before the softmax or sigmoid for the others), and the members'
+    are then averaged.
+
+    Args:
+        checkpoint: one checkpoint, or several to ensemble: ours (``.pth`` or ``.safetensors``) recording ``method``
+            and ``config``, or one a method's own tool wrote (MaM: nnU-Net's ``fold_N/checkpoint_*.pth``), which that
+            method's registered reader opens.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        overlap, blend, tta, sw_batch_size, amp: sliding-window options (see :class:`EvalOptions`); ``blend`` None
+            is each method's own (:attr:`SegModel.default_blend`).
+        progress: a progress bar over the sliding windows of each case.
+
+    Attributes:
+        checkpoints: the checkpoint paths; ``checkpoint`` is the first.
+        model, options: the first checkpoint's model and window options.
+        method: the method's name; for an ensemble of several methods their names joined by ``+``.
+
+    Raises:
+        PredictError: a checkpoint does not record its method and no method's reader recognises it (e.g. an
+            upstream checkpoint: use the method's test script, which infers the architecture from the weights).
+        UsageError: no checkpoint, one given twice, or an ensemble mixing class and region probabilities.
+    """
+
+    def __init__(
+        self,
+        checkpoint: CheckpointPaths,
+        device: str | torch.device = "auto",
+        overlap: float = 0.5,
+        blend: str | None = None,
+        tta: bool = False,
+        sw_batch_size: int = 1,
+        amp: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.checkpoints = tuple(_checkpoint_paths(checkpoint))
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self._members = tuple(
+            _Member(
+                path, self.device,
+                EvalOptions(overlap=overlap, blend=blend, tta=tta, sw_batch_size=sw_batch_size, amp=amp, hd95=False,
+                            progress=progress),
+            )
+            for path in self.checkpoints
+        )  # fmt: skip
+        _check_one_kind(self._members)
+        first = self._members[0]
+        self.checkpoint: Path = first.checkpoint
+        self.model: SegModel = first.model
+        self.options: EvalOptions = first.options
+        self._engine: CaseEngine | None = first.engine
+        self.method: str = "+".join(dict.fromkeys(m.method for m in self._members))
+        if len(self._members) > 1:
+            log.info(
+                "ensemble of %d checkpoints (%s): their %s probabilities are averaged",
+                len(self._members), ", ".join(f"{m.checkpoint} ({m.method})" for m in self._members),
+                probability_kind(first.model),
+            )  # fmt: skip
+
+    @property
+    def patch_size(self) -> int:
+        """The (first) model's training patch side (also the crop minimum and sliding-window size)."""
+        return self.model.patch_size
+
+    def _run(self, images: Mapping[str, np.ndarray], probabilities: bool, spacing: Sequence[float] | None
+             ) -> _MemberOutput:  # fmt: skip
+        """One model's output, or the ensemble's: its members' mean probabilities and the labels they give."""
+        if len(self._members) == 1:
+            return self._members[0].run(images, probabilities, spacing)
+        first, *others = (member.run(images, True, spacing) for member in self._members)
+        total = _probabilities_of(first, self.checkpoint)
+        for member, out in zip(self._members[1:], others, strict=True):
+            probs = _probabilities_of(out, member.checkpoint)
+            if out.channels != first.channels or probs.shape != total.shape:
+                raise PredictError(
+                    f"{member.checkpoint} gives probabilities {out.channels} of shape {probs.shape}, "
+                    f"{self.checkpoint} {first.channels} of shape {total.shape}: they cannot be averaged"
+                )
+            total += probs
+        total /= len(self._members)
+        return _MemberOutput(labels_from_probabilities(total, first.channels), first.modalities, total, first.channels)
+
+    def predict_probabilities(
+        self, images: Mapping[str, np.ndarray], spacing: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, tuple[str, ...]]:
+        """The probabilities of one case held in memory, in float32: the model's, or the mean of the members' for an
+        ensemble (what its labels and uncertainty derive from).
+
+        Returns:
+            ``(probabilities (C, X, Y, Z) float32, channel names)``, as :attr:`Prediction.probabilities`.
+        """
+        out = self._run(images, True, spacing)
+        assert out.probabilities is not None
+        return out.probabilities, out.channels
+
+    def predict(
+        self,
+        images: Mapping[str, np.ndarray],
+        probabilities: bool = False,
+        spacing: Sequence[float] | None = None,
+        uncertainty: bool = False,
+    ) -> Prediction:
+        """Segment one case held in memory.
+
+        Args:
+            images: modality key (``flair``, ``t1ce``, ``t1``, ``t2``) -> ``(X, Y, Z)``, any non-empty subset; absent
+                modalities are masked.
+            probabilities: also return the per-voxel probabilities (float16).
+            spacing: voxel size in mm along X, Y, Z; only models that resample (MaM's nnU-Net pipeline) use it,
+                assuming their training spacing when it is None.
+            uncertainty: also return the voxel-wise entropy of the (averaged) probabilities (:func:`entropy_map`).
+
+        Returns:
+            The :class:`Prediction` in the input grid (no affine/header: arrays carry none).
+        """
+        out = self._run(images, probabilities or uncertainty, spacing)
+        pred = Prediction(out.labels, out.modalities)
+        if out.probabilities is not None:
+            if probabilities:
+                pred.probabilities = torch.from_numpy(out.probabilities).to(torch.float16).numpy()
+                pred.channels = out.channels
+            if uncertainty:
+                pred.uncertainty = entropy_map(out.probabilities, out.channels)
+        return pred
 
     def predict_arrays(self, images: Mapping[str, np.ndarray], affine: np.ndarray | None = None) -> np.ndarray:
         """Labels only: ``predict(images).labels``, uint8 ``(X, Y, Z)``; ``affine`` (4, 4) is only shape-checked."""
@@ -288,11 +465,12 @@ class Predictor:
 
     def predict_case(
         self, case: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | LoadedCase,
-        probabilities: bool = False,
+        probabilities: bool = False, uncertainty: bool = False,
     ) -> Prediction:  # fmt: skip
         """Segment one case from files (see :meth:`load`); the result carries the reference affine and header."""
         loaded = case if isinstance(case, LoadedCase) else self.load(case)
-        pred = self.predict(loaded.images, probabilities, tuple(float(z) for z in loaded.header.get_zooms()[:3]))
+        spacing = tuple(float(z) for z in loaded.header.get_zooms()[:3])
+        pred = self.predict(loaded.images, probabilities, spacing, uncertainty)
         pred.affine, pred.header = loaded.affine, loaded.header
         return pred
 
@@ -364,13 +542,22 @@ class Job:
         """``<case>-regions.nii.gz`` beside the label map."""
         return self._sibling("-regions.nii.gz")
 
-    def outputs(self, save_probabilities: bool = False, save_regions: bool = False) -> list[Path]:
+    @property
+    def uncertainty(self) -> Path:
+        """``<case>-uncertainty.nii.gz`` beside the label map."""
+        return self._sibling("-uncertainty.nii.gz")
+
+    def outputs(
+        self, save_probabilities: bool = False, save_regions: bool = False, save_uncertainty: bool = False
+    ) -> list[Path]:
         """The files this case writes: the label map and the requested extras."""
         paths = [self.output]
         if save_probabilities:
             paths.append(self.probabilities)
         if save_regions:
             paths.append(self.regions)
+        if save_uncertainty:
+            paths.append(self.uncertainty)
         return paths
 
 
@@ -412,14 +599,19 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
 
 
 def check_outputs(
-    jobs: Sequence[Job], save_probabilities: bool = False, save_regions: bool = False, overwrite: bool = False
+    jobs: Sequence[Job],
+    save_probabilities: bool = False,
+    save_regions: bool = False,
+    overwrite: bool = False,
+    *,
+    save_uncertainty: bool = False,
 ) -> None:
     """Refuse outputs that would overwrite or shadow inputs or replace a user's files, and make sure every output
     folder can be written, before any model runs; then remove the temporaries a killed run left there.
 
     Args:
         jobs: the cases.
-        save_probabilities, save_regions: the extras each case writes (see :meth:`Job.outputs`).
+        save_probabilities, save_regions, save_uncertainty: the extras each case writes (see :meth:`Job.outputs`).
         overwrite: replace existing files that predict.py did not write (never a ground truth or an input).
 
     Raises:
@@ -442,7 +634,7 @@ def check_outputs(
                 f"-o {parent}: the output would go into the case folder {folder}, where it would overwrite "
                 "or shadow the case's files (BraTS names the ground truth <case>-seg.nii.gz): choose another folder"
             )
-        for out in job.outputs(save_probabilities, save_regions):
+        for out in job.outputs(save_probabilities, save_regions, save_uncertainty):
             _check_replaceable(out, overwrite)
     for parent in sorted({job.output.parent for job in jobs}):
         try:
@@ -479,7 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="checkpoint written by a training script (records the method), or MaM's nnU-Net fold_N/checkpoint_*.pth",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="checkpoint written by a training script (records the method), or MaM's nnU-Net fold_N/checkpoint_*.pth; "
+        "several (folds, seeds or methods, all softmax or all sigmoid methods) are ensembled: their probabilities "
+        "are averaged",
     )
     src = p.add_argument_group("input (either -i or explicit modality files)")
     src.add_argument("-i", "--input", default=None, help="a case folder, or a folder of case folders")
@@ -512,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_regions", action="store_true", help="also write <case>-regions.nii.gz: uint8 (X, Y, Z, 3) WT, TC, ET"
     )
     p.add_argument(
+        "--save_uncertainty",
+        action="store_true",
+        help="also write <case>-uncertainty.nii.gz: float32 voxel-wise entropy in nats of the probabilities "
+        "--save_probabilities writes (several checkpoints: their mean; with --tta: of the outputs averaged over the "
+        "flips): -sum p ln p over the classes, or the sum of the WT, TC, ET binary entropies for region methods; "
+        "0 outside the brain crop",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -533,7 +737,9 @@ def _summary_line(case: str, used: Sequence[str], volumes: Mapping[str, float], 
     return f"{case}: modalities {'+'.join(used)} | volumes (ml) {vols} | {time.perf_counter() - started:.1f} s"
 
 
-def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_regions: bool) -> None:
+def write_prediction(
+    job: Job, pred: Prediction, save_probabilities: bool, save_regions: bool, save_uncertainty: bool = False
+) -> None:
     """Write the label map (and the requested extras) of one case, each file atomically; extras first, so an
     interrupted run never leaves a label map without the files ``--continue`` would then expect."""
     if save_probabilities:
@@ -546,13 +752,15 @@ def write_prediction(job: Job, pred: Prediction, save_probabilities: bool, save_
             )  # fmt: skip
     if save_regions:
         save_nifti(job.regions, pred.regions(), pred.affine, pred.header, PREDICTION_MARK)
+    if save_uncertainty:
+        if pred.uncertainty is None:
+            raise ValueError("the uncertainty was not computed")
+        save_nifti(job.uncertainty, pred.uncertainty, pred.affine, pred.header, PREDICTION_MARK)
     save_nifti(job.output, pred.labels, pred.affine, pred.header, PREDICTION_MARK)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``predict.py``: returns 0 when every case was written or skipped, 1 when any failed, 2 on a usage error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that argparse cannot see (exit status 2 with the usage line)."""
     explicit = [m for m in MODALITIES if getattr(args, m)]
     if bool(args.input) == bool(explicit):
         parser.error("give either -i INPUT or at least one of --flair/--t1ce/--t1/--t2 (not both)")
@@ -562,6 +770,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sw_batch_size must be positive, got {args.sw_batch_size}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``predict.py``: returns 0 when every case was written or skipped, 1 when any failed, 2 on a usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -571,22 +786,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             sw_batch_size=args.sw_batch_size, amp=args.amp, progress=not args.no_progress,
         )  # fmt: skip
         # before any case runs, after the checkpoint (which creates nothing) was found good
-        check_outputs(jobs, args.save_probabilities, args.save_regions, args.overwrite)
+        check_outputs(jobs, args.save_probabilities, args.save_regions, args.overwrite,
+                      save_uncertainty=args.save_uncertainty)  # fmt: skip
+    except UsageError:
+        raise  # one line, exit status 2 (run_main), before any output exists: e.g. an ensemble of mixed kinds
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {_describe_error(err)}", file=sys.stderr)
         return 1
 
     def done(job: Job) -> bool:
-        return all(p.is_file() for p in job.outputs(args.save_probabilities, args.save_regions))
+        return all(p.is_file() for p in job.outputs(args.save_probabilities, args.save_regions, args.save_uncertainty))
 
     todo = [job for job in jobs if not (args.resume and done(job))]
     for job in jobs:
         if job not in todo:
             print(f"{job.case}: skipped ({job.output} exists)")
+    written, failed = _run_jobs(args, predictor, todo)
+    print(f"done: {written} written, {len(jobs) - len(todo)} skipped, {len(failed)} failed (of {len(jobs)})")
+    for case, reason in failed:
+        print(f"  failed {case}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_jobs(args: argparse.Namespace, predictor: Predictor, todo: Sequence[Job]) -> tuple[int, list[tuple[str, str]]]:
+    """Predict and write ``todo``; returns the number written and ``(case, reason)`` of each failed case (one bad
+    case never stops the others)."""
     written, failed = 0, []
     bar = tqdm(total=len(todo), desc="cases", unit="case", disable=args.no_progress or len(todo) < 2, file=sys.stderr)
 
-    def fail(job: Job, err: Exception) -> None:  # one bad case must not stop the others; the summary lists it
+    def fail(job: Job, err: Exception) -> None:
         failed.append((job.case, _describe_error(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"))
         tqdm.write(f"{job.case}: FAILED: {_describe_error(err)}", file=sys.stderr)
         bar.update()
@@ -621,24 +849,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.perf_counter()
             try:
                 loaded = loads.popleft().result() if ahead else predictor.load(job.source)
-                pred = predictor.predict_case(loaded, probabilities=args.save_probabilities)
+                pred = predictor.predict_case(
+                    loaded, probabilities=args.save_probabilities, uncertainty=args.save_uncertainty
+                )
             except Exception as err:
                 fail(job, err)
                 continue
             finally:
                 read_next()
             writes.append((job, pred, started, pool.submit(write_prediction, job, pred, args.save_probabilities,
-                                                           args.save_regions)))  # fmt: skip
+                                                           args.save_regions, args.save_uncertainty)))  # fmt: skip
             while writes and (not ahead or writes[0][3].done()):
                 settle(*writes.popleft())
         while writes:
             settle(*writes.popleft())
     bar.close()
-    skipped = len(jobs) - len(todo)
-    print(f"done: {written} written, {skipped} skipped, {len(failed)} failed (of {len(jobs)})")
-    for case, reason in failed:
-        print(f"  failed {case}: {reason}", file=sys.stderr)
-    return 1 if failed else 0
+    return written, failed
 
 
 __all__ = [
@@ -647,8 +873,11 @@ __all__ = [
     "Prediction",
     "Predictor",
     "check_outputs",
+    "entropy_map",
+    "labels_from_probabilities",
     "main",
     "plan_jobs",
+    "probability_kind",
     "resolve_case",
     "tumour_volumes_ml",
     "write_prediction",

@@ -1,4 +1,4 @@
-"""Crop + z-score preprocessing of BraTS cases into the upstream ``.npy`` layout (METHODS.md §0.4).
+"""Crop + z-score preprocessing of BraTS cases into the upstream ``.npy`` layout.
 
 Output of ``python preprocess.py --input-path RAW --output-path OUT``, one entry per case folder of ``RAW``:
 
@@ -93,7 +93,7 @@ def _axis_range(lo: int, hi: int, dim: int, patch_size: int, reference_quirks: b
 
 
 def crop_box(foreground: np.ndarray, patch_size: int = DEFAULT_PATCH_SIZE, reference_quirks: bool = False) -> Box:
-    """The crop box of a case (METHODS.md §0.4, step 2).
+    """The crop box of a case (see docs/upstream.md, shared preprocessing).
 
     Per axis, the inclusive extent ``[lo, hi]`` of the foreground is enlarged when ``hi − lo < patch_size`` by
     ``e = floor((patch_size − (hi − lo)) / 2)`` on both sides (plus one at the top), then shifted up if it starts
@@ -131,7 +131,7 @@ def crop(array: np.ndarray, box: Box) -> np.ndarray:
 def apply_zscore(
     images: np.ndarray, brain: np.ndarray, names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[float], list[float]]:
-    """Z-score each channel over the brain mask, applied to every voxel (METHODS.md §0.4, step 3).
+    """Z-score each channel over the brain mask, applied to every voxel (see docs/upstream.md, shared preprocessing).
 
     Statistics are computed in float64 (population std); the result is float32. The background therefore becomes
     ``−mean/std`` per channel, as upstream.
@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preprocess.py",
         description="Crop and z-score BraTS cases into <out>/vol/<case>_vol.npy (H, W, D, 4 float32; FLAIR, T1ce, "
-        "T1, T2), <out>/seg/<case>_seg.npy (uint8) and <out>/meta/<case>.json (METHODS.md §0.4).",
+        "T1, T2), <out>/seg/<case>_seg.npy (uint8) and <out>/meta/<case>.json.",
     )
     parser.add_argument(
         "--input-path",

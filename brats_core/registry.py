@@ -280,10 +280,11 @@ def count_parameters(module: nn.Module) -> int:
 
 @torch.no_grad()
 def state_dict_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) of every state-dict entry in order, as listed in ``spec/state_dicts``."""
+    """(key, shape) of every state-dict entry in order (what the parity tests compare with upstream's)."""
     return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
 
 def state_dict_listing(module: nn.Module) -> list[str]:
-    """The state dict as ``spec/state_dicts`` lists it: one ``key [d0,d1,...]`` line per entry, in order."""
+    """The state dict as a listing: one ``key [d0,d1,...]`` line per entry, in order (the format of the reference
+    listings of upstream's state dicts that the parity tests read)."""
     return [f"{k} [{','.join(map(str, shape))}]" for k, shape in state_dict_shapes(module)]

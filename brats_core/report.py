@@ -45,16 +45,20 @@ import numpy as np
 from .cli import UsageError, run_main
 from .evaluation import DamagedResultsError, read_rows
 from .io import RECORD_FILE, atomic_path, load_json, result_files, save_text
+from .metrics import LESION_WISE_KEYS
 from .modalities import DISPLAY_NAMES, MODALITIES, SCENARIOS, Scenario, parse_scenarios
 
 log = logging.getLogger(__name__)
 
 DICE_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
-OPTIONAL_METRICS: tuple[str, ...] = ("ETpp", "HD95_WT", "HD95_TC", "HD95_ET")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"HD95_WT", "HD95_TC", "HD95_ET"})
+# the lesion-wise columns of evaluations run with --lesion_wise (absent from other and older folders)
+OPTIONAL_METRICS: tuple[str, ...] = ("ETpp", "HD95_WT", "HD95_TC", "HD95_ET", *LESION_WISE_KEYS)
+LOWER_IS_BETTER: frozenset[str] = frozenset(
+    {"HD95_WT", "HD95_TC", "HD95_ET", *(k for k in LESION_WISE_KEYS if k.startswith("LesionWise_HD95"))}
+)
 
 # The architecture flags of the paper's configuration of each method, where they differ from the config defaults
-# (IM-Fuse is evaluated with --mamba_skip --interleaved_tokenization, METHODS.md §1.3).
+# (IM-Fuse is evaluated with --mamba_skip --interleaved_tokenization).
 PAPER_OVERRIDES: dict[str, dict[str, Any]] = {"imfuse": {"mamba_skip": True, "interleaved_tokenization": True}}
 
 DEFAULT_RESAMPLES = 10_000
@@ -1403,6 +1407,65 @@ def paper_lines(table: Table, runs: Sequence[Run], counts: Mapping[str, ParamCou
     return lines
 
 
+def _check_report_inputs(runs: Sequence[Run], resamples: int, datapath: str | Path | None, case: str | None) -> None:
+    """Refuse, before anything is written, what :func:`make_report` cannot do (ValueError / FileNotFoundError)."""
+    if not runs:
+        raise ValueError("no runs to report")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique, got {names}: give NAME in METHOD:NAME=PATH")
+    if resamples < 0:
+        raise ValueError(f"--bootstrap {resamples}: the number of resamples is 0 (no intervals) or more")
+    if datapath is not None and not Path(datapath).is_dir():
+        raise FileNotFoundError(f"--datapath {datapath}: no such folder (the preprocessed data, for the panel)")
+    known_cases = {c for r in runs for per in r.scores.values() for c in per.get("WT", {})}
+    if case is not None and case not in known_cases:
+        raise ValueError(f"--case {case}: not among the runs' cases (e.g. {', '.join(sorted(known_cases)[:3])})")
+
+
+def _make_figures(
+    table: Table,
+    runs: Sequence[Run],
+    metrics: Sequence[str],
+    counts: Mapping[str, Any],
+    worth: Sequence[Any],
+    out: Path,
+    datapath: str | Path | None,
+    case: str | None,
+    panel_scenarios: Sequence[Scenario] | None,
+    prediction_dirs: Mapping[str, Path] | None,
+) -> tuple[list[Path], list[str]]:
+    """Write the figures; returns the files and the Markdown lines that show them in ``report.md``."""
+    regions = [m for m in DICE_REGIONS if m in metrics]
+    made = plot_bars(table, runs, regions, out)
+    figure_lines = ["![Dice per scenario](bars.png)"]
+    bubble = plot_dice_vs_params(table, runs, counts, regions, out)
+    if bubble:
+        made += bubble
+        figure_lines.append("![Average Dice vs parameters](dice_vs_params.png)")
+    if worth:
+        made += plot_worth(worth, runs, out)
+    if datapath is None:
+        return made, figure_lines
+    given = dict(prediction_dirs or {})
+    # the panel's columns in the runs' order
+    dirs = {
+        run.name: given.pop(run.name, (run.path if run.path.is_dir() else run.path.parent) / "predictions")
+        for run in runs
+    } | given
+    chosen_case = case or _first_case(runs)
+    panel = plot_qualitative(
+        Path(datapath), chosen_case, panel_scenarios or _default_panel(), {k: v for k, v in dirs.items() if v.is_dir()},
+        out,
+    )  # fmt: skip
+    if panel:
+        made += panel
+        figure_lines.append("![Qualitative comparison](qualitative.png)")
+    else:
+        log.warning("no saved predictions for case %s: no qualitative panel (test with --save_nifti)", chosen_case)
+    return made, figure_lines
+
+
 def make_report(
     runs: Sequence[Run],
     out: str | Path,
@@ -1425,7 +1488,8 @@ def make_report(
     into ``out``.
 
     Args:
-        metrics: table columns per run; default: WT, TC, ET plus ETpp and HD95 when every run has them.
+        metrics: table columns per run; default: WT, TC, ET plus ETpp, HD95 and the lesion-wise metrics when every
+            run has them.
         params: parameter count per run name or method, overriding the count of the evaluated model.
         prediction_dirs: run name → folder of saved predictions (default: ``<run folder>/predictions``).
         count_params: build models to count parameters (from each run's ``evaluation.json``, else the paper preset);
@@ -1433,18 +1497,7 @@ def make_report(
         resamples: bootstrap resamples of the 95 % intervals (0: none); seed: their seed.
         paper_reference: add the ``paper`` column (published average Dice) to the table's mean row.
     """
-    if not runs:
-        raise ValueError("no runs to report")
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"run names must be unique, got {names}: give NAME in METHOD:NAME=PATH")
-    if resamples < 0:
-        raise ValueError(f"--bootstrap {resamples}: the number of resamples is 0 (no intervals) or more")
-    if datapath is not None and not Path(datapath).is_dir():
-        raise FileNotFoundError(f"--datapath {datapath}: no such folder (the preprocessed data, for the panel)")
-    known_cases = {c for r in runs for per in r.scores.values() for c in per.get("WT", {})}
-    if case is not None and case not in known_cases:
-        raise ValueError(f"--case {case}: not among the runs' cases (e.g. {', '.join(sorted(known_cases)[:3])})")
+    _check_report_inputs(runs, resamples, datapath, case)
     warnings_ = coverage_warnings(runs)
     for text in warnings_:
         log.warning("%s", text)
@@ -1475,37 +1528,9 @@ def make_report(
     counts = parameter_counts(runs, params, count_params)
     figure_lines: list[str] = []
     if figures:
-        regions = [m for m in DICE_REGIONS if m in metrics]
-        made = plot_bars(table, runs, regions, out)
-        figure_lines.append("![Dice per scenario](bars.png)")
-        bubble = plot_dice_vs_params(table, runs, counts, regions, out)
-        if bubble:
-            made += bubble
-            figure_lines.append("![Average Dice vs parameters](dice_vs_params.png)")
-        if worth:
-            made += plot_worth(worth, runs, out)
-        if datapath is not None:
-            given = dict(prediction_dirs or {})
-            # the panel's columns in the runs' order
-            dirs = {
-                run.name: given.pop(run.name, (run.path if run.path.is_dir() else run.path.parent) / "predictions")
-                for run in runs
-            } | given
-            chosen_case = case or _first_case(runs)
-            panel = plot_qualitative(
-                Path(datapath),
-                chosen_case,
-                panel_scenarios or _default_panel(),
-                {k: v for k, v in dirs.items() if v.is_dir()},
-                out,
-            )
-            if panel:
-                made += panel
-                figure_lines.append("![Qualitative comparison](qualitative.png)")
-            else:
-                log.warning(
-                    "no saved predictions for case %s: no qualitative panel (test with --save_nifti)", chosen_case
-                )
+        made, figure_lines = _make_figures(
+            table, runs, metrics, counts, worth, out, datapath, case, panel_scenarios, prediction_dirs
+        )
         files += made
     if resamples > 0:
         interval = (
@@ -1586,7 +1611,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="report", help="output folder (default: report)")
     p.add_argument(
-        "--metrics", default=None, help="comma list of columns per run (default: WT,TC,ET + ETpp/HD95 when present)"
+        "--metrics",
+        default=None,
+        help="comma list of columns per run (default: WT,TC,ET + ETpp, HD95 and the lesion-wise columns where every "
+        "run has them)",
     )
     p.add_argument("--layout", default="metric", choices=["metric", "run"], help="group columns by metric or by run")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")

@@ -139,7 +139,7 @@ RECIPES: dict[str, Recipe] = {
         "IMFuse/train_poly.py",
         "IMFuse/test.py",
         ("--num_epochs", "1000", "--batch_size", "1", "--mamba_skip", "--interleaved_tokenization"),
-        notes="RAdam 2e-4, poly 0.9 per epoch, 1000 epochs × N_train steps, batch 1 (METHODS.md §1.5).",
+        notes="RAdam 2e-4, poly 0.9 per epoch, 1000 epochs × N_train steps, batch 1.",
     ),
     "mmformer": _rfnet_family(
         "mmformer",
@@ -171,8 +171,8 @@ RECIPES: dict[str, Recipe] = {
         ("--num_epochs", "400", "--batch_size", "1"),
         notes="Adam(amsgrad) 1e-3, LR plateau on the validation loss, 400 epochs (README), batch 1, 112³ patches.",
     ),
-    # M3AE and ShaSpec read the BraTS NIfTI folder (--raw) through their own pipelines and caches (METHODS.md §6.2,
-    # §7.2); their flags were checked against their scripts' parsers while those were being finished.
+    # M3AE and ShaSpec read the BraTS NIfTI folder (--raw) through their own pipelines and caches;
+    # their flags were checked against their scripts' parsers while those were being finished.
     "m3ae": Recipe(
         "m3ae",
         (
@@ -284,7 +284,7 @@ RECIPES: dict[str, Recipe] = {
             ),
         ),
         notes="Stage 1: masked-autoencoder pre-training, 600 epochs, batch 2; stage 2: fine-tuning from the stage-1 "
-        "checkpoint, 300 epochs, 2 masked copies per case, --mdp 3 (METHODS.md §6.3-6.4).",
+        "checkpoint, 300 epochs, 2 masked copies per case, --mdp 3.",
     ),
     "shaspec": Recipe(
         "shaspec",
@@ -387,7 +387,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         ckpt="final.pth",
         notes="Warm-up with all modalities to 245k iterations, then random missing modalities continuing the same "
-        "poly schedule to 406k iterations from the warm-up's best.pth (METHODS.md §7.3).",
+        "poly schedule to 406k iterations from the warm-up's best.pth.",
     ),
     # MaM runs on nnU-Net v2: its folders are environment variables, the dataset is prepared (and planned) once.
     "mam": Recipe(
@@ -444,7 +444,7 @@ RECIPES: dict[str, Recipe] = {
             ("nnUNet_results", "{run}/nnUNet_results"),
             ("nnUNet_n_proc_DA", "{workers}"),
         ),
-        notes="nnU-Net v2 trainer, SGD 1e-2, poly, 500 epochs × 150 iterations, batch 1, AMP (METHODS.md §8.3).",
+        notes="nnU-Net v2 trainer, SGD 1e-2, poly, 500 epochs × 150 iterations, batch 1, AMP.",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Losses and training recipe of the RMBTS framework shared by RobustSeg (METHODS.md §3) and SFusion (§4).
+"""Losses and training recipe of the RMBTS framework shared by RobustSeg and SFusion.
 
 The networks are in :mod:`brats_core.nn.rmbts`; this module holds what both upstream training scripts share:
 weighted CE (ε = 1e-8) + Dice + 0.1·L1 reconstruction + 0.1·KL (:class:`RMBTSLoss`), Adam with amsgrad, poly LR per
@@ -66,7 +66,7 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 class RMBTSLoss:
-    """``wCE(seg; ε 1e-8) + Dice(seg) + 0.1·L1 reconstruction + 0.1·KL`` (METHODS.md §3.2, §4.2).
+    """``wCE(seg; ε 1e-8) + Dice(seg) + 0.1·L1 reconstruction + 0.1·KL``.
 
     Args:
         reference_quirks: one-hot like upstream (``eye(4)[label]``: the −1 rotation fill becomes ET).
@@ -79,7 +79,7 @@ class RMBTSLoss:
         self.rec_weight, self.kl_weight = rec_weight, kl_weight
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training loss (``fit``'s ``LossFn``)."""
+        """One training loss (a ``training.LossFn``)."""
         out = model(batch["image"], batch["mask"])
         target = self.encode_target(batch["label"], out["seg"].shape[1])
         ce = softmax_weighted_loss(out["seg"], target, eps=1e-8)
@@ -115,7 +115,7 @@ def train_main(
     intensity: bool,
     split: Split | None = None,
 ) -> int:
-    """Seed, build the model and train it with the shared recipe (METHODS.md §3.2 / §4.2); the caller has set up
+    """Seed, build the model and train it with the shared recipe; the caller has set up
     logging (``brats_core.cli.setup_logging``).
 
     Adam (β 0.9/0.999, ε 1e-8, amsgrad) with the configured lr and weight decay, poly LR per epoch, :class:`RMBTSLoss`,

@@ -18,7 +18,6 @@ from .cli import (
     add_data_args,
     add_eval_args,
     add_runtime_args,
-    args_dict,
     check_scenarios,
     describe_os_error,
     positive_int,
@@ -34,9 +33,9 @@ from .evaluation import (
     format_table,
     validate,
 )
-from .registry import SegModel, build_from_config, config_dict, method_info
+from .registry import SegModel, build_from_config, method_info
 from .splits import Split, load_split, read_case_list
-from .training import FitConfig, FitResult, LossFn, fit, resolve_device
+from .training import FitConfig, FitResult, LossFn, Trainer, resolve_device
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def train_from_args(
     exact architecture. ``extra_validation(model, split)`` adds method-specific validation scores (e.g. U-HVED's
     ``val_loss`` for its plateau scheduler) to the standard Dice scores.
 
-    Everything is checked before the first step, and before ``fit`` makes ``--savepath``: the data folder, the
+    Everything is checked before the first step, and before the trainer makes ``--savepath``: the data folder, the
     lists, every training case and, when the run validates, every validation case.
     """
     if split is None:
@@ -72,13 +71,7 @@ def train_from_args(
     device = resolve_device(args.device)
     options = EvalOptions(progress=not args.no_progress)
     train_set = TrainDataset(args.datapath, split.train, transform, mask_sampler)
-    config = FitConfig(
-        savepath=Path(args.savepath), num_epochs=args.num_epochs, batch_size=args.batch_size,
-        iter_per_epoch=args.iter_per_epoch, seed=args.seed, workers=args.workers, device=args.device, amp=args.amp,
-        compile=args.compile, max_steps=args.max_steps, val_epochs=set(val_epochs), resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress,
-        extra={"method": model.method_name, "config": config_dict(model), "args": args_dict(args)},
-    )  # fmt: skip
+    config = FitConfig.from_args(args, model, val_epochs=set(val_epochs))
     log.info(
         "training %s on %d cases (%d val) → %s", model.method_name, len(split.train), len(split.val), args.savepath
     )
@@ -89,15 +82,8 @@ def train_from_args(
             scores |= extra_validation(m, split)  # type: ignore[arg-type]
         return scores
 
-    result = fit(
-        model,
-        train_set,
-        loss_fn,
-        optimizer,
-        config,
-        scheduler=scheduler,
-        validate=run_validation if val_epochs else None,
-    )
+    trainer = Trainer(model, loss_fn, optimizer, config, scheduler, run_validation if val_epochs else None)
+    result = trainer.run_training(train_set)
     log.info("done: %d steps, last checkpoint %s, best validation mean Dice %.4f", result.global_step,
              result.last_checkpoint, result.best_score)  # fmt: skip
     return result

@@ -1,6 +1,6 @@
 """Train/val/test splits: read upstream's split files, download them verified, or generate a split by the same rules.
 
-Upstream formats (METHODS.md §0.2): ``train.txt`` (one case id per line), ``val15splits.csv`` / ``test15splits.csv``
+Upstream formats: ``train.txt`` (one case id per line), ``val15splits.csv`` / ``test15splits.csv``
 (header ``case,mask``; ``mask`` a Python-literal list of four booleans, True = available, in the file's modality
 order), ShaSpec's ``BraTS23_*.csv`` (single ``case`` column holding absolute paths). Masks are returned canonical.
 """
@@ -49,7 +49,7 @@ REFERENCE_FILES: dict[str, tuple[str, str]] = {
 SFUSION_TRAIN_FILE = "train2.txt"
 SFUSION_EXCLUDED: tuple[str, ...] = ("BraTS-GLI-00165-000", "BraTS-GLI-00498-001", "BraTS-GLI-01130-000")
 """The paper's SFusion run trained on ``train2.txt`` (872 cases): upstream's ``train.txt`` minus these three (the copies
-in upstream's RobustSeg/ and UHVED/ folders; METHODS.md §0.2, §4.2). :func:`download` derives it."""
+in upstream's RobustSeg/ and UHVED/ folders). :func:`download` derives it."""
 
 
 def write_sfusion_train_list(split_dir: str | Path) -> Path:
@@ -256,7 +256,7 @@ def verify(split_dir: str | Path) -> dict[str, bool]:
 
 
 def generate(case_ids: Sequence[str], seed: int = 42, fractions: tuple[float, float] = (0.7, 0.1)) -> Split:
-    """A new split by upstream's rules (``ShaSpec/create_BraTS23.py``, METHODS.md §0.2).
+    """A new split by upstream's rules (``ShaSpec/create_BraTS23.py``).
 
     Every patient with several scans (same ``BraTS-GLI-XXXXX`` prefix) goes to train; single-scan cases are shuffled
     with ``random.Random(seed)`` and fill train up to ``int(0.7·N)``, then val ``int(0.1·N)``, test the rest. Val and

@@ -1,16 +1,21 @@
-"""The training engine shared by all methods: ``fit(model, train_set, loss_fn, optimizer, config)``.
+"""The training engine shared by all methods: :class:`Trainer`, configured by :class:`FitConfig`.
 
-Upstream semantics by default (METHODS.md §0.8): one epoch = N_train optimiser steps of ``batch_size`` samples
-(``--iter_per_epoch`` overrides), the learning rate is set per epoch by a scheduler (poly for the RFNet family),
-``model_last.pth`` is written after every epoch and ``best.pth`` when the validation score improves. Added: AMP on
-CUDA, DDP through ``torchrun``, TensorBoard scalars, a progress bar (without it, progress lines with the time left),
-``--max_steps`` for smoke runs, and resume that reproduces an uninterrupted run exactly on CPU (every sample is a
-function of (seed, epoch, position); model, optimiser, scheduler, scaler and RNG states are checkpointed, also
-mid-epoch). Every input is checked before the output folder is made, so a refused run leaves nothing behind.
+``Trainer.run_training`` is a short loop over hooks in the style of nnU-Net's ``nnUNetTrainer`` (``on_train_start``,
+``on_epoch_start``, ``train_step``, ``on_step_end``, ``on_epoch_end``, ``on_train_end``): a method with its own
+rules (ShaSpec's iteration-based snapshots) overrides hooks, never the loop. Upstream semantics by default: one
+epoch = N_train optimiser steps of ``batch_size`` samples (``--iter_per_epoch`` overrides), the learning rate set
+per epoch by a scheduler (poly for the RFNet family) or per iteration (ShaSpec), ``model_last.pth`` written every N
+epochs or iterations and ``best.pth`` when the validation score improves. Added: AMP on CUDA, DDP through
+``torchrun``, TensorBoard scalars, a progress bar (without it, progress lines with the time left), ``--max_steps``
+for smoke runs, and resume that reproduces an uninterrupted run exactly on CPU (every sample is a function of (seed,
+epoch, position); model, optimiser, scheduler, scaler and RNG states are checkpointed, also mid-epoch). Every input
+is checked before the output folder is made, so a refused run leaves nothing behind; the TensorBoard writer and the
+text log are closed on every exit, a failing step included.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -21,10 +26,10 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,10 +47,10 @@ from .checkpoint import (
     set_rng_state,
     unwrap,
 )
-from .cli import UsageError
+from .cli import UsageError, args_dict
 from .data import EpochSampler, check_finite, seed_worker, volume_path
 from .io import load_npy, remove_stale_temporaries
-from .registry import config_mismatch
+from .registry import config_dict, config_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +97,42 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=fp16)
 
 
-class PolyLR(torch.optim.lr_scheduler.LRScheduler):
-    """Upstream's poly schedule, stepped once per epoch: ``lr_e = round(lr0 · (1 − e/E)^0.9, 8)`` (§0.8)."""
+def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
+    """``base_lr·(1 − i/total)^power`` with ``i = step`` clamped to ``[0, total]``: 0 from ``total`` on (ShaSpec's
+    upstream raised a negative number to 0.9 there and got a complex learning rate).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, num_epochs: int, power: float = 0.9, last_epoch: int = -1):
-        self.num_epochs, self.power = num_epochs, power
+    Raises:
+        ValueError: ``total`` is not positive.
+    """
+    if total <= 0:
+        raise ValueError(f"the poly schedule needs a positive length, got {total}")
+    i = min(max(step, 0), total)
+    return base_lr * (1.0 - i / total) ** power
+
+
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """Upstream's poly schedule ``lr_e = round(lr0 · (1 − e/E)^0.9, 8)``, stepped once per epoch; with
+    ``decimals=None`` and stepped per iteration it is ShaSpec's unrounded per-iteration schedule."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        num_epochs: int,
+        power: float = 0.9,
+        last_epoch: int = -1,
+        decimals: int | None = 8,
+    ) -> None:
+        self.num_epochs, self.power, self.decimals = num_epochs, power, decimals
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        e = min(self.last_epoch, self.num_epochs)
-        return [round(base * (1 - e / self.num_epochs) ** self.power, 8) for base in self.base_lrs]
+        rates = [poly_lr(base, self.last_epoch, self.num_epochs, self.power) for base in self.base_lrs]
+        return rates if self.decimals is None else [round(r, self.decimals) for r in rates]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the epoch only: upstream recomputes the rate from ``--lr`` and ``--num_epochs`` every epoch, so a
-        resumed run that changes ``--num_epochs`` (e.g. extends 1000 to 1200) follows the new schedule instead of
-        the saved one (which would train every extra epoch at lr 0)."""
+        """Restore the position only: upstream recomputes the rate from ``--lr`` and ``--num_epochs`` every epoch,
+        so a resumed run that changes ``--num_epochs`` (e.g. extends 1000 to 1200) follows the new schedule instead
+        of the saved one (which would train every extra epoch at lr 0)."""
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
@@ -114,11 +140,23 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+Unit = Literal["epoch", "iteration"]
+
+_ARG_FIELDS = (
+    "savepath", "num_epochs", "batch_size", "iter_per_epoch", "seed", "workers", "device", "amp", "compile",
+    "max_steps", "resume", "overwrite",
+)  # fmt: skip
+"""``FitConfig`` fields that the shared flags (``cli.add_train_args``, ``cli.add_runtime_args``) set by name."""
+
+
 @dataclass
 class FitConfig:
-    """What ``fit`` needs beyond the model, data, loss and optimiser.
+    """How :class:`Trainer` runs, beyond the model, data, loss and optimiser.
 
-    ``val_epochs`` are 1-based epoch numbers after which ``validate`` runs (upstream's convention).
+    ``val_epochs`` are 1-based epoch numbers after which ``validate`` runs (upstream's convention), ``val_steps``
+    1-based global steps (iteration-based runs such as ShaSpec's). ``schedule_per`` says when the scheduler steps;
+    ``model_last.pth`` is written every ``save_every`` epochs or iterations (``save_per``) and whenever the run
+    stops. An iteration-based run is one epoch of ``iter_per_epoch`` iterations.
     """
 
     savepath: Path
@@ -132,13 +170,49 @@ class FitConfig:
     compile: bool = False  # torch.compile the training forward (the Mamba scans stay eager)
     max_steps: int | None = None
     val_epochs: Collection[int] = ()
+    val_steps: Collection[int] = ()
     best_key: str = "mean_dice"
     resume: str | Path | None = None
+    restore_rng: bool = True  # False: a run started from another run's checkpoint draws its own random numbers
     overwrite: bool = False  # start afresh in a savepath that holds a run (see claim_run_folder)
-    log_every: int = 10
+    schedule_per: Unit = "epoch"
+    save_every: int = 1
+    save_per: Unit = "epoch"
+    log_every: int = 10  # TensorBoard scalars every this many steps
     progress: bool = True
     progress_seconds: float = 30.0  # without the bar: a progress line after the first step, then this often
     extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint: method, config, args
+
+    def __post_init__(self) -> None:
+        for name in ("schedule_per", "save_per"):
+            if getattr(self, name) not in ("epoch", "iteration"):
+                raise ValueError(f"FitConfig.{name} must be 'epoch' or 'iteration', got {getattr(self, name)!r}")
+        if self.save_every < 1:
+            raise ValueError(f"checkpoints must be written every N >= 1 {self.save_per}s, got {self.save_every}")
+
+    @classmethod
+    def from_args(
+        cls,
+        args: argparse.Namespace,
+        model: nn.Module | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> FitConfig:
+        """The run's settings from parsed arguments: the shared training and runtime flags where ``args`` has them
+        (``--savepath --num_epochs --batch_size --iter_per_epoch --seed --workers --device --amp --compile
+        --max_steps --resume --overwrite --no_progress``), then ``overrides`` (fields a script names otherwise, e.g.
+        ShaSpec's ``--snapshot_dir``). With ``model``, every checkpoint records its method, resolved config and the
+        arguments, plus ``extra``."""
+        values: dict[str, Any] = {name: getattr(args, name) for name in _ARG_FIELDS if hasattr(args, name)}
+        if hasattr(args, "no_progress"):
+            values["progress"] = not args.no_progress
+        if model is not None:
+            method = getattr(model, "method_name", "")
+            values["extra"] = {"method": method, "config": config_dict(model), "args": args_dict(args), **(extra or {})}
+        values.update(overrides)
+        values["savepath"] = Path(values["savepath"])
+        return cls(**values)
 
 
 @dataclass
@@ -198,9 +272,10 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, next_epoch: int) -> None:
-    """Put ``scheduler`` at ``next_epoch``: from its saved state, or, for checkpoints without one (upstream's), by
-    stepping it ``next_epoch`` times as the interrupted run did."""
+def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, position: int) -> None:
+    """Put ``scheduler`` at ``position`` (the next epoch, or the global step of a per-iteration schedule): from its
+    saved state, or, for checkpoints without one (upstream's), at once for the closed-form poly schedule and by
+    stepping it ``position`` times as the interrupted run did for the others."""
     if state is not None:
         span = getattr(scheduler, "T_max", None)
         scheduler.load_state_dict(state)
@@ -211,13 +286,15 @@ def _resume_scheduler(scheduler: Any, state: Mapping[str, Any] | None, next_epoc
             )  # fmt: skip
     elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         log.warning("the checkpoint has no scheduler state: the plateau scheduler starts afresh")
+    elif isinstance(scheduler, PolyLR):
+        scheduler.load_state_dict({"last_epoch": position})
     else:
         # replay from the initial rates: recursive schedules (cosine) would otherwise decay the restored rate again
         for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
-            for _ in range(next_epoch):
+            for _ in range(position):
                 scheduler.step()
 
 
@@ -332,204 +409,349 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def fit(
-    model: nn.Module,
-    train_set: Dataset,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    config: FitConfig,
-    scheduler: Any | None = None,
-    validate: ValidateFn | None = None,
-) -> FitResult:
-    """Train ``model`` on ``train_set`` (a dataset indexed by ``(case index, seed)``, see ``data.TrainDataset``).
+class Trainer:
+    """Train a model on a dataset indexed by ``(case index, seed)`` (see ``data.TrainDataset``), with hooks.
+
+    :meth:`run_training` loops over epochs and batches and calls the hooks; a method overrides hooks, never the loop:
+    :meth:`restore_position` / :meth:`checkpoint_state` (what a checkpoint means and holds), :meth:`train_step` (one
+    optimiser step), :meth:`on_step_end` (per-iteration schedule, validation and checkpoints), :meth:`on_epoch_end`
+    (per-epoch ones), :meth:`on_train_end`. Class attributes name the run's checkpoints.
 
     Args:
         model: the bare model (DDP wrapping is done here when launched by ``torchrun``).
-        train_set: training dataset; its length is N_train.
         loss_fn: see :data:`LossFn`.
         optimizer: over ``model``'s parameters.
         config: see :class:`FitConfig`.
-        scheduler: stepped once per epoch (``step()``; ``step(val_loss)`` for ``ReduceLROnPlateau``, which then
-            needs ``"val_loss"`` from ``validate`` at every epoch).
-        validate: run after the epochs listed in ``config.val_epochs``; ``config.best_key`` of its result selects
-            ``best.pth`` (higher is better).
+        scheduler: stepped per epoch or iteration (``config.schedule_per``) with ``step()``; a
+            ``ReduceLROnPlateau`` steps with ``step(val_loss)`` after validations that return ``"val_loss"``.
+        validate: run after ``config.val_epochs`` / ``config.val_steps``; ``config.best_key`` of its result selects
+            ``best.pth`` (higher is better). May be set (attribute ``validate``) until :meth:`run_training`.
     """
-    rank, world, local_rank = _distributed()
-    device = resolve_device(config.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if config.amp and device.type != "cuda":
-        log.warning("--amp has no effect on %s: training in fp32", device)
-    if config.batch_size % world:
-        raise ValueError(f"--batch_size {config.batch_size} is not divisible by the {world} processes")
-    savepath = Path(config.savepath)
-    is_main = rank == 0
 
-    model.to(device)
-    steps_per_epoch = config.iter_per_epoch or len(train_set)
-    per_rank_batch = config.batch_size // world
-    sampler = EpochSampler(len(train_set), steps_per_epoch * per_rank_batch, config.seed, rank, world)
-    scaler = grad_scaler(device, config.amp)
+    checkpoints: tuple[str, ...] = RUN_CHECKPOINTS  # glob patterns of the run's checkpoints (claim_run_folder)
+    last_name = "model_last.pth"
+    best_name = "best.pth"
+    continue_with = "--resume {savepath}/model_last.pth"  # the advice when a new run would replace a run's files
+    check_architecture = True  # refuse to resume with another architecture than the checkpoint's
 
-    next_epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
-    if config.resume:
-        ckpt = load_checkpoint(config.resume)  # on the CPU: the loaders below move tensors to the parameters
-        method = config.extra.get("method")
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        config: FitConfig,
+        scheduler: Any | None = None,
+        validate: ValidateFn | None = None,
+    ) -> None:
+        self.config, self.loss_fn, self.optimizer = config, loss_fn, optimizer
+        self.scheduler, self.validate = scheduler, validate
+        self.rank, self.world, local_rank = _distributed()
+        self.device = resolve_device(config.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        if config.amp and self.device.type != "cuda":
+            log.warning("--amp has no effect on %s: training in fp32", self.device)
+        if config.batch_size % self.world:
+            raise ValueError(f"--batch_size {config.batch_size} is not divisible by the {self.world} processes")
+        self.model = model.to(self.device)
+        self.train_model: nn.Module = self.model  # wrapped for DDP / torch.compile when training starts
+        self.scaler = grad_scaler(self.device, config.amp)
+        self.savepath = Path(config.savepath)
+        self.last = self.savepath / self.last_name
+        # the position: the epoch under way (0-based), the steps taken in it and in the whole run
+        self.epoch, self.step_in_epoch, self.best = 0, 0, -math.inf
+        self.global_step: int | None = 0  # None: resumed from a checkpoint without it, derived when training starts
+        self.steps_per_epoch = config.iter_per_epoch or 0
+        self.resumed, self.stopped = False, False
+        self.session_steps = 0  # optimiser steps taken by this process (a resumed run counts from 0)
+        self.epoch_started, self.epoch_loss, self.epoch_steps = time.time(), 0.0, 0  # of the epoch under way
+        self._schedule_state: Mapping[str, Any] | None = None
+        self._rng: Mapping[str, Any] | None = None
+        self.writer: Any = None
+        self.text_log: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def resume(self, ckpt: Mapping[str, Any] | None = None) -> None:
+        """Continue from ``config.resume``: weights, optimiser, scaler, position, best score, scheduler and (with
+        ``config.restore_rng``) the RNG states. ``ckpt``: that file's content, when the caller has read it already.
+
+        Raises:
+            UsageError: the checkpoint holds another method's model or another architecture.
+            CheckpointError, StateDictMismatchError: unreadable, or does not fit the model or optimiser.
+        """
+        path = self.config.resume
+        if path is None:
+            raise ValueError("nothing to resume: FitConfig.resume is not set")
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt  # on the CPU: the loaders move tensors
+        method = self.config.extra.get("method")
         if ckpt.get("method", method) != method:
-            raise UsageError(f"--resume {config.resume} holds a {ckpt['method']!r} model, not {method!r}")
-        _check_same_architecture(model, ckpt.get("config"), config.resume)
-        load_state_dict_strict(model, ckpt["state_dict"], str(config.resume))
+            raise UsageError(f"--resume {path} holds a {ckpt['method']!r} model, not {method!r}")
+        if self.check_architecture:
+            _check_same_architecture(self.model, ckpt.get("config"), path)
+        load_state_dict_strict(self.model, ckpt["state_dict"], str(path))
         if "optimizer" in ckpt:
-            load_optimizer_state(optimizer, ckpt["optimizer"], config.resume)
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        next_epoch = int(ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1))
-        if scheduler is not None:
-            _resume_scheduler(scheduler, ckpt.get("scheduler"), next_epoch)
-        step_in_epoch = int(ckpt.get("step_in_epoch", 0))
-        global_step = int(ckpt.get("global_step", next_epoch * steps_per_epoch + step_in_epoch))
-        best = float(ckpt.get("best_score", -math.inf))
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        log.info("resumed from %s at epoch %d, step %d", config.resume, next_epoch, step_in_epoch)
+            load_optimizer_state(self.optimizer, ckpt["optimizer"], path)
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.restore_position(ckpt)
+        self.best = float(ckpt.get("best_score", -math.inf))
+        self._schedule_state = ckpt.get("scheduler")  # applied once the position is complete (on_train_start)
+        self._rng = ckpt.get("rng") if self.config.restore_rng else None  # restored when training starts
+        self.resumed = True
+        log.info("resumed from %s at %s", path, self.where())
 
-    # Every check has passed (the lists and cases before fit, the checkpoint above): only now is the output folder
-    # claimed and made, so that a refused run leaves nothing behind, and --overwrite deletes nothing for it.
-    claim_run_folder(savepath, config.resume, config.overwrite, delete=is_main)
-    if is_main:
-        savepath.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(savepath)  # what runs killed while writing a checkpoint left
-        log.info(
-            "training in %s from epoch %d of %d, %d steps per epoch", savepath, next_epoch + 1, config.num_epochs,
-            steps_per_epoch,
-        )  # fmt: skip
+    def restore_position(self, ckpt: Mapping[str, Any]) -> None:
+        """Set ``epoch``, ``step_in_epoch`` and ``global_step`` from a checkpoint (ours, or upstream's ``epoch``)."""
+        self.epoch = int(ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1))
+        self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+        self.global_step = int(ckpt["global_step"]) if "global_step" in ckpt else None
 
-    train_model: nn.Module = model
-    if world > 1:
-        # DDP's search for parameters without a gradient costs a graph traversal per step: only for models that
-        # declare dead parameters (kept for upstream's state dicts) or a graph that depends on the mask
-        bare = unwrap(model)
-        find_unused = bool(getattr(bare, "mask_dependent_parameters", True)) or bool(bare.unused_parameter_names())
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
-        )
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights; ``epoch`` keeps upstream's meaning (last finished epoch,
+        0-based), resume uses ``next_epoch`` and ``step_in_epoch``."""
+        return {
+            "epoch": self.epoch - 1, "next_epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "best_score": self.best, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": rng_state(),
+            **self.config.extra,
+        }  # fmt: skip
 
-    if config.compile:
-        # Compiles on the first steps (minutes); checkpoints still hold the bare model's state dict.
-        train_model = torch.compile(train_model)
-
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(savepath / "tensorboard"))
-        (savepath / "config.json").write_text(json.dumps(config.extra, indent=2, default=str))
-    text_log = (savepath / "train.log").open("a") if is_main else None
-
-    def checkpoint(name: str, resume_epoch: int, in_epoch: int) -> Path:
-        # `epoch` keeps upstream's meaning (last finished epoch, 0-based); resume uses next_epoch/step_in_epoch
-        path = savepath / name
-        if is_main:
-            save_checkpoint(
-                path, model,
-                epoch=resume_epoch - 1, next_epoch=resume_epoch, step_in_epoch=in_epoch,
-                global_step=global_step, best_score=best,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                rng=rng_state(), **config.extra,
-            )  # fmt: skip
+    def save(self, name: str) -> Path:
+        """Write checkpoint ``name`` into the savepath (on the main process only) and return its path."""
+        path = self.savepath / name
+        if self.is_main:
+            save_checkpoint(path, self.model, **self.checkpoint_state())
         return path
 
-    last = savepath / "model_last.pth"
-    stop = False
-    progress = ProgressLog(config.progress_seconds, config.num_epochs, steps_per_epoch, config.max_steps)
-    root = getattr(train_set, "root", None)  # names a damaged volume when a loss is not finite
-    for epoch in range(next_epoch, config.num_epochs):
-        next_epoch = epoch
-        sampler.set_epoch(epoch, skip=step_in_epoch * per_rank_batch)
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def run_training(self, train_set: Dataset) -> FitResult:
+        """Train until ``config.num_epochs`` epochs or ``config.max_steps`` steps; returns where the run stands."""
+        with ExitStack() as resources:  # the writer and the text log are closed on any exit
+            self.on_train_start(train_set, resources)
+            while self.epoch < self.config.num_epochs and not self.stopped:
+                with self.on_epoch_start() as batches:
+                    for batch in batches:
+                        self.on_step_end(*self.train_step(batch))
+                        if self.stopped:
+                            break
+                self.on_epoch_end()
+            self.on_train_end()
+        return FitResult(self.steps_done, self.epoch, self.best, self.last)
+
+    @property
+    def steps_done(self) -> int:
+        assert self.global_step is not None, "the position is complete once training starts"
+        return self.global_step
+
+    def on_train_start(self, train_set: Dataset, resources: ExitStack) -> None:
+        """Complete the position, claim and make the savepath (every check has passed by now), wrap the model, open
+        the writer and the text log (closed by ``resources``), and last restore the checkpoint's RNG states."""
+        config = self.config
+        self.train_set, self.root = train_set, getattr(train_set, "root", None)  # root names a damaged volume
+        self.steps_per_epoch = config.iter_per_epoch or len(train_set)  # type: ignore[arg-type]
+        if config.resume and not self.resumed:
+            self.resume()
+        self._settle_position()
+        # Only now is the output folder claimed and made, so that a refused run leaves nothing behind, and
+        # --overwrite deletes nothing for it.
+        claim_run_folder(
+            self.savepath, config.resume, config.overwrite, self.is_main, self.checkpoints, self.continue_with
+        )
+        self.per_rank_batch = config.batch_size // self.world
+        num_cases = len(train_set)  # type: ignore[arg-type]
+        self.sampler = EpochSampler(
+            num_cases, self.steps_per_epoch * self.per_rank_batch, config.seed, self.rank, self.world
+        )
+        self.train_model = self._wrap(self.model)
+        self.progress = ProgressLog(config.progress_seconds, config.num_epochs, self.steps_per_epoch, config.max_steps)
+        if self.is_main:
+            self._open_outputs(resources)
+        if self._rng is not None:  # after everything above, which may draw random numbers
+            set_rng_state(self._rng)
+
+    def _settle_position(self) -> None:
+        """The global step of checkpoints without one (upstream's), and the scheduler at the position."""
+        if self.global_step is None:
+            self.global_step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        if self.scheduler is not None and (self.resumed or self.global_step):  # a run may start at a given step
+            position = self.epoch if self.config.schedule_per == "epoch" else self.global_step
+            _resume_scheduler(self.scheduler, self._schedule_state, position)
+
+    def _open_outputs(self, resources: ExitStack) -> None:
+        """Make the savepath, remove killed runs' temporaries, open the writer and the text log, write the config."""
+        self.savepath.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.savepath)  # what runs killed while writing a checkpoint left
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = resources.enter_context(SummaryWriter(str(self.savepath / "tensorboard")))
+        self.text_log = resources.enter_context((self.savepath / "train.log").open("a"))
+        (self.savepath / "config.json").write_text(json.dumps(self.config.extra, indent=2, default=str))
+        log.info(
+            "training in %s from epoch %d of %d, %d steps per epoch", self.savepath, self.epoch + 1,
+            self.config.num_epochs, self.steps_per_epoch,
+        )  # fmt: skip
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module that trains: DDP under ``torchrun``, then ``torch.compile`` with ``config.compile``."""
+        if self.world > 1:
+            # DDP's search for parameters without a gradient costs a graph traversal per step: only for models that
+            # declare dead parameters (kept for upstream's state dicts) or a graph that depends on the mask
+            bare = unwrap(model)
+            find_unused = bool(getattr(bare, "mask_dependent_parameters", True)) or bool(bare.unused_parameter_names())
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        if self.config.compile:
+            # Compiles on the first steps (minutes); checkpoints still hold the bare model's state dict.
+            model = torch.compile(model)  # type: ignore[assignment]
+        return model
+
+    def on_epoch_start(self) -> tqdm:
+        """The epoch's batches (from ``step_in_epoch`` on) behind a progress bar, which the loop closes."""
+        config, epoch = self.config, self.epoch
+        self.sampler.set_epoch(epoch, skip=self.step_in_epoch * self.per_rank_batch)
         loader = DataLoader(
-            train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=config.workers,
-            pin_memory=device.type == "cuda", worker_init_fn=seed_worker, drop_last=True,
+            self.train_set, batch_size=self.per_rank_batch, sampler=self.sampler, num_workers=config.workers,
+            pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker, drop_last=True,
             generator=torch.Generator().manual_seed(config.seed + epoch),
         )  # fmt: skip
-        train_model.train()
-        bar = tqdm(
-            loader,
-            total=steps_per_epoch,
-            initial=step_in_epoch,
-            disable=not (is_main and config.progress),
-            desc=f"epoch {epoch + 1}/{config.num_epochs}",
-            dynamic_ncols=True,
+        self.train_model.train()
+        self.epoch_started, self.epoch_loss, self.epoch_steps = time.time(), 0.0, 0
+        self.progress.start_epoch()
+        self.bar = tqdm(
+            loader, total=self.steps_per_epoch, initial=self.step_in_epoch, dynamic_ncols=True,
+            disable=not (self.is_main and config.progress), desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        )  # fmt: skip
+        return self.bar
+
+    def where(self) -> str:
+        """The step under way, for messages (``epoch 3, step 7``)."""
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+
+    def train_step(self, batch: Mapping[str, Any]) -> tuple[float, Mapping[str, float]]:
+        """One optimiser step on ``batch``; returns the loss and the loss function's scalars."""
+        batch = _to_device(batch, self.device)
+        with amp_context(self.device, self.config.amp):
+            loss, scalars = self.loss_fn(self.train_model, batch, self.epoch)
+        check_step_finite(loss, batch, self.root, self.where())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), scalars
+
+    def on_step_end(self, loss: float, scalars: Mapping[str, float]) -> None:
+        """Count the step, report it; the per-iteration schedule, validation and checkpoints; ``--max_steps``."""
+        config, lr = self.config, self.optimizer.param_groups[0]["lr"]
+        self.global_step = self.steps_done + 1
+        self.step_in_epoch += 1
+        self.epoch_steps += 1
+        self.session_steps += 1
+        self.epoch_loss += loss
+        if self.is_main:
+            self._report_step(loss, scalars, lr)
+        metrics = self.run_validation(self.epoch) if self.global_step in config.val_steps else {}
+        if config.schedule_per == "iteration":
+            self.step_scheduler(metrics)
+        if metrics:
+            self.log_line(f"validation at step {self.global_step}: {_format(metrics)}")
+            self._write_scalars("val", metrics, self.global_step)
+        self.save_checkpoints(
+            metrics, last=config.save_per == "iteration" and self.global_step % config.save_every == 0
         )
-        t0, running = time.time(), 0.0
-        progress.start_epoch()
-        for done, batch in enumerate(bar, start=1):
-            batch = _to_device(batch, device)
-            with amp_context(device, config.amp):
-                loss, scalars = loss_fn(train_model, batch, epoch)
-            check_step_finite(loss, batch, root, f"epoch {epoch + 1}, step {step_in_epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            step_in_epoch += 1
-            value = float(loss.detach())
-            running += value
-            if is_main:
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if not config.progress:
-                    progress.step(epoch, step_in_epoch, global_step, running / done)
-                if global_step % config.log_every == 0 and writer is not None:
-                    writer.add_scalar("train/loss", value, global_step)
-                    for k, v in scalars.items():
-                        writer.add_scalar(f"train/{k}", float(v), global_step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-            if config.max_steps is not None and global_step >= config.max_steps:
-                stop = True
-                break
-        bar.close()
-        if stop and step_in_epoch < steps_per_epoch:
-            last = checkpoint("model_last.pth", epoch, step_in_epoch)
-            break
-        step_in_epoch, next_epoch = 0, epoch + 1
-        metrics: Mapping[str, float] = {}
-        if validate is not None and (epoch + 1) in config.val_epochs:
-            metrics = validate(unwrap(model), epoch) if is_main else {}
-            if world > 1:  # every rank steps its scheduler with the same scores (a plateau scheduler's lr drop)
-                shared = [metrics]
-                dist.broadcast_object_list(shared, src=0)
-                metrics = shared[0]
-            train_model.train()
-        if scheduler is not None:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if "val_loss" in metrics:
-                    scheduler.step(metrics["val_loss"])
-            else:
-                scheduler.step()
-        if is_main:
-            msg = f"epoch {epoch + 1}: loss {running / max(1, steps_per_epoch):.4f}, {time.time() - t0:.1f}s" + "".join(
-                f", {k} {v:.4f}" for k, v in metrics.items()
-            )
-            log.info(msg)
-            assert text_log is not None
-            text_log.write(msg + "\n")
-            text_log.flush()
-            for k, v in metrics.items():
-                assert writer is not None
-                writer.add_scalar(f"val/{k}", float(v), epoch + 1)
-        improved = config.best_key in metrics and metrics[config.best_key] > best
+        self.stopped = config.max_steps is not None and self.global_step >= config.max_steps
+
+    def _report_step(self, loss: float, scalars: Mapping[str, float], lr: float) -> None:
+        """The bar's postfix, a progress line without the bar, TensorBoard scalars every ``log_every`` steps."""
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not self.config.progress:
+            self.progress.step(self.epoch, self.step_in_epoch, self.steps_done, self.epoch_loss / self.epoch_steps)
+        if self.steps_done % self.config.log_every == 0:
+            self._write_scalars("train", {"loss": loss, **scalars, "lr": lr}, self.steps_done)
+
+    def _write_scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def on_epoch_end(self) -> None:
+        """Close the epoch: stopped mid-epoch, save the position; else validate, step the per-epoch schedule, log the
+        mean loss of the steps this session ran, write ``model_last.pth`` (when due) and ``best.pth``."""
+        config = self.config
+        if self.stopped and self.step_in_epoch < self.steps_per_epoch:
+            self.last = self.save(self.last_name)
+            return
+        epoch, seconds = self.epoch, time.time() - self.epoch_started
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        metrics = self.run_validation(epoch) if self.epoch in config.val_epochs else {}
+        if config.schedule_per == "epoch":
+            self.step_scheduler(metrics)
+        # the mean over the steps run in this session: a resumed epoch ran only its remaining steps
+        mean = self.epoch_loss / max(1, self.epoch_steps)
+        self.log_line(
+            f"epoch {self.epoch}: loss {mean:.4f}, {seconds:.1f}s" + (f", {_format(metrics)}" if metrics else "")
+        )
+        self._write_scalars("val", metrics, self.epoch)
+        self.save_checkpoints(metrics, last=self._save_due())
+
+    def _save_due(self) -> bool:
+        """``model_last.pth`` at the end of an epoch: every ``save_every`` epochs, at the run's end, and for runs
+        saved per iteration at every epoch's end (a resume never repeats an epoch's closing)."""
+        config = self.config
+        if config.save_per == "iteration" or self.stopped or self.epoch >= config.num_epochs:
+            return True
+        return self.epoch % config.save_every == 0
+
+    def run_validation(self, epoch: int) -> Mapping[str, float]:
+        """``validate`` in ``epoch`` (0-based) on the main process, its scores shared with every process."""
+        if self.validate is None:
+            return {}
+        metrics = self.validate(unwrap(self.model), epoch) if self.is_main else {}
+        if self.world > 1:  # every rank steps its scheduler with the same scores (a plateau scheduler's lr drop)
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        self.train_model.train()
+        return metrics
+
+    def step_scheduler(self, metrics: Mapping[str, float]) -> None:
+        """``step()``; a plateau scheduler steps only with a validation loss."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if "val_loss" in metrics:
+                self.scheduler.step(metrics["val_loss"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def save_checkpoints(self, metrics: Mapping[str, float], last: bool) -> None:
+        """``model_last.pth`` when ``last``; ``best.pth`` when ``metrics`` improve the best ``config.best_key``
+        score (higher is better), which both record."""
+        key = self.config.best_key
+        improved = key in metrics and metrics[key] > self.best
         if improved:
-            best = float(metrics[config.best_key])
-        last = checkpoint("model_last.pth", epoch + 1, 0)
+            self.best = float(metrics[key])
+        if last:
+            self.last = self.save(self.last_name)
         if improved:
-            checkpoint("best.pth", epoch + 1, 0)
-        if stop:
-            break
-    if writer is not None:
-        writer.close()
-    if text_log is not None:
-        text_log.close()
-    return FitResult(global_step, next_epoch, best, last)
+            self.save(self.best_name)
+
+    def log_line(self, message: str) -> None:
+        """Log ``message`` and append it to the run's text log (main process)."""
+        if self.is_main:
+            log.info(message)
+            if self.text_log is not None:
+                self.text_log.write(message + "\n")
+                self.text_log.flush()
+
+    def on_train_end(self) -> None:
+        """After the last epoch or ``--max_steps`` (not after a failure): nothing by default."""
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -1,4 +1,4 @@
-"""Training augmentation of the RFNet family (METHODS.md §0.5), as plain composable classes.
+"""Training augmentation of the RFNet family, as plain composable classes.
 
 Every transform maps ``(image, label, rng) -> (image, label)`` with ``image`` ``(H, W, D, C)`` float32,
 ``label`` ``(H, W, D)`` int and ``rng`` a ``numpy.random.Generator``; random parameters are drawn once per sample
@@ -126,7 +126,7 @@ class RandomFlip:
 def rfnet_augmentation(
     patch_size: int, rotation: bool = True, intensity: bool = True, reference_quirks: bool = False
 ) -> Compose:
-    """The shared training pipeline: crop → rotate → intensity change → flip (§0.5).
+    """The shared training pipeline: crop → rotate → intensity change → flip.
 
     Args:
         patch_size: training patch side (IM-Fuse/mmFormer 128, RobustSeg 80, U-HVED 112).

@@ -1,1 +1,1 @@
-"""M3AE: multimodal masked autoencoder pre-training, then segmentation fine-tuning (METHODS.md §6)."""
+"""M3AE: multimodal masked autoencoder pre-training, then segmentation fine-tuning."""

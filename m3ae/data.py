@@ -1,4 +1,4 @@
-"""M3AE's own input pipeline (METHODS.md §6.2), cached once so that training never re-reads NIfTI.
+"""M3AE's own input pipeline, cached once so that training never re-reads NIfTI.
 
 Upstream normalises the raw NIfTI files of every case at every load: per modality, clip to the [1st, 99th]
 percentiles of the voxels > 0, then min-max scale the whole volume to [0, 1] (background ends at 0); crop to the
@@ -323,7 +323,7 @@ class _WindowDataset(Dataset):
 
 
 class PretrainDataset(_WindowDataset):
-    """Stage 1 samples (§6.3): a window of the four modalities, its grid position and its token mask.
+    """Stage 1 samples: a window of the four modalities, its grid position and its token mask.
 
     Item: ``image`` (4, P, P, P) float32 canonical, ``origin`` (3,) int64, ``tokens`` (4, g, g, g) bool (True =
     visible; :func:`m3ae.model.sample_pretrain_tokens`), ``name``. No augmentation, as upstream.
@@ -357,7 +357,7 @@ def completion_array(model: M3AE) -> np.ndarray:
 
 
 class FinetuneDataset(_WindowDataset):
-    """Stage 2 samples (§6.4): ONE window replicated ``copies`` times, each copy with its own modality drop.
+    """Stage 2 samples: ONE window replicated ``copies`` times, each copy with its own modality drop.
 
     Dropped channels are filled with the frozen completion image at the window's grid position, then the copies get
     the SAME intensity change and flips (upstream augments after completion, with shared random factors).

@@ -1,4 +1,4 @@
-"""M3AE (Liu et al., AAAI 2023): an early-fusion 3-D U-Net with a learned modality-completion image (METHODS.md §6.1).
+"""M3AE (Liu et al., AAAI 2023): an early-fusion 3-D U-Net with a learned modality-completion image.
 
 One encoder sees all four channels at once. A missing modality is not masked in feature space: its input voxels
 are REPLACED by the co-located crop of ``limage``, a learnable image of the whole original grid (1, 4, 155, 240,
@@ -16,10 +16,10 @@ Window position: ``model(x, mask, origin=o)`` takes ``o`` ``(B, 3)``, the voxel 
 input's first voxel in the original image grid, and crops ``limage`` there (zeros where a window reaches beyond the
 grid). The shared sliding window passes these positions because ``window_origin`` is set (see
 ``brats_core.inference.predict_scenarios``): ``"image"`` (default) gives absolute positions, as in training;
-``"crop"`` gives positions relative to the preprocessed crop, upstream's test-time misalignment (§6.5), kept for
+``"crop"`` gives positions relative to the preprocessed crop, upstream's test-time misalignment, kept for
 ``--reference-quirks``. Without ``origin`` the crop starts at the grid's corner.
 
-With the paper config the state-dict keys, order and shapes equal ``spec/state_dicts/m3ae_pretrain.txt``
+With the paper config the state-dict keys, order and shapes equal upstream's state dict
 (``pre_train=True``: 40,416,228 parameters) and ``m3ae_finetune_ds.txt`` (40,416,505; 40,416,211 without deep
 supervision); 35,712,000 of them are ``limage``.
 """
@@ -389,7 +389,7 @@ class M3AE(SegModel):
 
 
 def sample_modality_drop(rng: np.random.Generator, mdp: int = 3) -> tuple[bool, bool, bool, bool]:
-    """Upstream's modality drop (§6.3, §6.4): ``k ~ Uniform{0, …, mdp}`` capped at 3, then ``k`` distinct modalities
+    """Upstream's modality drop: ``k ~ Uniform{0, …, mdp}`` capped at 3, then ``k`` distinct modalities
     dropped uniformly. With ``mdp = 3``: full set 1/4, each 3-set 1/16, each pair 1/24, each single 1/16.
 
     Returns:
@@ -403,7 +403,7 @@ def sample_modality_drop(rng: np.random.Generator, mdp: int = 3) -> tuple[bool, 
 
 
 def sample_pretrain_tokens(rng: np.random.Generator, grid: int, visible: int, mdp: int = 3) -> np.ndarray:
-    """Pre-training token mask of one sample (§6.3): drop whole modalities (:func:`sample_modality_drop`), then keep
+    """Pre-training token mask of one sample: drop whole modalities (:func:`sample_modality_drop`), then keep
     exactly ``visible`` tokens drawn uniformly among the tokens of the kept modalities.
 
     Args:

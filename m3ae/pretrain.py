@@ -1,4 +1,4 @@
-"""M3AE stage 1, masked-autoencoder pre-training (upstream ``m3ae/pretrain.py``, METHODS.md §6.3).
+"""M3AE stage 1, masked-autoencoder pre-training (upstream ``m3ae/pretrain.py``).
 
     python m3ae/pretrain.py --datapath <m3ae cache> --raw_path <BraTS folder> --exp_name m3ae_pretrain \
         --batch_size 2 --mdp 3 --dataset brats23 --mask_ratio 0.875 --lr 0.0003
@@ -26,17 +26,18 @@ from brats_core.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from brats_core.cli import (
     add_compile_arg,
     add_data_args,
+    add_preset_arg,
+    add_progress_arg,
     add_runtime_args,
     add_train_overwrite_arg,
-    args_dict,
     run_main,
     setup_logging,
     split_dir,
 )
 from brats_core.evaluation import check_preprocessed_folder
-from brats_core.registry import build_method, config_dict
+from brats_core.registry import build_method
 from brats_core.splits import read_case_list
-from brats_core.training import FitConfig, fit, seed_everything
+from brats_core.training import FitConfig, Trainer, seed_everything
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
 from m3ae.data import PretrainDataset, ensure_cache
 from m3ae.model import model_to_resume, tokens_to_voxels
@@ -66,7 +67,7 @@ def load_m3ae_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 class PretrainLoss:
-    """``mean (x − recon)² + weight · ‖limage − mean_xyz(limage)‖₂`` (a ``brats_core.training.fit`` loss)."""
+    """``mean (x − recon)² + weight · ‖limage − mean_xyz(limage)‖₂`` (a ``brats_core.training.LossFn``)."""
 
     def __init__(self, weight: float = LIMAGE_REGULARISER) -> None:
         self.weight = weight
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train // batch)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-    g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests)")
+    add_progress_arg(g)
+    add_preset_arg(g)
     g.add_argument("--patch_size", type=int, default=None, help="window side (default: the preset's, paper 128)")
     add_compat_flags(
         p,
@@ -129,13 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.savepath, "pretrain.txt")
     seed_everything(args.seed)
 
-    # every input is checked before the cache is built and before fit() makes --savepath
+    # every input is checked before the cache is built and before the trainer makes --savepath
     if args.raw_path is None:  # otherwise ensure_cache builds the cache from --raw_path below
         check_preprocessed_folder(args.datapath)
     train = read_case_list(split_dir(args) / "train.txt")
     if len(train) < args.batch_size:
         parser.error(f"--batch_size {args.batch_size} exceeds the {len(train)} training cases")
-    if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
+    if args.resume:  # the architecture of the run being continued; the trainer loads its weights and states
         load_m3ae_checkpoint(args.resume)
         model = model_to_resume(args.resume)
         if not model.config.pre_train:
@@ -153,27 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     dataset = PretrainDataset(args.datapath, train, cfg.patch_size, cfg.token_grid, cfg.visible_tokens, args.mdp)
-    extra = {"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "pretrain"}
-    config = FitConfig(
-        savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=args.batch_size,
+    config = FitConfig.from_args(
+        args, model, num_epochs=args.epochs, extra={"stage": "pretrain"},
         # upstream: a plain DataLoader with drop_last, i.e. N_train // batch steps per epoch
         iter_per_epoch=args.iter_per_epoch or max(1, len(train) // args.batch_size),
-        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
-        max_steps=args.max_steps, val_epochs=set(range(args.val, args.epochs + 1, args.val)), resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress, extra=extra,
+        val_epochs=set(range(args.val, args.epochs + 1, args.val)),
     )  # fmt: skip
 
     def snapshot(m: nn.Module, epoch: int) -> dict[str, float]:
         # upstream's periodic copy, named with the 0-based epoch (…_599 after 600 epochs); no validation here
-        save_checkpoint(Path(args.savepath) / f"model_1model_best_{epoch}.pth", m, epoch=epoch, **extra)
+        save_checkpoint(config.savepath / f"model_1model_best_{epoch}.pth", m, epoch=epoch, **config.extra)
         return {}
 
     log.info(
         "M3AE pre-training on %d cases: window %d³, %d of %d tokens visible, mdp %d → %s",
         len(train), cfg.patch_size, cfg.visible_tokens, 4 * cfg.token_grid**3, args.mdp, args.savepath,
     )  # fmt: skip
-    result = fit(model, dataset, PretrainLoss(), optimizer, config, scheduler=scheduler, validate=snapshot)
+    result = Trainer(model, PretrainLoss(), optimizer, config, scheduler, snapshot).run_training(dataset)
     log.info("done: %d steps, last checkpoint %s", result.global_step, result.last_checkpoint)
     return 0
 

@@ -1,11 +1,11 @@
-"""Evaluate an M3AE checkpoint on the test list under all 15 scenarios (upstream ``m3ae/test.py``, METHODS.md §6.5).
+"""Evaluate an M3AE checkpoint on the test list under all 15 scenarios (upstream ``m3ae/test.py``).
 
     python m3ae/test.py --datapath <m3ae cache> --checkpoint runs/m3ae_train/best.pth --savepath <out>
 
 Default: the shared protocol (``brats_core.evaluation``: window 128³, overlap 0.5, uniform blending, regions →
 labels with ET ⊂ TC ⊂ WT, per-case Dice with ε 1e-8, ETpp, HD95), with the completion image cropped at each
 window's position in the ORIGINAL image grid, as in training. ``--reference-quirks`` reproduces upstream instead:
-the completion image cropped at the window's position in the preprocessed crop (the §6.5 misalignment), fp16
+the completion image cropped at the window's position in the preprocessed crop (upstream's misalignment), fp16
 autocast on CUDA, each region thresholded on its own channel (sigmoid > 0.5), Dice ``2|P∩G|/(|P|+|G|)`` with
 empty/empty = 1 and empty GT + non-empty prediction = 0, no ETpp, and upstream's ``test_final.txt``.
 """
@@ -51,7 +51,7 @@ UPSTREAM_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 
 def upstream_scenarios() -> list[tuple[str, Scenario]]:
     """Upstream's 15 test masks as printed (its FLAIR, T1ce, T1, T2 list) with the scenario M3AE actually ran: the
-    list is read in M3AE's order T1, T1ce, T2, FLAIR (METHODS.md §0.3), so the printed labels are wrong."""
+    list is read in M3AE's order T1, T1ce, T2, FLAIR, so the printed labels are wrong."""
     out = []
     for listed in SCENARIOS:
         actual = to_canonical(listed.mask, METHOD_ORDERS["m3ae"])
@@ -94,7 +94,7 @@ def evaluate_upstream(
         if label is None:
             raise FileNotFoundError(f"test case {case} has no label map under {root}")
         gt = dict(zip(UPSTREAM_REGIONS, label_to_regions(label, UPSTREAM_REGIONS), strict=True))
-        # window positions relative to the crop: the completion image is misaligned, as upstream (§6.5)
+        # window positions relative to the crop: the completion image is misaligned, as upstream
         blended = predict_scenarios(model, torch.from_numpy(image)[None], masks, amp=amp, origin=None).cpu()
         for (_, scenario), logits in zip(listed, blended, strict=True):
             regions = dict(zip(REGION_ORDER, (logits > 0).numpy(), strict=True))  # sigmoid > 0.5 per channel
@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_scenarios(parser, args)
     if args.reference_quirks and len(args.scenario_list) != len(SCENARIOS):
         parser.error("--reference-quirks reproduces upstream's run over all 15 scenarios; drop --scenarios")
+    if args.reference_quirks and args.lesion_wise:
+        parser.error("--lesion_wise belongs to the shared protocol; upstream's scoring (--reference-quirks) has none")
     default_savepath(args, "m3ae_train", "model_1")
     apply_devices(args.devices)
     setup_logging()  # stderr only until the inputs are checked: a refused run leaves no output folder behind

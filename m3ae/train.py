@@ -1,4 +1,4 @@
-"""M3AE stage 2, segmentation fine-tuning from a pre-trained checkpoint (upstream ``m3ae/train.py``, METHODS.md §6.4).
+"""M3AE stage 2, segmentation fine-tuning from a pre-trained checkpoint (upstream ``m3ae/train.py``).
 
     python m3ae/train.py --datapath <m3ae cache> --pretrained runs/m3ae_pretrain/model_last.pth \
         --batch_size 2 --lr 0.0003 --model_type cnnnet --seed 999 --weight_kl 0.1 --feature_level 2 --epochs 300 \
@@ -30,9 +30,10 @@ from brats_core.cli import (
     UsageError,
     add_compile_arg,
     add_data_args,
+    add_preset_arg,
+    add_progress_arg,
     add_runtime_args,
     add_train_overwrite_arg,
-    args_dict,
     run_main,
     setup_logging,
     split_dir,
@@ -40,10 +41,10 @@ from brats_core.cli import (
 from brats_core.data import check_validation_cases
 from brats_core.evaluation import EvalOptions, check_preprocessed_folder, validate
 from brats_core.losses import region_dice_bce
-from brats_core.registry import build_method, config_dict
+from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs
 from brats_core.splits import load_split
-from brats_core.training import FitConfig, fit, resolve_device, seed_everything
+from brats_core.training import FitConfig, Trainer, resolve_device, seed_everything
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
 from m3ae.data import FinetuneDataset, completion_array, ensure_cache
 from m3ae.model import M3AE, REGION_ORDER, model_to_resume
@@ -54,7 +55,7 @@ log = logging.getLogger("m3ae.train")
 UPSTREAM_VAL_EPOCHS: tuple[int, ...] = (
     25, 50, 75, 100, 125, 150, 175, 200, 225, 250, 260, 270, 275, 280, 285, 290, 295, 300,
 )  # fmt: skip
-"""Upstream's validation epochs (1-based), METHODS.md §6.4."""
+"""Upstream's validation epochs (1-based)."""
 
 _REGION_LABELS = {"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}
 
@@ -72,7 +73,7 @@ def edice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class FinetuneLoss:
-    """The §6.4 loss for one batch of copies of one window (a ``brats_core.training.fit`` loss).
+    """The fine-tuning loss for one batch of copies of one window (a ``brats_core.training.LossFn``).
 
     Args:
         weight_kl: weight of the consistency term (README 0.1; upstream default 1).
@@ -160,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iter_per_epoch", type=int, default=None, help="steps per epoch (default N_train, upstream)")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-    g.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size (tiny: CPU tests)")
+    add_progress_arg(g)
+    add_preset_arg(g)
     add_val_args(g)
     add_compat_flags(
         p,
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.savepath, "train.txt")
     seed_everything(args.seed)
 
-    # every input is checked before the cache is built and before fit() makes --savepath
+    # every input is checked before the cache is built and before the trainer makes --savepath
     if args.raw_path is None:  # otherwise ensure_cache builds the cache from --raw_path below
         check_preprocessed_folder(args.datapath)
     split = load_split(split_dir(args))
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if val_epochs:  # its cases are checked with the cache below
         val_list = [c for c, _ in split.val]
         check_validation_cases(args.datapath, val_list, split_dir(args) / "val15splits.csv", check_files=False)
-    if args.resume:  # the architecture of the run being continued; fit() loads its weights and states
+    if args.resume:  # the architecture of the run being continued; the trainer loads its weights and states
         resumed = load_m3ae_checkpoint(args.resume)
         model = model_to_resume(args.resume)
     else:
@@ -228,14 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device = resolve_device(args.device)
     options = EvalOptions(progress=not args.no_progress)
-    config = FitConfig(
-        # a sample is one window's --batch_size copies; under torchrun each process takes its own window
-        savepath=Path(args.savepath), num_epochs=args.epochs, batch_size=int(os.environ.get("WORLD_SIZE", "1")),
-        iter_per_epoch=args.iter_per_epoch,
-        seed=args.seed, workers=args.workers, device=args.device, amp=args.amp, compile=args.compile,
-        max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        val_epochs=set(val_epochs),
-        extra={"method": "m3ae", "config": config_dict(model), "args": args_dict(args), "stage": "finetune"},
+    # a sample is one window's --batch_size copies; under torchrun each process takes its own window
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    config = FitConfig.from_args(
+        args, model, num_epochs=args.epochs, batch_size=processes, val_epochs=set(val_epochs),
+        extra={"stage": "finetune"},
     )  # fmt: skip
     log.info(
         "M3AE fine-tuning on %d cases (%d val), %d copies per step, mdp %d → %s",
@@ -245,15 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run_validation(m: nn.Module, epoch: int) -> dict[str, float]:
         return validate(m, args.datapath, split.val, options, device)  # type: ignore[arg-type]
 
-    result = fit(
-        model,
-        dataset,
-        FinetuneLoss(args.weight_kl, args.feature_level),
-        optimizer,
-        config,
-        scheduler=scheduler,
-        validate=run_validation,
-    )
+    loss = FinetuneLoss(args.weight_kl, args.feature_level)
+    result = Trainer(model, loss, optimizer, config, scheduler, run_validation).run_training(dataset)
     log.info("done: %d steps, last checkpoint %s, best validation mean Dice %.4f", result.global_step,
              result.last_checkpoint, result.best_score)  # fmt: skip
     return 0

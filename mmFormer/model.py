@@ -1,6 +1,6 @@
-"""mmFormer (Zhang et al., MICCAI 2022): modality encoders, intra- and inter-modal transformers (METHODS.md §2.1).
+"""mmFormer (Zhang et al., MICCAI 2022): modality encoders, intra- and inter-modal transformers.
 
-With the paper config the state-dict keys, their order and shapes equal ``spec/state_dicts/mmformer.txt``
+With the paper config the state-dict keys, their order and shapes equal upstream's state dict
 (36,391,760 parameters), so upstream checkpoints (``module.`` prefix stripped) load strictly. Every token count
 derives from ``patch_size``.
 """

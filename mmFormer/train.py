@@ -18,6 +18,7 @@ import torch
 
 from brats_core.cli import (
     add_data_args,
+    add_preset_arg,
     add_runtime_args,
     add_train_args,
     positive_int,
@@ -27,7 +28,7 @@ from brats_core.cli import (
 )
 from brats_core.evaluation import check_preprocessed_folder
 from brats_core.losses import FusedSeparateDeepLoss
-from brats_core.registry import build_method, method_info
+from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
 from brats_core.splits import load_split
 from brats_core.training import PolyLR, seed_everything
@@ -36,11 +37,11 @@ from brats_core.transforms import rfnet_augmentation
 log = logging.getLogger("mmFormer.train")
 
 UPSTREAM_VAL_EPOCHS: tuple[int, ...] = ()
-"""Upstream's validation epochs: none (its ``val_check`` list is empty, METHODS.md §2.2)."""
+"""Upstream's validation epochs: none (its ``val_check`` list is empty)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The upstream flags (METHODS.md §2.5) on the shared groups, plus ``--preset``, ``--patch_size``,
+    """The upstream flags on the shared groups, plus ``--preset``, ``--patch_size``,
     ``--val_every``."""
     p = argparse.ArgumentParser(prog="mmFormer/train.py", description=__doc__.splitlines()[0])
     add_data_args(p, savepath_required=True)
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="end after this many epochs; the poly schedule still spans --num_epochs (upstream)",
     )
-    g.add_argument("--preset", default="paper", choices=list(method_info("mmformer").presets), help="model size")
+    add_preset_arg(g)
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
     add_val_args(g)
     g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream

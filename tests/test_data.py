@@ -1,4 +1,4 @@
-"""Augmentation (§0.5) and datasets: shapes, shared randomness, the −1 label quirk, determinism per sample seed."""
+"""Augmentation and datasets: shapes, shared randomness, the −1 label quirk, determinism per sample seed."""
 
 from __future__ import annotations
 

@@ -50,18 +50,23 @@ def user_nifti(path: Path) -> bytes:
 # Fault 1: a file predict.py did not write is never replaced without --overwrite
 
 
-@pytest.mark.parametrize("target", ["file", "label", "probabilities", "regions"])
+@pytest.mark.parametrize("target", ["file", "label", "probabilities", "regions", "uncertainty"])
 def test_a_users_file_is_not_replaced_without_overwrite(
     cases: Path, tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], target: str
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    extras = {"probabilities": ["--save_probabilities"], "regions": ["--save_regions"]}.get(target, [])
+    extras = {
+        "probabilities": ["--save_probabilities"], "regions": ["--save_regions"], "uncertainty": ["--save_uncertainty"]
+    }.get(target, [])  # fmt: skip
     argv = ["-i", str(cases / GOOD), *extras]
     if target == "file":
         mine, argv = out / "existing.nii.gz", [*argv, "-o", str(out / "existing.nii.gz")]
     else:
-        ending = {"label": "seg.nii.gz", "probabilities": "prob.npz", "regions": "regions.nii.gz"}[target]
+        ending = {
+            "label": "seg.nii.gz", "probabilities": "prob.npz", "regions": "regions.nii.gz",
+            "uncertainty": "uncertainty.nii.gz",
+        }[target]  # fmt: skip
         mine, argv = out / f"{GOOD}-{ending}", [*argv, "-o", str(out)]
     if mine.suffix == ".npz":
         np.savez(mine, probabilities=np.zeros(3), note=np.array("my own results"))

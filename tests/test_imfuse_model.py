@@ -22,7 +22,7 @@ from IMFuse.model import IMFuse, IMFuseConfig, mamba_shapes, meta_model
 
 FLAGS = list(itertools.product([False, True], repeat=2))  # (first_skip, mamba_skip)
 
-# METHODS.md §1.3: total, never-used, used in training; "used at inference" additionally drops decoder_sep.
+# upstream's parameter counts: total, never-used, used in training; "used at inference" additionally drops decoder_sep.
 COUNTS = {
     (False, True): (47_343_624, 2_958_848, 44_384_776, 43_791_420),
     (False, False): (64_137_984, 25_315_464, 38_822_520, 38_229_164),
@@ -69,7 +69,7 @@ def test_parameter_counts_match_spec(first_skip: bool, mamba_skip: bool) -> None
 
 
 DECODER_FUSE = {(False, True): 1_273_516, (False, False): 1_289_644, (True, True): 1_277_124, (True, False): 1_293_444}
-# METHODS.md §1.3, per MFB width C: fused tokens + Mamba layer
+# upstream's counts per MFB width C: fused tokens + Mamba layer
 MFB = {
     8: 16_777_216 + 1_016,
     16: 4_194_304 + 3_696,

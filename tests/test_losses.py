@@ -1,4 +1,4 @@
-"""Losses of METHODS.md §0.7 and the region Dice+BCE on hand-made tensors whose values are worked out by hand."""
+"""Upstream's RFNet-family losses and the region Dice+BCE on hand-made tensors whose values are worked out by hand."""
 
 from __future__ import annotations
 

@@ -526,7 +526,7 @@ def test_upstream_scoring_helpers() -> None:
     half[0, 0] = False
     assert test.upstream_dice(half, some) == pytest.approx(2 * 2 / 5)
     listed = test.upstream_scenarios()
-    # upstream's list is read as T1, T1ce, T2, FLAIR: entry 1 (0001) is FLAIR, entry 4 (1000) T1 (§0.3)
+    # upstream's list is read as T1, T1ce, T2, FLAIR: entry 1 (0001) is FLAIR, entry 4 (1000) T1
     assert listed[0] == ("[False, False, False, True]", next(s for s in SCENARIOS if s.modalities == ("flair",)))
     assert listed[3][1].modalities == ("t1",) and listed[1][1].modalities == ("t1ce",)
     assert sorted(s.name for _, s in listed) == sorted(s.name for s in SCENARIOS)

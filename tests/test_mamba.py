@@ -1,4 +1,5 @@
-"""Tests of the mamba-ssm compatible Mamba block and its selective-scan backends (brats_core/nn/mamba.py)."""
+"""Tests of the mamba-ssm compatible Mamba block (brats_core/nn/mamba.py) and its selective-scan ops and backends
+(brats_core/nn/ops/)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ import torch
 import torch.nn.functional as F
 
 from brats_core.nn import mamba as mamba_mod
+from brats_core.nn import ops
 from brats_core.nn.mamba import (
     ENV_BACKEND,
     ChunkedSelectiveScanFn,
     Mamba,
     available_backends,
+    is_backend_usable,
     register_backend,
     resolve_backend,
     selective_scan,
+    selective_scan_chunked,
     selective_scan_reference,
 )
+from brats_core.nn.ops import chunked as chunked_mod
+from brats_core.nn.ops import common as scan_common
+from brats_core.nn.ops import kernels as kernels_mod
+from brats_core.nn.ops import registry as registry_mod
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "spec" / "mamba_golden.pt"
@@ -42,7 +50,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_BACKEND, raising=False)
-    monkeypatch.setattr(mamba_mod, "_warned", set())
+    monkeypatch.setattr(scan_common, "_warned", set())
 
 
 def make_scan_inputs(
@@ -177,14 +185,14 @@ def test_chunked_matches_fp64_reference(
 @pytest.mark.parametrize("nc", [1, 2, 5, 64, 65, 130])
 @pytest.mark.parametrize("sequential_max", [0, 10**9])
 def test_carry_scan_loop_and_doubling_agree(monkeypatch: pytest.MonkeyPatch, nc: int, sequential_max: int) -> None:
-    monkeypatch.setattr(mamba_mod, "_SEQUENTIAL_CARRY_MAX", sequential_max)
+    monkeypatch.setattr(chunked_mod, "_SEQUENTIAL_CARRY_MAX", sequential_max)
     g = torch.Generator().manual_seed(nc)
     P = torch.rand(2, nc, 3, 4, generator=g, dtype=torch.float64)
     E = torch.randn(2, nc, 3, 4, generator=g, dtype=torch.float64)
     expected = E.clone()
     for c in range(1, nc):
         expected[:, c] = P[:, c] * expected[:, c - 1] + E[:, c]
-    assert rel_err(mamba_mod._carry_scan(P, E), expected) < 1e-14
+    assert rel_err(chunked_mod._carry_scan(P, E), expected) < 1e-14
 
 
 def test_reference_backend_fp32_close_to_fp64() -> None:
@@ -238,6 +246,47 @@ def test_chunked_gradcheck_without_optional_inputs() -> None:
         return ChunkedSelectiveScanFn.apply(*args, None, None, None, True, False, 2)
 
     assert torch.autograd.gradcheck(fn, (u, delta, A, B, C), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# (inputs that need a gradient, optional inputs left out): the branches of the chunked backward's steps
+GRAD_SUBSETS = [
+    pytest.param({"u", "B"}, (), id="u_B_only"),
+    pytest.param({"z", "A"}, (), id="z_A_only"),
+    pytest.param({"delta", "C", "D", "delta_bias"}, (), id="delta_C_D_bias_no_gate_grad"),
+    pytest.param(set(SCAN_INPUT_NAMES), ("z",), id="no_gate"),
+    pytest.param(set(SCAN_INPUT_NAMES), ("D", "delta_bias"), id="no_skip_no_bias"),
+]
+
+
+@pytest.mark.parametrize("return_last_state", [True, False])
+@pytest.mark.parametrize(("wanted", "absent"), GRAD_SUBSETS)
+def test_chunked_backward_steps_match_reference_for_input_subsets(
+    wanted: set[str], absent: tuple[str, ...], return_last_state: bool
+) -> None:
+    """The chunked backward (gate input gradient, recompute pass, adjoint carries, reverse pass, softplus and gate
+    gradients) against the reference scan's autograd, in fp64, whichever inputs need a gradient or are absent.
+    L = 29 in chunks of 4: 8 chunks, the last one padded, recompute blocks of 2."""
+    base = make_scan_inputs(2, 5, 3, 29, seed=11)
+    g = torch.Generator().manual_seed(5)
+    w_out = torch.randn(2, 5, 29, generator=g, dtype=torch.float64)
+    w_last = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    results = {}
+    for backend in ("chunked", "reference"):
+        ins = [
+            None if name in absent else t.detach().clone().requires_grad_(name in wanted)
+            for name, t in zip(SCAN_INPUT_NAMES, base, strict=True)
+        ]
+        res = selective_scan(*ins, return_last_state=return_last_state, backend=backend, chunk_size=4)
+        out, last = res if return_last_state else (res, None)
+        loss = (out * w_out).sum() + ((last * w_last).sum() if last is not None else 0.0)
+        leaves = [t for t in ins if t is not None and t.requires_grad]
+        results[backend] = (out, last, torch.autograd.grad(loss, leaves))
+    (out, last, grads), (ref_out, ref_last, ref_grads) = results["chunked"], results["reference"]
+    assert rel_err(out, ref_out) < 1e-12
+    assert (last is None) == (not return_last_state) and (last is None or rel_err(last, ref_last) < 1e-12)
+    assert len(grads) == len(wanted - set(absent))
+    for g_new, g_ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g_new, g_ref) < 1e-10
 
 
 def test_shape_validation() -> None:
@@ -328,8 +377,68 @@ def test_backend_selection_order(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_backend("nonexistent", "cpu")
 
 
+def test_is_backend_usable() -> None:
+    assert is_backend_usable("chunked", "cpu") and is_backend_usable("reference", "cpu")
+    assert not is_backend_usable("mamba_ssm", "cpu")  # CUDA kernels only
+    with pytest.raises(ValueError, match="unknown Mamba scan backend"):
+        is_backend_usable("nonexistent", "cpu")
+
+
+def test_mamba_module_reexports_the_scan_ops() -> None:
+    """Code importing the scan API from brats_core.nn.mamba (as before the ops had their own package) gets the ops'
+    own objects, so registering a backend through either name is the same registry."""
+    for name in ops.__all__:
+        assert getattr(mamba_mod, name) is getattr(ops, name), name
+    assert set(mamba_mod.__all__) == {*ops.__all__, "Mamba"}
+
+
+def test_kernel_adapters_share_one_fallback_path() -> None:
+    """No kernel → the chunked scan; a failing kernel → the chunked result, and the kernel retired once;
+    out-of-memory → raised to the caller (the chunked scan would not fit either), nothing retired."""
+    args = (*make_scan_inputs(1, 3, 2, 9, dtype=torch.float32), True, True, None)
+    expected = selective_scan_chunked(*args)
+    retired: list[Exception] = []
+
+    def failing() -> torch.Tensor:
+        raise RuntimeError("simulated compile failure")
+
+    def out_of_memory() -> torch.Tensor:
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    for kernel in (None, failing):
+        out, last = kernels_mod._kernel_or_chunked(kernel, retired.append, args)
+        assert torch.equal(out, expected[0]) and torch.equal(last, expected[1])
+    assert [str(e) for e in retired] == ["simulated compile failure"]
+    with pytest.raises(torch.OutOfMemoryError):
+        kernels_mod._kernel_or_chunked(out_of_memory, retired.append, args)
+    assert len(retired) == 1
+
+
+def test_mamba_ssm_adapter_on_cpu_and_retirement(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CPU tensors never reach mamba-ssm's CUDA kernel (chunked result); a failed call retires the kernels for good,
+    with one warning."""
+    calls: list[int] = []
+
+    def kernel(*args: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("undefined symbol")
+
+    lib = kernels_mod.MambaSsmLib(selective_scan_fn=kernel, mamba_inner_fn=kernel, causal_conv1d_fn=None)
+    monkeypatch.setattr(kernels_mod, "_mamba_ssm_cache", [lib])
+    args = (*make_scan_inputs(1, 3, 2, 9, dtype=torch.float32), True, False, None)
+    assert torch.equal(kernels_mod.mamba_ssm_adapter(*args), selective_scan_chunked(*args))
+    assert not calls and kernels_mod.mamba_ssm_lib() is lib
+    with caplog.at_level(logging.WARNING, logger=scan_common.logger.name):
+        kernels_mod.mark_mamba_ssm_broken(RuntimeError("boom"))
+        kernels_mod.mark_mamba_ssm_broken(RuntimeError("boom"))
+    assert lib.broken and kernels_mod.mamba_ssm_lib() is None
+    assert len([r for r in caplog.records if "mamba_ssm kernel call failed" in r.getMessage()]) == 1
+
+
 def test_mamba_ssm_on_cpu_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger=mamba_mod.__name__):
+    with caplog.at_level(logging.WARNING, logger=scan_common.logger.name):
         assert resolve_backend("mamba_ssm", "cpu") == "chunked"
         assert resolve_backend("mamba_ssm", "cpu") == "chunked"
         model = Mamba(8, d_state=4, backend="mamba_ssm")
@@ -345,7 +454,7 @@ def test_registered_backend_is_dispatched_by_name_and_env(monkeypatch: pytest.Mo
         calls.append("spy")
         return mamba_mod.selective_scan_chunked(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mamba_mod, "_BACKENDS", dict(mamba_mod._BACKENDS))
+    monkeypatch.setattr(registry_mod, "_BACKENDS", dict(registry_mod._BACKENDS))
     register_backend("spy", spy, lambda device: True)
     model = Mamba(8, d_state=4)
     x = torch.randn(1, 6, 8)
@@ -397,7 +506,8 @@ def test_bottleneck_state_dict_shapes() -> None:
     assert sd["in_proj.weight"].shape == (2048, 512)
     assert sd["x_proj.weight"].shape == (544, 1024)
     assert sd["dt_proj.weight"].shape == (1024, 32)
-    assert sum(v.numel() for v in sd.values()) == 2_432_000  # "Mamba core" count in METHODS.md §1.3
+    # 1024·256 (A_log) + 1024 (D) + 2048·512 + 1024·4 + 1024 (conv) + 544·1024 + 1024·32 + 1024 (dt_proj) + 512·1024
+    assert sum(v.numel() for v in sd.values()) == 2_432_000
 
 
 def test_initialisation_statistics() -> None:

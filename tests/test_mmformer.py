@@ -27,7 +27,7 @@ def _tiny(seed: int = 0) -> MMFormer:
 
 
 def _loss(loss_fn: FusedSeparateDeepLoss, outputs: tuple, label: torch.Tensor, epoch: int = 0):
-    """Apply the loss (a ``fit`` LossFn, which calls the model) to given outputs through a stub model."""
+    """Apply the loss (a ``training.LossFn``, which calls the model) to given outputs through a stub model."""
     return loss_fn(lambda image, mask: outputs, {"image": None, "mask": None, "label": label}, epoch)
 
 
@@ -57,7 +57,7 @@ def test_state_dict_matches_upstream_and_parameter_count():
     assert all(p.is_meta for p in model.parameters())
     lines = state_dict_listing(model)
     assert lines == shared_path("spec", "state_dicts", "mmformer.txt").read_text().splitlines()
-    # METHODS.md §2.1
+    # upstream's architecture
     assert count_parameters(model) == 36_391_760
     assert count_parameters(model.flair_encoder) == 1_473_216
     assert count_parameters(model.multimodal_transformer) == 5_250_048
@@ -173,14 +173,14 @@ def test_encode_once_decode_all_scenarios_equals_forward():
 
 
 def _wce(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """§0.7 weighted CE written out: w_bc = 1 − Σ t_bc / Σ_c Σ t_bc; mean_{b,xyz} Σ_c −w t log(clamp(p, 0.005, 1))."""
+    """Weighted CE written out: w_bc = 1 − Σ t_bc / Σ_c Σ t_bc; mean_{b,xyz} Σ_c −w t log(clamp(p, 0.005, 1))."""
     counts = t.sum(dim=(2, 3, 4))
     w = 1 - counts / counts.sum(1, keepdim=True)
     return (-(w[:, :, None, None, None] * t * p.clamp(0.005, 1).log()).sum(1)).mean()
 
 
 def _dice(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """§0.7 soft Dice written out: 1 − (1/C) Σ_c 2 Σ p_c t_c / (Σ p_c + Σ t_c + 1e-7), sums over batch and space."""
+    """Soft Dice written out: 1 − (1/C) Σ_c 2 Σ p_c t_c / (Σ p_c + Σ t_c + 1e-7), sums over batch and space."""
     per_class = [2 * (p[:, c] * t[:, c]).sum() / (p[:, c].sum() + t[:, c].sum() + 1e-7) for c in range(p.shape[1])]
     return 1 - torch.stack(per_class).mean()
 

@@ -17,7 +17,7 @@ def test_fifteen_unique_scenarios_in_upstream_order():
     assert len({s.mask for s in M.SCENARIOS}) == 15
     all_nonempty = {m for m in itertools.product([False, True], repeat=4) if any(m)}
     assert {s.mask for s in M.SCENARIOS} == all_nonempty
-    # METHODS.md §0.3: bit strings and labels of upstream's hard-coded test list, in order
+    # bit strings and labels of upstream's hard-coded test list, in order
     assert [s.bits for s in M.SCENARIOS] == [
         "0001", "0100", "0010", "1000", "0101", "0110", "1010", "0011",
         "1001", "1100", "1110", "1011", "1101", "0111", "1111",

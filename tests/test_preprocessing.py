@@ -1,4 +1,4 @@
-"""Preprocessing (METHODS.md §0.4): crop box, z-score, outputs, un-cropping, bad inputs, resumability, CLI."""
+"""Preprocessing: crop box, z-score, outputs, un-cropping, bad inputs, resumability, CLI."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def box_mask(shape: tuple[int, ...], ranges: list[tuple[int, int]]) -> np.ndarra
     return fg
 
 
-# (dim, inclusive foreground extent, upstream box, fixed box), worked out by hand from §0.4 with patch 128:
+# (dim, inclusive foreground extent, upstream box, fixed box), worked out by hand from upstream's crop with patch 128:
 CROP_CASES = [
     # hi - lo = 49 < 128: e = floor(79 / 2) = 39 -> [50 - 39, 99 + 39 + 1) = [11, 139), 128 long, same in both
     (200, (50, 99), (11, 139), (11, 139)),
@@ -250,7 +250,7 @@ def test_uncrop_and_write_in_original_geometry(raw: Path, tmp_path: Path, capsys
 
 def test_reference_quirks_reproduce_upstream_on_a_hand_made_volume(tmp_path: Path, capsys) -> None:
     # Foreground x in [5, 134] (hi - lo = 129 >= 128), y in [3, 36], z in [2, 27] of a 140 x 40 x 30 grid.
-    # Upstream (§0.4): x -> [5, 134), dropping slice 134; y: e = 47 -> [-44, 84) -> [0, 128), cut to [0, 40);
+    # Upstream: x -> [5, 134), dropping slice 134; y: e = 47 -> [-44, 84) -> [0, 128), cut to [0, 40);
     # z: e = 51 -> [-49, 79) -> [0, 128), cut to [0, 30). Fixed: x -> [5, 135), y and z the whole axis.
     shape, case = (140, 40, 30), "HAND-00000"
     rng = np.random.default_rng(3)

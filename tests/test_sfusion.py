@@ -88,7 +88,7 @@ def test_upstream_architecture_is_inferred_from_weights() -> None:
 
 
 def _reference_dupsampling(y: torch.Tensor, s: int) -> torch.Tensor:
-    """METHODS.md §4.1's permute/reshape sequence on the conv output y (B, C, D, H, W), C = E·s³."""
+    """Upstream's permute/reshape sequence on the conv output y (B, C, D, H, W), C = E·s³."""
     b, c, d, h, w = y.shape
     y = y.permute(0, 4, 3, 2, 1).contiguous().view(b, w, h, d * s, c // s)
     y = y.permute(0, 3, 1, 2, 4).contiguous().view(b, d * s, w, h * s, c // s**2)

@@ -1,4 +1,4 @@
-"""ShaSpec (METHODS.md §7): state-dict parity and parameter count at paper size, weight standardisation, the missing-
+"""ShaSpec: state-dict parity and parameter count at paper size, weight standardisation, the missing-
 modality substitution, encode/decode, activation checkpointing, the data pipeline, the ``--mode`` parser, the
 learning-rate schedule over the two runs, upstream scoring, and (slow) warm-up → random → 15-scenario eval through the
 upstream script names."""
@@ -22,6 +22,7 @@ from scipy import stats
 
 from brats_core.modalities import SCENARIOS, format_shaspec_mode, scenario_for
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
+from brats_core.training import PolyLR, poly_lr
 from ShaSpec import eval as shaspec_eval
 from ShaSpec import train_SS
 from ShaSpec.data import label_to_shaspec_regions, mode_sampler, normalise_modality, prepare_cache, random_mode_mask
@@ -51,7 +52,7 @@ def test_paper_state_dict_parity_and_parameter_count() -> None:
     model = build_method("shaspec", "paper")  # built only: no forward at 80×160×160
     assert state_dict_listing(model) == expected
     assert count_parameters(model) == PAPER_PARAMETERS
-    # the per-part counts of METHODS.md §7.1
+    # upstream's per-part parameter counts
     enc = model.shared_enc
     assert count_parameters(enc) == 35_127_872 and count_parameters(enc.backbone) == 29_029_440
     assert count_parameters(enc.aspp) == 5_770_240 and count_parameters(enc.asppreduce) == 328_192
@@ -277,14 +278,14 @@ def test_input_size_sets_the_window_of_a_built_model(tiny, capsys) -> None:
 
 def test_learning_rate_schedule_over_the_two_runs() -> None:
     lr0, warm_steps, total = 1e-2, 245_000, 406_000
-    warm = [train_SS.poly_lr(lr0, i, warm_steps) for i in range(0, warm_steps + 5000, 997)]
+    warm = [poly_lr(lr0, i, warm_steps) for i in range(0, warm_steps + 5000, 997)]
     assert warm[0] == lr0 and all(a >= b for a, b in itertools.pairwise(warm))
-    assert train_SS.poly_lr(lr0, warm_steps, warm_steps) == 0.0
+    assert poly_lr(lr0, warm_steps, warm_steps) == 0.0
     best = 240_000  # reload best.pth of iteration 240,000: the global counter continues at 240,001
     for i in (best + 1, 300_000, total - 1):
-        assert train_SS.poly_lr(lr0, i, total) == pytest.approx(lr0 * (1 - i / total) ** 0.9, rel=1e-12)
+        assert poly_lr(lr0, i, total) == pytest.approx(lr0 * (1 - i / total) ** 0.9, rel=1e-12)
     for i in (total, total + 1, total + 10**6):  # upstream: a negative base to the 0.9 → complex LR
-        lr = train_SS.poly_lr(lr0, i, total)
+        lr = poly_lr(lr0, i, total)
         assert isinstance(lr, float) and math.isfinite(lr) and lr == 0.0
     assert train_SS.validation_iterations(True, warm_steps)[-3:] == [235_000, 240_000, 245_000]
     train_iters = train_SS.validation_iterations(False, total)
@@ -311,6 +312,75 @@ def test_loss_matches_the_formula_by_hand() -> None:
     ce = F.cross_entropy(domain.reshape(8, 4), torch.tensor([0, 1, 2, 3] * 2))
     torch.testing.assert_close(loss, dice + bce + 0.1 * l1 + 0.02 * ce)
     assert parts["shared"] == pytest.approx(float(l1))
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def raw_cases(tmp_path_factory):
+    """Two synthetic BraTS cases (NIfTI) and a training list."""
+    from brats_core import synthetic
+
+    root = tmp_path_factory.mktemp("shaspec_raw")
+    cases = synthetic.write_synthetic_dataset(root / "raw", 2, shape=(40, 40, 32))
+    (root / "raw" / "train.csv").write_text("case\n" + "".join(f"{c}\n" for c in cases))
+    return root
+
+
+def _train_argv(root, snapshot, *extra: str) -> list[str]:
+    return ["--data_dir", str(root / "raw"), "--train_list", "train.csv", "--preset", "tiny", "--device", "cpu",
+            "--workers", "0", "--cache_dir", str(root / "cache"), "--snapshot_dir", str(snapshot), "--num_steps", "3",
+            "--learning_rate", "1e-2", "--val_pred_every", "2", "--train_only", "--random_mirror", "--no_progress",
+            *extra]  # fmt: skip
+
+
+class _KilledError(Exception):
+    """Stands in for a run killed at iteration 2, after its snapshot of iteration 1."""
+
+
+def _kill_at_2(iteration: int, lr: float) -> None:
+    if iteration == 2:
+        raise _KilledError
+
+
+def test_continue_reproduces_an_uninterrupted_run_also_from_earlier_snapshots(raw_cases, tmp_path) -> None:
+    from brats_core.checkpoint import load_checkpoint
+    from brats_core.scripts import model_from_checkpoint
+
+    full = tmp_path / "full"
+    assert train_SS.main(_train_argv(raw_cases, full)) == 0
+    part = tmp_path / "part"
+    with pytest.raises(_KilledError):
+        train_SS.main(_train_argv(raw_cases, part), on_step=_kill_at_2)
+    assert load_checkpoint(part / "last.pth")["iter"] == 1 and not (part / "final.pth").exists()
+    # a snapshot as earlier versions wrote it: no scheduler state, no global step
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    saved = torch.load(part / "last.pth", weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k not in ("scheduler", "global_step")}, earlier / "last.pth")
+    expected = load_checkpoint(full / "final.pth")["state_dict"]
+    for snapshot in (part, earlier):
+        steps: list[tuple[int, float]] = []
+        argv = _train_argv(raw_cases, snapshot, "--continue", str(snapshot / "last.pth"))
+        assert train_SS.main(argv, on_step=lambda i, lr, steps=steps: steps.append((i, lr))) == 0
+        assert steps == [(2, pytest.approx(1e-2 * (1 - 2 / 3) ** 0.9, rel=1e-12))]  # poly at global iteration 2
+        final = load_checkpoint(snapshot / "final.pth")
+        assert final["iter"] == 2 and final["method"] == "shaspec"
+        for key, value in expected.items():
+            assert torch.equal(final["state_dict"][key], value), key
+        model_from_checkpoint(snapshot / "final.pth", "shaspec", {})  # what eval.py loads
+
+
+def test_scheduler_steps_per_iteration_as_poly_lr() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched = PolyLR(opt, 7, decimals=None)
+    rates = []
+    for _ in range(9):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == [poly_lr(1e-2, i, 7) for i in range(9)] and rates[-2:] == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring

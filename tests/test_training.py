@@ -1,9 +1,12 @@
-"""fit(): upstream epoch semantics, poly LR, validation/best checkpoint, exact resume; checkpoints round trip."""
+"""The training engine (Trainer): upstream epoch semantics, poly LR, validation/best checkpoint, exact resume,
+per-iteration schedules and checkpoints, resources closed on failure; checkpoints round trip."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from brats_core import checkpoint as C
 from brats_core.cli import UsageError, run_main, setup_logging
 from brats_core.data import TrainDataset
 from brats_core.registry import RUNTIME_FIELD
-from brats_core.training import FitConfig, PolyLR, fit, seed_everything
+from brats_core.training import FitConfig, PolyLR, Trainer, seed_everything
 from brats_core.transforms import rfnet_augmentation
 
 
@@ -22,6 +25,10 @@ def _loss(model, batch, epoch):
     probs = model(batch["image"], batch["mask"])
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-6)), batch["label"].clamp_min(0))
     return loss, {"nll": float(loss.detach())}
+
+
+def _train(model, train_set, loss_fn, optimizer, config, scheduler=None, validate=None):
+    return Trainer(model, loss_fn, optimizer, config, scheduler, validate).run_training(train_set)
 
 
 def _run(tmp_path, name, cases, root, **kw):
@@ -47,7 +54,7 @@ def _run(tmp_path, name, cases, root, **kw):
         **kw,
     )
     ds = TrainDataset(root, cases, rfnet_augmentation(16))
-    result = fit(model, ds, _loss, opt, cfg, scheduler=sched, validate=validate)
+    result = _train(model, ds, _loss, opt, cfg, scheduler=sched, validate=validate)
     return model, opt, result, calls
 
 
@@ -81,7 +88,7 @@ def test_fit_epoch_semantics_validation_and_best(tmp_path):
     seed_everything(0)
     m = ToyModel()
     cfg = FitConfig(savepath=tmp_path / "b", num_epochs=1, batch_size=2, progress=False)
-    r = fit(m, TrainDataset(root, cases, rfnet_augmentation(16)), _loss, torch.optim.SGD(m.parameters(), 0.1), cfg)
+    r = _train(m, TrainDataset(root, cases, rfnet_augmentation(16)), _loss, torch.optim.SGD(m.parameters(), 0.1), cfg)
     assert r.global_step == len(cases)
 
 
@@ -93,7 +100,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, stop_at):
     _run(tmp_path, "part", cases, root, max_steps=stop_at)
     ckpt = C.load_checkpoint(tmp_path / "part" / "model_last.pth")
     assert ckpt["global_step"] == stop_at
-    # resume in a "new process": different global RNG state before fit
+    # resume in a "new process": different global RNG state before training
     torch.manual_seed(12345)
     resumed, res_opt, result, _ = _run(tmp_path, "part", cases, root, resume=tmp_path / "part" / "model_last.pth")
     assert result.global_step == 9
@@ -179,7 +186,7 @@ def _poly(lr0: float, e: int, num_epochs: int) -> float:
 
 
 def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, schedule=PolyLR, **kw):
-    """fit() with a poly (or ``schedule(opt, num_epochs)``) schedule, one step per epoch; the lr of every step."""
+    """Training with a poly (or ``schedule(opt, num_epochs)``) schedule, one step per epoch; the lr of every step."""
     opt = torch.optim.RAdam(model.parameters(), lr=1e-2)
     lrs = []
 
@@ -190,7 +197,9 @@ def _fit_recording_lr(tmp_path, cases, root, model, num_epochs, schedule=PolyLR,
     cfg = FitConfig(
         savepath=tmp_path / "run", num_epochs=num_epochs, batch_size=2, iter_per_epoch=1, seed=3, progress=False, **kw
     )
-    fit(model, TrainDataset(root, cases, rfnet_augmentation(16)), loss, opt, cfg, scheduler=schedule(opt, num_epochs))
+    _train(
+        model, TrainDataset(root, cases, rfnet_augmentation(16)), loss, opt, cfg, scheduler=schedule(opt, num_epochs)
+    )
     return lrs
 
 
@@ -277,7 +286,7 @@ def test_resume_refuses_another_architecture(tmp_path):
 
 
 def _ddp_plateau_worker(rank: int, root: str, cases: list[str], save: str, port: int) -> None:
-    """One of two gloo processes: fit() with a plateau scheduler whose scores only rank 0 computes."""
+    """One of two gloo processes: training with a plateau scheduler whose scores only rank 0 computes."""
     import os
 
     os.environ.update(
@@ -291,7 +300,7 @@ def _ddp_plateau_worker(rank: int, root: str, cases: list[str], save: str, port:
     cfg = FitConfig(
         savepath=save, num_epochs=3, batch_size=2, iter_per_epoch=1, val_epochs={1, 2, 3}, progress=False, device="cpu"
     )
-    fit(
+    _train(
         model,
         TrainDataset(root, cases, rfnet_augmentation(16)),
         _loss,
@@ -345,7 +354,7 @@ def test_a_new_run_never_replaces_another_runs_checkpoints(tmp_path):
     assert {p.name: p.read_bytes() for p in run.glob("*.pth")} == before  # untouched
     # another method's checkpoint is named as such, not as a list of mismatched keys
     with pytest.raises(UsageError, match=r"holds a 'toy' model, not 'other'"):
-        fit(
+        _train(
             ToyModel(), TrainDataset(root, cases, rfnet_augmentation(16)), _loss,
             torch.optim.SGD(ToyModel().parameters(), lr=0.1),
             FitConfig(savepath=tmp_path / "o", num_epochs=1, progress=False, resume=run / "model_last.pth",
@@ -370,3 +379,148 @@ def test_training_scripts_report_usage_errors_in_one_line(tmp_path, monkeypatch,
     assert run_main(main) == 2
     assert capsys.readouterr().err.strip() == f"train.py: error: {tmp_path / 'a_file'} exists and is not a folder: " \
         "choose another output folder"  # fmt: skip
+
+
+def _constant_loss(values, lrs=None, opt=None):
+    """A loss worth ``values[k]`` at its k-th call (zero gradient), so that logged means can be worked out by hand;
+    records the learning rate of every step in ``lrs``."""
+    it = iter(values)
+
+    def loss(model, batch, epoch):
+        if lrs is not None:
+            lrs.append(opt.param_groups[0]["lr"])
+        return model(batch["image"], batch["mask"]).sum() * 0 + next(it), {}
+
+    return loss
+
+
+def _trainer(tmp_path, loss, opt, model, cls=Trainer, scheduler=None, validate=None, **kw):
+    cfg = FitConfig(**{"savepath": tmp_path / "run", "batch_size": 2, "seed": 5, "progress": False, **kw})
+    return cls(model, loss, opt, cfg, scheduler, validate)
+
+
+def test_epoch_loss_after_a_mid_epoch_resume_is_the_mean_of_the_steps_run(tmp_path):
+    root = tmp_path / "data"
+    ds = TrainDataset(root, write_preprocessed(root, n=2), rfnet_augmentation(16))
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _trainer(tmp_path, _constant_loss([1, 2, 3, 4]), opt, model, num_epochs=2, iter_per_epoch=3, max_steps=4) \
+        .run_training(ds)  # fmt: skip
+    resumed = _trainer(tmp_path, _constant_loss([5, 6]), opt, model, num_epochs=2, iter_per_epoch=3,
+                       resume=tmp_path / "run" / "model_last.pth")  # fmt: skip
+    assert resumed.run_training(ds).global_step == 6
+    lines = [line.split(",")[0] for line in (tmp_path / "run" / "train.log").read_text().splitlines()]
+    # epoch 1: (1 + 2 + 3) / 3; epoch 2 ran steps 5 and 6 after the resume: (5 + 6) / 2, not (5 + 6) / 3
+    assert lines == ["epoch 1: loss 2.0000", "epoch 2: loss 5.5000"]
+
+
+def test_writer_and_text_log_are_closed_when_a_step_raises(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    closed = []
+    real_close = SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self) or real_close(self))
+    root = tmp_path / "data"
+    ds = TrainDataset(root, write_preprocessed(root, n=2), rfnet_augmentation(16))
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = _trainer(tmp_path, _constant_loss([1.0]), opt, model, num_epochs=1, iter_per_epoch=3)
+    with pytest.raises(StopIteration):  # the loss has one value: the second step raises
+        trainer.run_training(ds)
+    assert trainer.global_step == 1
+    assert closed == [trainer.writer] and trainer.text_log.closed
+
+
+class _RecordingTrainer(Trainer):
+    """Records ``(checkpoint name, global step)`` of every checkpoint written."""
+
+    def save(self, name):
+        self.saved = [*getattr(self, "saved", []), (name, self.global_step)]
+        return super().save(name)
+
+
+def test_per_iteration_schedule_validation_and_checkpoints(tmp_path):
+    root = tmp_path / "data"
+    ds = TrainDataset(root, write_preprocessed(root, n=2), rfnet_augmentation(16))
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    lrs, scores = [], iter([0.3, 0.1])
+    trainer = _trainer(
+        tmp_path, _constant_loss(range(6), lrs, opt), opt, model, _RecordingTrainer,
+        scheduler=PolyLR(opt, 6, decimals=None), validate=lambda m, epoch: {"mean_dice": next(scores)},
+        num_epochs=2, iter_per_epoch=3, schedule_per="iteration", save_every=2, save_per="iteration",
+        val_steps={3, 5},
+    )  # fmt: skip
+    trainer.run_training(ds)
+    assert lrs == [1e-2 * (1 - i / 6) ** 0.9 for i in range(6)]  # one schedule over the 6 iterations
+    # model_last.pth every 2 iterations and at each epoch's end; best.pth at step 3 (0.3), not at 5 (0.1)
+    assert trainer.saved == [("model_last.pth", 2), ("best.pth", 3), ("model_last.pth", 3), ("model_last.pth", 4),
+                             ("model_last.pth", 6), ("model_last.pth", 6)]  # fmt: skip
+    assert C.load_checkpoint(tmp_path / "run" / "best.pth")["best_score"] == 0.3
+    assert "validation at step 5: mean_dice 0.1000" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_checkpoints_every_n_epochs_and_at_the_end(tmp_path):
+    root = tmp_path / "data"
+    ds = TrainDataset(root, write_preprocessed(root, n=2), rfnet_augmentation(16))
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = _trainer(tmp_path, _constant_loss(range(5)), opt, model, _RecordingTrainer, num_epochs=5,
+                       iter_per_epoch=1, save_every=2)  # fmt: skip
+    trainer.run_training(ds)
+    assert trainer.saved == [("model_last.pth", 2), ("model_last.pth", 4), ("model_last.pth", 5)]
+    with pytest.raises(ValueError, match="every N >= 1"):
+        FitConfig(savepath=tmp_path, num_epochs=1, save_every=0)
+    with pytest.raises(ValueError, match="'epoch' or 'iteration'"):
+        FitConfig(savepath=tmp_path, num_epochs=1, schedule_per="step")
+
+
+class _NamedToy(_ConfiguredToy):
+    method_name = "toy"
+
+
+def test_fit_config_from_the_shared_training_flags():
+    from brats_core.cli import args_dict
+    from IMFuse.train_poly import build_parser
+
+    args = build_parser().parse_args(
+        "--datapath d --savepath s --num_epochs 5 --batch_size 2 --iter_per_epoch 7 --seed 3 --workers 1 --device cpu "
+        "--max_steps 9 --resume r.pth --overwrite --no_progress --compile --amp".split()
+    )
+    model = _NamedToy(interleaved=True)
+    config = FitConfig.from_args(args, model, val_epochs={5}, extra={"stage": "x"})
+    assert config == FitConfig(
+        savepath=Path("s"), num_epochs=5, batch_size=2, iter_per_epoch=7, seed=3, workers=1, device="cpu", amp=True,
+        compile=True, max_steps=9, val_epochs={5}, resume="r.pth", overwrite=True, progress=False,
+        extra={"method": "toy", "config": {"patch_size": 16, "interleaved": True, "backend": "auto"},
+               "args": args_dict(args), "stage": "x"},
+    )  # fmt: skip
+    # names a script spells otherwise come as overrides; without a model nothing is recorded
+    shaspec_like = argparse.Namespace(snapshot_dir="snap", batch_size=1, workers=0, device="cpu", amp=False)
+    assert FitConfig.from_args(shaspec_like, savepath="snap", num_epochs=1) == FitConfig(
+        savepath=Path("snap"), num_epochs=1, batch_size=1, workers=0, device="cpu"
+    )
+
+
+def test_grad_scaler_state_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+    """The fp16 path's loss scaler (CUDA only in real runs; an enabled CPU scaler stands in): it scales the backward,
+    its state goes into the checkpoint and comes back on resume."""
+    from brats_core import training
+
+    def scaler(device, enabled):  # doubles its scale after every finite step
+        return torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+
+    monkeypatch.setattr(training, "grad_scaler", scaler)
+    root = tmp_path / "data"
+    ds = TrainDataset(root, write_preprocessed(root, n=2), rfnet_augmentation(16))
+    seed_everything(0)
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _trainer(tmp_path, _loss, opt, model, num_epochs=2, iter_per_epoch=2, max_steps=3).run_training(ds)
+    assert C.load_checkpoint(tmp_path / "run" / "model_last.pth")["scaler"]["scale"] == 8.0 * 2**3
+    resumed = _trainer(tmp_path, _loss, opt, model, num_epochs=2, iter_per_epoch=2,
+                       resume=tmp_path / "run" / "model_last.pth")  # fmt: skip
+    resumed.resume()
+    assert resumed.scaler.get_scale() == 8.0 * 2**3
+    resumed.run_training(ds)
+    assert C.load_checkpoint(tmp_path / "run" / "model_last.pth")["scaler"]["scale"] == 8.0 * 2**4

@@ -1,4 +1,5 @@
-"""Tests of the Triton selective-scan backend (brats_core/nn/triton_scan.py) and its registration in mamba.py.
+"""Tests of the Triton selective-scan backend (brats_core/nn/triton_scan.py), its adapter (brats_core/nn/ops/kernels.py)
+and its selection for the Mamba block.
 
 The kernels run in Triton's CPU interpreter, which must be switched on (``TRITON_INTERPRET=1``) before ``triton`` is
 imported; other test modules may already have imported it in this process, so every kernel check runs this file as a
@@ -170,9 +171,10 @@ def test_import_does_not_need_triton() -> None:
         "import os; os.environ['BRATS_MAMBA_BACKEND'] = 'triton'\n"
         "import torch\n"
         "from brats_core.nn import mamba\n"
+        "from brats_core.nn.ops import kernels\n"
         "assert 'triton' in mamba.available_backends()\n"
         "print(mamba.resolve_backend(None, 'cpu'), mamba.resolve_backend(None, 'cuda'),"
-        " mamba._triton_module() is None)\n"
+        " kernels._triton_module() is None)\n"
     )
     env = _interpreter_env()
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
@@ -192,24 +194,25 @@ def test_importing_mamba_does_not_import_triton() -> None:
 def test_cuda_auto_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA: mamba_ssm if usable → triton if its probe passed → chunked; the env var forces a backend."""
     from brats_core.nn import mamba
+    from brats_core.nn.ops import common, kernels
 
     monkeypatch.delenv(mamba.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(mamba, "_warned", set())
-    monkeypatch.setattr(mamba, "_mamba_ssm_cache", [None])  # mamba_ssm not importable
-    monkeypatch.setattr(mamba, "_triton_state", {"probe:cuda": True, "module": object()})
+    monkeypatch.setattr(common, "_warned", set())
+    monkeypatch.setattr(kernels, "_mamba_ssm_cache", [None])  # mamba_ssm not importable
+    monkeypatch.setattr(kernels, "_triton_state", {"probe:cuda": True, "module": object()})
     assert mamba.resolve_backend(None, "cuda") == "triton"
     monkeypatch.setenv(mamba.ENV_BACKEND, "chunked")
     assert mamba.resolve_backend(None, "cuda") == "chunked"
     monkeypatch.delenv(mamba.ENV_BACKEND)
-    mamba._triton_state["probe:cuda"] = False  # probe compile failed
+    kernels._triton_state["probe:cuda"] = False  # probe compile failed
     assert mamba.resolve_backend(None, "cuda") == "chunked"
-    mamba._triton_state["probe:cuda"] = True
-    lib = mamba._MambaSsmLib(selective_scan_fn=print, mamba_inner_fn=print, causal_conv1d_fn=None)
-    monkeypatch.setattr(mamba, "_mamba_ssm_cache", [lib])
+    kernels._triton_state["probe:cuda"] = True
+    lib = kernels.MambaSsmLib(selective_scan_fn=print, mamba_inner_fn=print, causal_conv1d_fn=None)
+    monkeypatch.setattr(kernels, "_mamba_ssm_cache", [lib])
     assert mamba.resolve_backend(None, "cuda") == "mamba_ssm"
     monkeypatch.setenv(mamba.ENV_BACKEND, "triton")
     assert mamba.resolve_backend(None, "cuda") == "triton"
-    mamba._triton_state["broken"] = True  # a kernel call failed after the probe: no longer selected
+    kernels._triton_state["broken"] = True  # a kernel call failed after the probe: no longer selected
     assert mamba.resolve_backend(None, "cuda") == "mamba_ssm"
 
 
@@ -217,6 +220,7 @@ def test_kernel_failure_falls_back_to_chunked_once(monkeypatch: pytest.MonkeyPat
     """A Triton call that raises (e.g. a kernel variant failing to compile after the probe passed) returns the chunked
     result and marks the backend broken, so it is no longer selected."""
     from brats_core.nn import mamba
+    from brats_core.nn.ops import common, kernels
 
     class FailingModule:
         calls = 0
@@ -226,45 +230,47 @@ def test_kernel_failure_falls_back_to_chunked_once(monkeypatch: pytest.MonkeyPat
             cls.calls += 1
             raise RuntimeError("simulated compile failure")
 
-    monkeypatch.setattr(mamba, "_warned", set())
-    monkeypatch.setattr(mamba, "_triton_state", {"module": FailingModule, "probe:cuda": True})
+    monkeypatch.setattr(common, "_warned", set())
+    monkeypatch.setattr(kernels, "_triton_state", {"module": FailingModule, "probe:cuda": True})
     g = torch.Generator().manual_seed(0)
     u, delta, z = (torch.randn(1, 3, 9, generator=g) for _ in range(3))
     A, B, C = -torch.rand(3, 2, generator=g), torch.randn(1, 2, 9, generator=g), torch.randn(1, 2, 9, generator=g)
     args = (u, delta, A, B, C, torch.ones(3), z, torch.zeros(3), True, False, None)
-    out = mamba._selective_scan_triton(*args)
+    out = kernels.triton_adapter(*args)
     assert torch.equal(out, mamba.selective_scan_chunked(*args))
-    assert FailingModule.calls == 1 and mamba._triton_state["broken"]
-    mamba._selective_scan_triton(*args)
+    assert FailingModule.calls == 1 and kernels._triton_state["broken"]
+    kernels.triton_adapter(*args)
     assert FailingModule.calls == 1  # not retried
-    monkeypatch.setattr(mamba, "_mamba_ssm_cache", [None])
+    monkeypatch.setattr(kernels, "_mamba_ssm_cache", [None])
     assert mamba.resolve_backend(None, "cuda") == "chunked"
 
 
 def test_out_of_memory_does_not_retire_the_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """An input too big for the GPU is not a broken kernel: the error reaches the caller, the backend stays."""
     from brats_core.nn import mamba
+    from brats_core.nn.ops import kernels
 
     class OutOfMemory:
         @staticmethod
         def selective_scan_triton(*args: Any) -> torch.Tensor:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
 
-    monkeypatch.setattr(mamba, "_triton_state", {"module": OutOfMemory, "probe:cuda": True})
+    monkeypatch.setattr(kernels, "_triton_state", {"module": OutOfMemory, "probe:cuda": True})
     x = torch.zeros(1, 2, 3)
     with pytest.raises(torch.OutOfMemoryError):
-        mamba._selective_scan_triton(x, x, -torch.ones(2, 2), x[:, :2], x[:, :2], None, None, None, True, False, None)
-    assert not mamba._triton_state.get("broken")
-    monkeypatch.setattr(mamba, "_mamba_ssm_cache", [None])
+        kernels.triton_adapter(x, x, -torch.ones(2, 2), x[:, :2], x[:, :2], None, None, None, True, False, None)
+    assert not kernels._triton_state.get("broken")
+    monkeypatch.setattr(kernels, "_mamba_ssm_cache", [None])
     assert mamba.resolve_backend(None, "cuda") == "triton"
 
 
 def test_triton_not_usable_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     from brats_core.nn import mamba
+    from brats_core.nn.ops import common
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(mamba.ENV_BACKEND, "triton")
-    monkeypatch.setattr(mamba, "_warned", set())
+    monkeypatch.setattr(common, "_warned", set())
     assert mamba.resolve_backend(None, "cpu") == "chunked"  # falls back with a warning
 
 
@@ -287,7 +293,7 @@ def _load_gpu_check(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_gpu_check_block_sizes_are_imfuse_paper_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu_check = _load_gpu_check(monkeypatch)
     sizes = [(b.d_model, b.d_state, b.L) for b in gpu_check.imfuse_blocks(quick=False)]
-    # MAMBA.md §0: 128³ … 16³ skip levels and the 8³ bottleneck; L = 5 token sets × positions
+    # IM-Fuse's 128³ … 16³ skip levels and the 8³ bottleneck; L = 5 token sets × positions
     assert sizes == [(8, 8, 10_485_760), (16, 16, 1_310_720), (32, 32, 163_840), (64, 64, 20_480), (512, 256, 2_560)]
 
 
@@ -440,6 +446,7 @@ def _case_errors(name: str) -> dict[str, float]:
 
 def _module_check() -> dict[str, Any]:
     from brats_core.nn import mamba
+    from brats_core.nn.ops import kernels
 
     res: dict[str, Any] = {"auto_cpu": mamba.resolve_backend(None, "cpu"), "explicit_cpu": None}
     res["explicit_cpu"] = mamba.resolve_backend("triton", "cpu")
@@ -447,7 +454,7 @@ def _module_check() -> dict[str, Any]:
     res["env_cpu"] = mamba.resolve_backend(None, "cpu")
     del os.environ[mamba.ENV_BACKEND]
     with torch.inference_mode():  # the first resolve may come from an evaluation loop: the probe must still work
-        res["probe_cpu"] = mamba._triton_probe(torch.device("cpu"))  # the CUDA probe's code, in the interpreter
+        res["probe_cpu"] = kernels._triton_probe(torch.device("cpu"))  # the CUDA probe's code, in the interpreter
     torch.manual_seed(0)
     block = mamba.Mamba(d_model=8, d_state=8, backend="chunked").double()
     x = torch.randn(2, 21, 8, dtype=torch.float64)
@@ -500,11 +507,12 @@ def _backward_fallback_check() -> dict[str, Any]:
 
 def _probe_again() -> bool:
     """The probe's verdict when its backward falls back to the chunked scan (chunked vs chunked gradients agree)."""
-    from brats_core.nn import mamba, triton_scan
+    from brats_core.nn import triton_scan
+    from brats_core.nn.ops import kernels
 
     triton_scan._backward_failures.clear()
-    mamba._triton_state.pop("probe:cpu", None)
-    return mamba._triton_probe(torch.device("cpu"))
+    kernels._triton_state.pop("probe:cpu", None)
+    return kernels._triton_probe(torch.device("cpu"))
 
 
 # name → (d, n, d-stride, n-stride or None for contiguous B and C): offsets past 2^31 within the lanes of one block,

@@ -192,7 +192,7 @@ def test_multi_subset_kld_by_hand() -> None:
 
 
 def _direct_kld(mu: np.ndarray, logvar: np.ndarray, mask: np.ndarray) -> float:
-    """An independent float64 transcription of §5.2 for one scale (mu, logvar (B, 4, ...), mask (B, 4))."""
+    """An independent float64 transcription of the KL term for one scale (mu, logvar (B, 4, ...), mask (B, 4))."""
     eps = 1e-5
 
     def product(members: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Building blocks shared by IM-Fuse and mmFormer (METHODS.md §1.1 and §2.1).
+"""Building blocks shared by IM-Fuse and mmFormer.
 
 Submodule and parameter names reproduce the upstream state-dict keys (``e1_c2.conv.weight``,
 ``cross_attention_list.0.fn.fn.qkv.weight``, ``RFM5.fusion_layer.0.conv.weight`` …), so that checkpoints trained with
@@ -41,7 +41,7 @@ def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class PC(nn.Module):
-    """Pre-activation conv block: InstanceNorm3d (no affine) → LeakyReLU(0.2) → Conv3d (METHODS.md §1.1 ``PC``).
+    """Pre-activation conv block: InstanceNorm3d (no affine) → LeakyReLU(0.2) → Conv3d (upstream's ``PC``).
 
     The norm and the activation are parameter-free, so the only state-dict entries are ``conv.weight``/``conv.bias``.
 

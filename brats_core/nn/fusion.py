@@ -1,4 +1,4 @@
-"""IM-Fuse's Mamba Fusion Block (MFB / I-MFB, METHODS.md §1.1 and MAMBA.md §0).
+"""IM-Fuse's Mamba Fusion Block (MFB, and I-MFB with interleaved tokenisation).
 
 The MFB condenses M modality token sequences into one set of learned "fused" tokens: the M masked feature maps and
 the fused-token table are laid out as one sequence, a causal Mamba layer runs over it, and the fused tokens are read

@@ -1,4 +1,4 @@
-"""The mmFormer family skeleton shared by mmFormer (METHODS.md §2) and IM-Fuse (§1).
+"""The mmFormer family skeleton shared by mmFormer and IM-Fuse.
 
 Both run, per modality, a 5-stage encoder, a 1×1 ``encode_conv`` to the token width and an intra-modal transformer
 with its own learned position embedding; absent modalities are handled by zeroing their FEATURES (skips and intra

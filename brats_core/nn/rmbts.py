@@ -1,4 +1,4 @@
-"""The RMBTS framework shared by RobustSeg (METHODS.md §3) and SFusion (§4).
+"""The RMBTS framework shared by RobustSeg and SFusion.
 
 SFusion is RobustSeg's feature-disentanglement framework with the gated fusion replaced by SFusion blocks, so the two
 share everything but the fusion:
@@ -219,7 +219,7 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class Flavour:
-    """Everything RobustSeg and SFusion do differently in the shared pieces (METHODS.md §3.1 vs §4.1).
+    """Everything RobustSeg and SFusion do differently in the shared pieces.
 
     Attributes:
         conv: content encoders, fusion convs and segmentation decoder (R: reflect, IN ε 1e-6, LReLU 0.2;

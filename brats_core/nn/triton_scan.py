@@ -1,14 +1,14 @@
 """Triton selective scan (Mamba-1), forward and backward, chunk-parallel: the ``"triton"`` backend of
-:func:`brats_core.nn.mamba.selective_scan`.
+:func:`brats_core.nn.ops.selective_scan`.
 
 Same semantics, arguments and (b, d, L) layout as mamba-ssm's ``selective_scan_fn`` (see
-:func:`brats_core.nn.mamba.selective_scan`), with ``softplus(delta + delta_bias)``, the ``D`` skip and the
+:func:`brats_core.nn.ops.selective_scan`), with ``softplus(delta + delta_bias)``, the ``D`` skip and the
 ``silu(z)`` gate fused into the kernels. The state is kept in fp32 registers and inputs of any float dtype are read
 through their strides (the Mamba block passes transposed views of token-major tensors; nothing is copied).
 
-Algorithm (``shared/spec/MAMBA.md`` §3.1 and §4, the reduce-then-scan of :class:`~brats_core.nn.mamba.
-ChunkedSelectiveScanFn`): the sequence is cut into ``nc`` chunks of ``T`` steps and every kernel runs on a grid of
-``(chunk, d_inner block, batch)`` programs, each holding a ``(BD, BN)`` fp32 state.
+Algorithm (the reduce-then-scan of :class:`~brats_core.nn.ops.ChunkedSelectiveScanFn`): the sequence is cut into
+``nc`` chunks of ``T`` steps and every kernel runs on a grid of ``(chunk, d_inner block, batch)`` programs, each
+holding a ``(BD, BN)`` fp32 state.
 
 Forward:
   1. ``_chunk_state_kernel``: each chunk's end state started from zero, and its ``Σ dt`` (the chunk's total decay is
@@ -25,7 +25,7 @@ Backward (the adjoint ``G_t = ∂loss/∂h_t = gy_t ⊗ C_t + a_{t+1} ⊙ G_{t+1
   3. ``_chunk_scan_bwd_kernel``: per chunk, K-step blocks from last to first: the block's states are recomputed from
      its checkpoint into a small scratch (emitting ``dC`` and ``dz`` on the way), then walked backwards forming
      ``∂loss/∂(dt·A) = G_t ⊙ a_t ⊙ h_{t-1}`` directly (no cumulative-sum closed form, no telescoping: both lose fp32
-     precision, MAMBA.md §3.2), and ``du, ddelta, dB`` per step, ``dA, dD`` per program.
+     precision), and ``du, ddelta, dB`` per step, ``dA, dD`` per program.
 
 Reductions across programs (``dB``/``dC`` over d-blocks, ``dA``/``dD`` over chunks and batch) go through small
 per-program partial buffers summed by torch, so results are deterministic — except ``dB``/``dC`` with more than 8
@@ -33,9 +33,9 @@ d-blocks (the bottleneck), accumulated with fp32 atomics to keep those buffers (
 forward ``b·nc·d·n`` floats; backward about ``b·d·n·L·(1/K + K/T)`` floats plus the (b, L, ·)-sized gradients — no
 (L, d, n) tensor.
 
-A kernel call that fails (e.g. a variant that does not compile on this GPU) makes ``brats_core.nn.mamba`` fall back
-to the chunked scan and retire this backend; in the backward the failing scan's gradients are recomputed with the
-chunked scan, so a training step never dies of it.
+A kernel call that fails (e.g. a variant that does not compile on this GPU) makes ``brats_core.nn.ops.kernels`` fall
+back to the chunked scan and retire this backend; in the backward the failing scan's gradients are recomputed with
+the chunked scan, so a training step never dies of it.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported, CPU
 tensors); that is how ``tests/test_triton_scan.py`` checks them against the fp64 reference.
@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .ops.chunked import selective_scan_chunked
 
 __all__ = ["TritonSelectiveScanFn", "backward_failed", "interpreter_active", "selective_scan_triton", "triton_plan"]
 
@@ -788,8 +790,6 @@ class TritonSelectiveScanFn(torch.autograd.Function):
 
 def _chunked_backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     """Gradients of the scan saved in ``ctx`` through the chunked PyTorch backend (fallback path)."""
-    from .mamba import selective_scan_chunked  # lazy: mamba imports this module lazily too
-
     u, delta, A, B, C, D, z, delta_bias, _ = ctx.saved_tensors
     inputs = [u, delta, A, B, C, D, z, delta_bias]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
@@ -838,7 +838,7 @@ def selective_scan_triton(
     return_last_state: bool = False,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Triton backend; arguments, shapes and returns as :func:`brats_core.nn.mamba.selective_scan`.
+    """Triton backend; arguments, shapes and returns as :func:`brats_core.nn.ops.selective_scan`.
 
     ``chunk_size`` is the chunk length T (``None``: automatic, see :func:`triton_plan`). Tensors must be on CUDA, or
     on CPU with Triton's interpreter active. The last state is fp32.
