@@ -56,7 +56,7 @@ def build_parser(
             help="train upstream's IMFuse.IMFuse (level-1 skip) instead of the default IMFuse_no1skip.Model",
         )
     g.add_argument("--region_fusion_start_epoch", type=int, default=0, help="epoch from which the fused loss counts")
-    add_preset_arg(g)
+    add_preset_arg(g, "imfuse")
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
     add_val_args(g)
     g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream

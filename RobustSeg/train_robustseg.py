@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from brats_core.cli import run_main, setup_logging
-from brats_core.rmbts import build_train_parser, train_main
+from brats_core.rmbts_training import build_train_parser, train_main
 
 log = logging.getLogger("RobustSeg.train_robustseg")
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from brats_core.cli import UsageError, run_main, setup_logging, split_dir
 from brats_core.evaluation import check_preprocessed_folder
-from brats_core.rmbts import build_train_parser, train_main
+from brats_core.rmbts_training import build_train_parser, train_main
 from brats_core.splits import Split, load_split, read_case_list
 
 log = logging.getLogger("SFusion.train_sfusion")

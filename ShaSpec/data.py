@@ -1,12 +1,13 @@
 """ShaSpec's own input pipeline, built on ``brats_core`` readers.
 
 Upstream reads raw NIfTI with nibabel at every step. Here :func:`prepare_cache` reads each raw BraTS case once,
-applies ShaSpec's normalisation (histogram clip, z-score over the non-background voxels, background 0) and writes it
-in the project's preprocessed layout (``<cache>/vol/<case>_vol.npy`` ``(X, Y, Z, 4)`` float32 in canonical order,
-``<cache>/seg/<case>_seg.npy`` uint8), uncropped like upstream, so the shared evaluator (``brats_core.evaluation``)
-reads the very same arrays. :class:`ShaSpecTrainDataset` then draws upstream's training crops: optional scaling,
-foreground-biased or random crop, mirroring, and the batchgenerators augmentation (the installed ``batchgenerators``
-transforms with upstream's parameters), plus the ``--mode`` modality mask.
+applies ShaSpec's normalisation (:func:`ShaSpec.preprocessing.normalise_modality`: histogram clip, z-score over the
+non-background voxels, background 0) and writes it in the project's preprocessed layout (``<cache>/vol/<case>_vol.npy``
+``(X, Y, Z, 4)`` float32 in canonical order, ``<cache>/seg/<case>_seg.npy`` uint8), uncropped like upstream, so the
+shared evaluator (``brats_core.evaluation``) reads the very same arrays. :class:`ShaSpecTrainDataset` then draws
+upstream's training crops: optional scaling, foreground-biased or random crop, mirroring, and the batchgenerators
+augmentation (the installed ``batchgenerators`` transforms with upstream's parameters), plus the ``--mode`` modality
+mask.
 """
 
 from __future__ import annotations
@@ -45,43 +46,10 @@ from brats_core.io import (
 )
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
 from brats_core.preprocessing import case_meta, output_paths
-from ShaSpec.model import ShaSpec
+from ShaSpec.preprocessing import PIPELINE, normalise_modality
 
 log = logging.getLogger(__name__)
-PIPELINE = str(ShaSpec.data_pipeline)
-"""Value of ``"pipeline"`` in the metadata of the cases cached here."""
-
-HIST_MIN_COUNT = 50  # the clip level is the highest histogram bin holding at least this many voxels
-STD_EPS = 1e-7
 X_MARGIN, Y_MARGIN = 15, 10  # upstream's random-crop margins along H (x) and W (y)
-
-
-def normalise_modality(image: np.ndarray) -> np.ndarray:
-    """ShaSpec's per-modality normalisation of a raw volume.
-
-    Histogram with ``int(max)`` bins; intensities above the lower edge of the highest bin holding ≥ 50 voxels are
-    clipped to it; the background value is the voxel ``[0, 0, 0]``; the other voxels are z-scored with their mean and
-    ``std + 1e-7``; background voxels become 0.
-
-    Args:
-        image: raw intensities ``(X, Y, Z)``.
-
-    Returns:
-        float32 ``(X, Y, Z)``.
-    """
-    x = np.asarray(image, dtype=np.float32).copy()
-    bins = max(1, int(x.max()))
-    counts, edges = np.histogram(x, bins=bins)
-    full = np.flatnonzero(counts >= HIST_MIN_COUNT)
-    if full.size:
-        x = np.minimum(x, np.float32(edges[full[-1]]))
-    background = x.flat[0]
-    fg = x != background
-    out = np.zeros_like(x)
-    if fg.any():
-        values = x[fg]
-        out[fg] = (values - values.mean()) / (values.std() + STD_EPS)
-    return out
 
 
 def resolve_case_dir(data_dir: str | Path, entry: str) -> Path:

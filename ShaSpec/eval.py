@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_overwrite_arg, add_runtime_args, run_main, setup_logging
+from brats_core.cli import add_overwrite_arg, add_progress_arg, add_runtime_args, run_main, setup_logging
 from brats_core.data import load_case
+from brats_core.device import resolve_device
 from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
 from brats_core.metrics import LESION_WISE_HELP
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
 from brats_core.scripts import load_for_test, read_test_list
-from brats_core.training import resolve_device
 from ShaSpec.data import prepare_cache
 from ShaSpec.model import ShaSpec
 from ShaSpec.scoring import REGIONS, region_scores, upstream_binarise, upstream_sliding_window
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--save_nifti", action="store_true", help="write predicted label maps as NIfTI in the original geometry"
     )
-    o.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_progress_arg(o)
     add_overwrite_arg(o)
     add_runtime_args(p)
     return p

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, permutation
 from brats_core.registry import RUNTIME_FIELD, OutputKind, SegModel, register
+from ShaSpec.preprocessing import PIPELINE, normalise_modality
 
 NEGATIVE_SLOPE = 0.01
 WS_EPS = 1e-12
@@ -361,7 +362,7 @@ class ShaSpec(SegModel):
 
     output_kind = OutputKind.REGION_LOGITS
     region_order = ("ET", "WT", "TC")
-    data_pipeline = "shaspec"
+    data_pipeline = PIPELINE
 
     def __init__(self, config: ShaSpecConfig) -> None:
         super().__init__(config)
@@ -385,7 +386,7 @@ class ShaSpec(SegModel):
 
     def preprocess(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
         """ShaSpec's own normalisation of a new case (``predict.py``), as its training cache: each available
-        modality normalised by :func:`ShaSpec.data.normalise_modality`, absent ones zero, no crop.
+        modality normalised by :func:`ShaSpec.preprocessing.normalise_modality`, absent ones zero, no crop.
 
         Args:
             images: modality key -> raw ``(X, Y, Z)``, any non-empty subset.
@@ -394,8 +395,6 @@ class ShaSpec(SegModel):
             ``(vol float32 (X, Y, Z, 4) canonical, meta)`` with ``original_shape``, ``crop_box`` (the whole grid),
             ``cropped_shape`` and ``available``.
         """
-        from ShaSpec.data import normalise_modality
-
         available = [m for m in MODALITIES if m in images]
         if not available:
             raise ValueError("ShaSpec.preprocess: no modality given")

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume a run exactly (model, optimiser, iteration, best score, RNG) from this checkpoint",
     )
     o = p.add_argument_group("added")
-    add_preset_arg(o)
+    add_preset_arg(o, "shaspec")
     o.add_argument("--cache_dir", default=None, help="normalised-volume cache (default: <snapshot_dir>/../cache)")
     o.add_argument(
         "--val_mask_order",

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, batch_size=1, lr=1e-3, weight_decay=1e-5, num_epochs=300, seed=999)
     add_runtime_args(p)
     g = p.add_argument_group("U-HVED")
-    add_preset_arg(g)
+    add_preset_arg(g, "uhved")
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 112)")
     add_val_args(g)
     return p

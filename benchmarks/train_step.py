@@ -46,7 +46,7 @@ def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[.
         )
         return FusedSeparateDeepLoss(), opt
     if method in ("robustseg", "sfusion"):
-        from brats_core.rmbts import RMBTSLoss
+        from brats_core.rmbts_training import RMBTSLoss
 
         return RMBTSLoss(), torch.optim.Adam(params, lr=1e-4, weight_decay=1e-4, amsgrad=True)
     if method == "uhved":

@@ -13,12 +13,13 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, StateDictMismatchError
 from .modalities import parse_scenarios
+from .registry import method_info
 
 
 class UsageError(ValueError):
@@ -133,21 +134,29 @@ def add_train_args(
     add_progress_arg(g)
 
 
-PRESETS = ("paper", "tiny")
-"""The model sizes every training script offers: the published one, and the small one of the CPU tests and demo."""
-
-
-def add_preset_arg(group: argparse._ActionsContainer) -> None:
-    """``--preset paper|tiny`` (see :data:`PRESETS`)."""
+def add_preset_arg(group: argparse._ActionsContainer, method: str, choices: Sequence[str] | None = None) -> None:
+    """``--preset``: the model size, one of the registry's presets of ``method`` (``paper`` = the published size,
+    the default; ``tiny`` = the CPU tests' and demo's), or of ``choices``, a subset of them, when given."""
+    presets = list(method_info(method).presets)
+    if choices is not None:
+        unknown = [c for c in choices if c not in presets]
+        if unknown:
+            raise ValueError(f"{method}: {unknown} are not registered presets ({', '.join(presets)})")
+        presets = list(choices)
     group.add_argument(
-        "--preset", default="paper", choices=PRESETS, help="model size: paper (published) or tiny (CPU tests, demo)"
+        "--preset", default="paper", choices=presets, help="model size: paper (published) or tiny (CPU tests, demo)"
     )
 
 
-def add_progress_arg(group: argparse._ActionsContainer) -> None:
-    """``--no_progress``: a training script logs progress lines (step, loss, time left) instead of bars."""
+def add_progress_arg(group: argparse._ActionsContainer, *aliases: str) -> None:
+    """``--no_progress`` (``args.no_progress``; ``aliases``: other spellings, e.g. ``--no-progress``): no progress
+    bars; a training script logs progress lines (step, loss, time left) instead."""
     group.add_argument(
-        "--no_progress", action="store_true", help="no progress bars: progress lines with the time left instead"
+        *aliases,
+        "--no_progress",
+        dest="no_progress",
+        action="store_true",
+        help="no progress bars (a training script logs progress lines with the time left instead)",
     )
 
 

@@ -60,7 +60,7 @@ from .io import (
     save_json,
     save_text,
 )
-from .metrics import LESION_WISE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
+from .metrics import LESION_WISE_KEYS, SCORE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
 from .modalities import SCENARIOS, Mask, Scenario
 from .registry import SegModel, output_config
 
@@ -71,7 +71,6 @@ except ImportError:  # not POSIX: the exclusive creation of the record still kee
 
 log = logging.getLogger(__name__)
 
-METRICS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp", "HD95_WT", "HD95_TC", "HD95_ET")
 DICE_KEYS: tuple[str, ...] = ("WT", "TC", "ET", "ETpp")
 
 
@@ -252,10 +251,11 @@ def check_lesion_wise() -> None:
 
 
 def score_cells(scores: Mapping[str, float], lesion_wise: Mapping[str, float] | None = None) -> dict[str, str]:
-    """The score columns of a per-case row: the :data:`METRICS` of ``scores`` (:func:`~brats_core.metrics.case_scores`;
-    NaN, not computed, left empty) and, when given, the :data:`~brats_core.metrics.LESION_WISE_KEYS` of
-    ``lesion_wise`` (NaN, no lesion on either side, written as ``nan``)."""
-    cells = {k: f"{scores[k]:.6f}" for k in METRICS if not math.isnan(scores.get(k, math.nan))}
+    """The score columns of a per-case row: the :data:`~brats_core.metrics.SCORE_KEYS` of ``scores``
+    (:func:`~brats_core.metrics.case_scores`; NaN, not computed, left empty) and, when given, the
+    :data:`~brats_core.metrics.LESION_WISE_KEYS` of ``lesion_wise`` (NaN, no lesion on either side, written as
+    ``nan``)."""
+    cells = {k: f"{scores[k]:.6f}" for k in SCORE_KEYS if not math.isnan(scores.get(k, math.nan))}
     if lesion_wise is not None:
         cells |= {k: f"{lesion_wise[k]:.6f}" for k in LESION_WISE_KEYS}
     return cells
@@ -692,7 +692,7 @@ def evaluation_identity(
     }
 
 
-PER_CASE_HEADER = ("case", "scenario", "bits", *METRICS, *LESION_WISE_KEYS, "seconds")
+PER_CASE_HEADER = ("case", "scenario", "bits", *SCORE_KEYS, *LESION_WISE_KEYS, "seconds")
 _REQUIRED_COLUMNS = ("case", "scenario", "bits", *DICE_KEYS)  # written by every version of the evaluator
 _SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -744,7 +744,7 @@ def _identity_problem(row: Mapping[str, str], scenarios: Collection[str] | None)
 def _score_problem(row: Mapping[str, str], hd95: bool, lesion_wise: bool) -> str | None:
     """The first score cell of a row that is not a valid value (None: all are)."""
     cells = [(key, row[key], "dice", key != "ETpp") for key in DICE_KEYS]  # ETpp: empty from scorers without it
-    cells += [(key, row[key], "distance", hd95) for key in METRICS if key.startswith("HD95_") and key in row]
+    cells += [(key, row[key], "distance", hd95) for key in SCORE_KEYS if key.startswith("HD95_") and key in row]
     cells += [
         (key, row.get(key, ""), "dice" if key.startswith("LesionWise_Dice") else "distance", lesion_wise)
         for key in LESION_WISE_KEYS  # absent from the files of older versions
@@ -929,7 +929,7 @@ def _summarize(out: Path) -> list[dict[str, str]]:
     by_scenario: dict[str, list[dict[str, str]]] = {}
     for r in merged.values():
         by_scenario.setdefault(r["scenario"], []).append(r)
-    metrics = [m for m in (*METRICS, *LESION_WISE_KEYS) if any(r.get(m) not in (None, "") for r in merged.values())]
+    metrics = [m for m in (*SCORE_KEYS, *LESION_WISE_KEYS) if any(r.get(m) not in (None, "") for r in merged.values())]
     summary: list[dict[str, str]] = []
     for s in SCENARIOS:
         if s.name not in by_scenario:
@@ -967,7 +967,7 @@ def format_table(summary: Sequence[Mapping[str, str]]) -> str:
     """The summary as a fixed-width text table for the terminal."""
     if not summary:
         return "(no results)"
-    metrics = [k for k in (*METRICS, *LESION_WISE_KEYS) if k in summary[0]]
+    metrics = [k for k in (*SCORE_KEYS, *LESION_WISE_KEYS) if k in summary[0]]
     widths = [max(9, len(m) + 1) for m in metrics]
     lines = [f"{'scenario':<26}" + "".join(f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True))]
     lines += [

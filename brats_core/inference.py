@@ -7,7 +7,6 @@ Gaussian blending and flip test-time augmentation are extras that change the num
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from brats_core.device import amp_context
 from brats_core.labels import LABEL_NAMES, REGION_NAMES, regions_to_labels
 from brats_core.modalities import masks_tensor
 from brats_core.registry import OutputKind, SegModel
@@ -198,6 +198,7 @@ def predict_scenarios(
     progress: bool = False,
     origin: Sequence[int] | None = None,
     scenario_batch: int = 1,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Blended eval outputs of ``model`` on one volume for each of S missing-modality masks.
 
@@ -214,7 +215,8 @@ def predict_scenarios(
         blend: ``"uniform"`` or ``"gaussian"``.
         sw_batch_size: windows per forward pass.
         tta: average over the 8 flips of the three spatial axes (flip window, predict, flip back).
-        amp: float16 autocast on CUDA; ignored on CPU.
+        amp: autocast on CUDA with training's rule (:func:`brats_core.device.amp_dtype`: bf16 where supported,
+            else fp16); ignored on CPU.
         use_encode: use the encode-once path when the model supports it.
         progress: show a progress bar.
         origin: voxel position of ``x[..., 0, 0, 0]`` in the original image grid (the crop box's lower corner), for
@@ -229,6 +231,8 @@ def predict_scenarios(
             convolutions may sum in another order, so outputs can differ from one mask at a time by float rounding
             (about 1e-5 measured), which can flip an argmax; 1, the default, keeps the paper protocol's results bit
             for bit.
+        autocast_dtype: with ``amp``, this dtype instead of the shared rule's (upstream's fp16 for M3AE's
+            ``--reference-quirks``).
 
     Returns:
         float32 ``(S, K, D, H, W)`` on the model's device, in ``model.output_kind`` (see :func:`outputs_to_labels`).
@@ -253,11 +257,7 @@ def predict_scenarios(
         raise ValueError(f"scenario_batch must be >= 1, got {scenario_batch}")
     groups = [range(i, min(i + scenario_batch, len(mask_rows))) for i in range(0, len(mask_rows), scenario_batch)]
     flips = FLIP_DIMS if tta else ((),)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16)
-        if amp and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = amp_context(device, amp, autocast_dtype)
     window = patch if patch is not None else model.patch_size
     with torch.inference_mode():
         blender = _Blender(x.to(device), window, overlap, blend, len(mask_rows))

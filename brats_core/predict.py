@@ -50,7 +50,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict_strict
-from .cli import UsageError, describe_os_error, run_main
+from .cli import UsageError, add_progress_arg, describe_os_error, run_main
+from .device import resolve_device
 from .evaluation import EvalOptions, window_origin
 from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
 from .io import (
@@ -71,9 +72,8 @@ from .io import (
 )
 from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions, regions_to_labels
 from .modalities import MODALITIES
-from .preprocessing import load_case, non_case_note, scan_cases, uncrop
+from .preprocessing import non_case_note, read_case_images, scan_cases, uncrop
 from .registry import OutputKind, SegModel, build_from_config, checkpoint_readers
-from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ class Predictor:
                 affines differ (the message names the files).
         """
         files = resolve_case(case)
-        images, _, _ = load_case(CaseFiles(files.case, files.folder, files.images))
+        images, _, _ = read_case_images(CaseFiles(files.case, files.folder, files.images))
         affine, header = load_nifti_header(files.images[files.available[0]])
         _warn_unlike_brats(files.case, affine)
         return LoadedCase(images, affine, header, tuple(files.available))
@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace existing output files that predict.py did not write (by default they are refused; its own "
         "outputs are replaced, a ground truth beside a case's images never)",
     )
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     return p
 
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from brats_core.cli import describe_os_error
+from brats_core.cli import add_progress_arg, describe_os_error
 from brats_core.io import (
     CaseFiles,
     CaseFilesError,
@@ -418,8 +418,9 @@ def is_finished(
     return unfinished_reason(out_dir, case, patch_size, reference_quirks) is None
 
 
-def load_case(files: CaseFiles) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
-    """Read a case's images and label, checking that they share one grid.
+def read_case_images(files: CaseFiles) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+    """Read a raw case's NIfTI images and label, checking that they share one grid (the preprocessed arrays of a
+    case are read by :func:`brats_core.data.load_case`).
 
     Returns:
         ``(modality -> float32 (X, Y, Z), label (X, Y, Z) as stored or None, affine (4, 4))``.
@@ -578,7 +579,7 @@ def preprocess_case(
     try:
         files = find_case_files(case_dir)
         note = files.ignored_note() or ""
-        images, label, affine = load_case(files)
+        images, label, affine = read_case_images(files)
         vol, seg, array_meta = preprocess_arrays(images, label, patch_size, reference_quirks)
     except (CaseFilesError, NiftiError, ValueError) as err:
         return CaseResult(case, "failed", str(err), note)
@@ -779,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reproduce upstream's crop box exactly (drops the last non-zero slice of extents "
         ">= patch size, no clamp at the upper border)",
     )
-    parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_arg(parser, "--no-progress")
     return parser  # fmt: skip
 
 
@@ -816,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = preprocess_dataset(
         input_dir, out_dir, cases, args.patch_size, args.reference_quirks, args.overwrite, args.strict,
-        args.workers, args.progress,
+        args.workers, not args.no_progress,
     )  # fmt: skip
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     total = len(cases) if cases is not None else len(available)

@@ -17,6 +17,7 @@ from .cli import (
     UsageError,
     add_data_args,
     add_eval_args,
+    add_progress_arg,
     add_runtime_args,
     check_scenarios,
     describe_os_error,
@@ -25,6 +26,7 @@ from .cli import (
     split_dir,
 )
 from .data import MaskSampler, TrainDataset, check_cases, check_validation_cases, uniform_scenario
+from .device import resolve_device
 from .evaluation import (
     EvalOptions,
     check_pipeline,
@@ -35,7 +37,7 @@ from .evaluation import (
 )
 from .registry import SegModel, build_from_config, method_info
 from .splits import Split, load_split, read_case_list
-from .training import FitConfig, FitResult, LossFn, Trainer, resolve_device
+from .training import FitConfig, FitResult, LossFn, Trainer
 from .transforms import Transform
 
 log = logging.getLogger(__name__)
@@ -310,7 +312,7 @@ def build_test_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="test list (default: <split_dir>/test15splits.csv); a missing path is looked up in --split_dir",
     )
     p.add_argument("--batch_size", type=int, default=1, help="accepted for compatibility; unused")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     add_eval_args(p)
     add_runtime_args(p)
     return p

@@ -26,7 +26,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ from .checkpoint import (
 )
 from .cli import UsageError, args_dict
 from .data import EpochSampler, check_finite, seed_worker, volume_path
+from .device import amp_context, grad_scaler, resolve_device
 from .io import load_npy, remove_stale_temporaries
 from .registry import config_dict, config_mismatch
 
@@ -61,16 +62,6 @@ ValidateFn = Callable[[nn.Module, int], Mapping[str, float]]
 """``validate(model, epoch) -> scores`` on the unwrapped model in eval mode."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available (use --device cpu or auto)")
-    return device
-
-
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, numpy and torch (CPU and CUDA); deterministic cuDNN as upstream."""
     os.environ["PYTHONHASHSEED"] = str(seed)
@@ -80,21 +71,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-
-
-def amp_context(device: torch.device, enabled: bool) -> Any:
-    """Autocast for CUDA (bf16 where supported, else fp16); a no-op on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-    """The loss scaler that fp16 autocast needs (:func:`amp_context` picks fp16 only on GPUs without bf16); a
-    disabled pass-through otherwise."""
-    fp16 = enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=fp16)
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:

@@ -8,7 +8,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from brats_core.registry import method_info
+
 log = logging.getLogger("m3ae")
+
+
+def pretrain_preset(size: str) -> str:
+    """The registry preset of stage 1 (pre-training) at a model size: ``paper`` → ``pretrain``, ``tiny`` →
+    ``tiny_pretrain``."""
+    return "pretrain" if size == "paper" else f"{size}_pretrain"
+
+
+def model_sizes() -> list[str]:
+    """``--preset`` choices of ``pretrain.py`` and ``train.py``: the registry's M3AE presets except the stage-1 ones,
+    which ``pretrain.py`` derives from the size (:func:`pretrain_preset`)."""
+    presets = method_info("m3ae").presets
+    stage1 = {pretrain_preset(p) for p in presets}
+    return [p for p in presets if p not in stage1]
 
 
 # Leftovers of the Swin-Transformer training template that all three upstream scripts carry (never read there).

@@ -1,9 +1,9 @@
 """M3AE's own input pipeline, cached once so that training never re-reads NIfTI.
 
-Upstream normalises the raw NIfTI files of every case at every load: per modality, clip to the [1st, 99th]
-percentiles of the voxels > 0, then min-max scale the whole volume to [0, 1] (background ends at 0); crop to the
-bounding box of the non-zero voxels with a one-voxel margin below (``[max(0, min − 1), max + 1)``). Here
-:func:`preprocess_dataset` does this once per case and writes the ``brats_core`` layout, so the shared evaluator and
+Upstream normalises the raw NIfTI files of every case at every load (:mod:`m3ae.preprocessing`: per modality,
+clip to the [1st, 99th] percentiles of the voxels > 0, then min-max scale the whole volume to [0, 1]; crop to the
+bounding box of the non-zero voxels with a one-voxel margin below). Here :func:`preprocess_dataset` does this once
+per case and writes the ``brats_core`` layout, so the shared evaluator and
 loaders read it like any preprocessed folder:
 
 - ``<cache>/vol/<case>_vol.npy``: float32 ``(H, W, D, 4)``, channels FLAIR, T1ce, T1, T2, values in [0, 1];
@@ -48,99 +48,9 @@ from brats_core.io import (
     save_json,
     save_npy,
 )
-from brats_core.modalities import MODALITIES
-from brats_core.preprocessing import case_meta, list_cases, load_case, output_paths, validate_label
+from brats_core.preprocessing import case_meta, list_cases, output_paths, read_case_images
 from brats_core.transforms import RandomFlip, RandomIntensityChange
-from m3ae.model import M3AE, sample_modality_drop, sample_pretrain_tokens
-
-PIPELINE = str(M3AE.data_pipeline)
-"""Value of ``"pipeline"`` in the metadata of cases written here (a z-scored ``preprocess.py`` folder lacks it)."""
-
-PERCENTILES = (1.0, 99.0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Normalisation and crop (pure array functions)
-
-
-def normalise_modality(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Clip to the [1st, 99th] percentiles of the voxels > 0, then min-max scale the whole volume to [0, 1].
-
-    Args:
-        image: ``(X, Y, Z)`` raw intensities.
-        name: for error messages.
-
-    Returns:
-        float32 ``(X, Y, Z)`` in [0, 1].
-    """
-    positive = image[image > 0]
-    if positive.size == 0:
-        raise ValueError(f"{name} has no voxel > 0, cannot normalise")
-    lo, hi = np.percentile(positive, PERCENTILES)
-    clipped = np.clip(image.astype(np.float32), np.float32(lo), np.float32(hi))
-    span = float(clipped.max() - clipped.min())
-    if span <= 0:
-        raise ValueError(f"{name} is constant after percentile clipping, cannot min-max scale")
-    return ((clipped - clipped.min()) / np.float32(span)).astype(np.float32)
-
-
-def bounding_box(images: np.ndarray) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Upstream's crop: non-zero extent of the channel sum, ``[max(0, min − 1), max + 1)`` per axis.
-
-    Args:
-        images: ``(C, X, Y, Z)``.
-
-    Returns:
-        half-open ``((x0, x1), (y0, y1), (z0, z1))``.
-    """
-    nonzero = images.sum(axis=0) != 0
-    if not nonzero.any():
-        raise ValueError("the image is empty (no non-zero voxel), no bounding box")
-    box = []
-    for axis in range(3):
-        idx = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append((max(0, int(idx[0]) - 1), min(nonzero.shape[axis], int(idx[-1]) + 1)))
-    return tuple(box)  # type: ignore[return-value]
-
-
-def preprocess_arrays(
-    images: dict[str, np.ndarray], label: np.ndarray | None = None, require_all: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Normalise and crop one case.
-
-    Args:
-        images: modality key -> ``(X, Y, Z)`` raw intensities.
-        label: optional label map ``(X, Y, Z)``.
-        require_all: M3AE trains and tests on complete cases; ``False`` (new patients, ``predict.py``) accepts any
-            non-empty subset: absent modalities are zero channels (the model replaces them by its completion image)
-            and the bounding box comes from the available ones.
-
-    Returns:
-        ``(vol float32 (H, W, D, 4) canonical, seg uint8 (H, W, D) or None, array metadata)``.
-    """
-    available = [m for m in MODALITIES if m in images]
-    missing = [m for m in MODALITIES if m not in images]
-    if (missing and require_all) or not available:
-        raise ValueError(f"missing modalities {missing}")
-    shape = np.shape(images[available[0]])
-    stack = np.stack([normalise_modality(images[m], m) if m in images else np.zeros(shape, np.float32)
-                      for m in MODALITIES])  # fmt: skip
-    box = bounding_box(stack)
-    window = tuple(slice(lo, hi) for lo, hi in box)
-    vol = np.ascontiguousarray(np.moveaxis(stack[(slice(None), *window)], 0, -1))
-    seg = validate_label(np.asarray(label), stack.shape[1:])[window] if label is not None else None
-    meta: dict[str, Any] = {
-        "pipeline": PIPELINE,
-        "normalisation": f"clip to percentiles {list(PERCENTILES)} of voxels > 0, then min-max to [0, 1]",
-        "original_shape": [int(s) for s in stack.shape[1:]],
-        "crop_box": [[int(lo), int(hi)] for lo, hi in box],
-        "cropped_shape": [int(s) for s in vol.shape[:3]],
-        "channels": list(MODALITIES),
-        "available": available,
-        "has_label": seg is not None,
-    }
-    return vol, seg, meta
-
+from m3ae.preprocessing import PIPELINE, preprocess_arrays, sample_modality_drop, sample_pretrain_tokens
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The cache
@@ -166,7 +76,7 @@ def preprocess_case(case_dir: str | Path, cache: str | Path, overwrite: bool = F
         return "skipped"
     try:
         files = find_case_files(case_dir)
-        images, label, affine = load_case(files)
+        images, label, affine = read_case_images(files)
         vol, seg, array_meta = preprocess_arrays(images, label)
     except (CaseFilesError, NiftiError, ValueError) as err:
         return f"failed: {err}"
@@ -326,7 +236,7 @@ class PretrainDataset(_WindowDataset):
     """Stage 1 samples: a window of the four modalities, its grid position and its token mask.
 
     Item: ``image`` (4, P, P, P) float32 canonical, ``origin`` (3,) int64, ``tokens`` (4, g, g, g) bool (True =
-    visible; :func:`m3ae.model.sample_pretrain_tokens`), ``name``. No augmentation, as upstream.
+    visible; :func:`m3ae.preprocessing.sample_pretrain_tokens`), ``name``. No augmentation, as upstream.
     """
 
     def __init__(
@@ -346,14 +256,6 @@ class PretrainDataset(_WindowDataset):
             "tokens": torch.from_numpy(tokens),
             "name": self.cases[index],
         }
-
-
-def completion_array(model: M3AE) -> np.ndarray:
-    """The model's completion image as a numpy array ``(X, Y, Z, 4)`` in canonical order (a frozen copy)."""
-    with torch.no_grad():
-        native = model.limage.detach()[0].float().cpu()  # (4, Z, Y, X), channels T1, T1ce, T2, FLAIR
-        canonical = native[[("t1", "t1ce", "t2", "flair").index(m) for m in MODALITIES]]
-        return np.ascontiguousarray(canonical.permute(3, 2, 1, 0).numpy())
 
 
 class FinetuneDataset(_WindowDataset):

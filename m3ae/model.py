@@ -40,6 +40,7 @@ from torch import nn
 from brats_core.checkpoint import load_checkpoint
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, permutation
 from brats_core.registry import OutputKind, SegModel, build_from_config, register
+from m3ae.preprocessing import PIPELINE, preprocess_arrays
 
 __all__ = [
     "M3AE",
@@ -49,8 +50,7 @@ __all__ = [
     "M3AETrainOutput",
     "ResBlock",
     "UNet3D",
-    "sample_modality_drop",
-    "sample_pretrain_tokens",
+    "completion_array",
     "tokens_to_voxels",
 ]
 
@@ -246,7 +246,7 @@ class M3AE(SegModel):
     mask_dependent_parameters = True  # limage only fills missing modalities: no gradient with all four present
     region_order = REGION_ORDER
     window_origin = "image"
-    data_pipeline = "m3ae"  # m3ae.data.PIPELINE
+    data_pipeline = PIPELINE
 
     def __init__(self, config: M3AEConfig) -> None:
         super().__init__(config)
@@ -256,9 +256,7 @@ class M3AE(SegModel):
         self.unet = UNet3D(config.out_channels, config.init_channels, config.deep_supervised)
 
     def preprocess(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
-        """M3AE's own normalisation and crop (:func:`m3ae.data.preprocess_arrays`) for any modality subset."""
-        from m3ae.data import preprocess_arrays  # m3ae.data imports this module
-
+        """M3AE's own normalisation and crop (:func:`m3ae.preprocessing.preprocess_arrays`) for any modality subset."""
         vol, _, meta = preprocess_arrays(dict(images), require_all=False)
         grid = tuple(int(n) for n in meta["original_shape"])
         if len(images) < len(MODALITIES) and grid != tuple(self.config.image_shape):
@@ -384,44 +382,12 @@ class M3AE(SegModel):
         return list(self.unet.parameters())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Random modality dropping and token masking (drawn from an explicit generator: reproducible per sample)
-
-
-def sample_modality_drop(rng: np.random.Generator, mdp: int = 3) -> tuple[bool, bool, bool, bool]:
-    """Upstream's modality drop: ``k ~ Uniform{0, …, mdp}`` capped at 3, then ``k`` distinct modalities
-    dropped uniformly. With ``mdp = 3``: full set 1/4, each 3-set 1/16, each pair 1/24, each single 1/16.
-
-    Returns:
-        canonical availability mask (True = kept); at least one modality is always kept.
-    """
-    if mdp < 0:
-        raise ValueError(f"mdp must be >= 0, got {mdp}")
-    k = min(int(rng.integers(0, mdp + 1)), 3)
-    dropped = set(rng.choice(4, size=k, replace=False).tolist()) if k else set()
-    return tuple(i not in dropped for i in range(4))  # type: ignore[return-value]
-
-
-def sample_pretrain_tokens(rng: np.random.Generator, grid: int, visible: int, mdp: int = 3) -> np.ndarray:
-    """Pre-training token mask of one sample: drop whole modalities (:func:`sample_modality_drop`), then keep
-    exactly ``visible`` tokens drawn uniformly among the tokens of the kept modalities.
-
-    Args:
-        grid: tokens per axis and modality (8 at the paper size).
-        visible: tokens kept over all modalities (``int((1 − 0.875) · 4 · 8³)`` = 256 at the paper size).
-        mdp: maximum number of dropped modalities.
-
-    Returns:
-        bool ``(4, grid, grid, grid)``, canonical channels, True = visible.
-    """
-    kept = sample_modality_drop(rng, mdp)
-    per_modality = grid**3
-    candidates = np.concatenate([np.arange(per_modality) + c * per_modality for c in range(4) if kept[c]])
-    if visible > len(candidates):
-        raise ValueError(f"cannot keep {visible} tokens out of the {len(candidates)} of the kept modalities")
-    tokens = np.zeros(4 * per_modality, dtype=bool)
-    tokens[rng.choice(candidates, size=visible, replace=False)] = True
-    return tokens.reshape(4, grid, grid, grid)
+def completion_array(model: M3AE) -> np.ndarray:
+    """The model's completion image as a numpy array ``(X, Y, Z, 4)`` in canonical order (a frozen copy)."""
+    with torch.no_grad():
+        native = model.limage.detach()[0].float().cpu()  # (4, Z, Y, X), channels T1, T1ce, T2, FLAIR
+        canonical = native[[("t1", "t1ce", "t2", "flair").index(m) for m in MODALITIES]]
+        return np.ascontiguousarray(canonical.permute(3, 2, 1, 0).numpy())
 
 
 def tokens_to_voxels(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:

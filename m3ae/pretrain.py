@@ -38,7 +38,15 @@ from brats_core.evaluation import check_preprocessed_folder
 from brats_core.registry import build_method
 from brats_core.splits import read_case_list
 from brats_core.training import FitConfig, Trainer, seed_everything
-from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
+from m3ae.common import (
+    add_compat_flags,
+    add_m3ae_data_flags,
+    apply_devices,
+    default_savepath,
+    model_sizes,
+    pretrain_preset,
+    reject_variants,
+)
 from m3ae.data import PretrainDataset, ensure_cache
 from m3ae.model import model_to_resume, tokens_to_voxels
 
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
     add_progress_arg(g)
-    add_preset_arg(g)
+    add_preset_arg(g, "m3ae", model_sizes())
     g.add_argument("--patch_size", type=int, default=None, help="window side (default: the preset's, paper 128)")
     add_compat_flags(
         p,
@@ -145,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides: dict[str, Any] = {"mask_ratio": args.mask_ratio}
         if args.patch_size:
             overrides["patch_size"] = args.patch_size
-        model = build_method("m3ae", "tiny_pretrain" if args.preset == "tiny" else "pretrain", **overrides)
+        model = build_method("m3ae", pretrain_preset(args.preset), **overrides)
     ensure_cache(args.datapath, train, args.raw_path, args.workers)
     cfg = model.config
     optimizer = torch.optim.Adam(

@@ -26,19 +26,20 @@ from brats_core.cli import (
     UsageError,
     add_data_args,
     add_eval_args,
+    add_progress_arg,
     add_runtime_args,
     check_scenarios,
     run_main,
     setup_logging,
 )
 from brats_core.data import load_case
+from brats_core.device import resolve_device
 from brats_core.evaluation import check_pipeline, check_preprocessed_folder
 from brats_core.inference import predict_scenarios
 from brats_core.labels import label_to_regions
 from brats_core.modalities import METHOD_ORDERS, SCENARIOS, Scenario, format_bool_list, to_canonical
 from brats_core.registry import SegModel
 from brats_core.scripts import load_for_test, read_test_list, resolve_test_file, test_from_args
-from brats_core.training import resolve_device
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
 from m3ae.data import ensure_cache
 from m3ae.model import REGION_ORDER, infer_architecture
@@ -95,7 +96,9 @@ def evaluate_upstream(
             raise FileNotFoundError(f"test case {case} has no label map under {root}")
         gt = dict(zip(UPSTREAM_REGIONS, label_to_regions(label, UPSTREAM_REGIONS), strict=True))
         # window positions relative to the crop: the completion image is misaligned, as upstream
-        blended = predict_scenarios(model, torch.from_numpy(image)[None], masks, amp=amp, origin=None).cpu()
+        blended = predict_scenarios(
+            model, torch.from_numpy(image)[None], masks, amp=amp, origin=None, autocast_dtype=torch.float16
+        ).cpu()  # upstream's autocast: fp16
         for (_, scenario), logits in zip(listed, blended, strict=True):
             regions = dict(zip(REGION_ORDER, (logits > 0).numpy(), strict=True))  # sigmoid > 0.5 per channel
             row = {r: upstream_dice(regions[r], gt[r]) for r in UPSTREAM_REGIONS}
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test list (default: <split_dir>/test15splits.csv); a missing path is looked up in --split_dir",
     )
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     add_compat_flags(
         p,
         [

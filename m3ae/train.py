@@ -39,15 +39,23 @@ from brats_core.cli import (
     split_dir,
 )
 from brats_core.data import check_validation_cases
+from brats_core.device import resolve_device
 from brats_core.evaluation import EvalOptions, check_preprocessed_folder, validate
 from brats_core.losses import region_dice_bce
 from brats_core.registry import build_method
 from brats_core.scripts import add_val_args, select_val_epochs
 from brats_core.splits import load_split
-from brats_core.training import FitConfig, Trainer, resolve_device, seed_everything
-from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath, reject_variants
-from m3ae.data import FinetuneDataset, completion_array, ensure_cache
-from m3ae.model import M3AE, REGION_ORDER, model_to_resume
+from brats_core.training import FitConfig, Trainer, seed_everything
+from m3ae.common import (
+    add_compat_flags,
+    add_m3ae_data_flags,
+    apply_devices,
+    default_savepath,
+    model_sizes,
+    reject_variants,
+)
+from m3ae.data import FinetuneDataset, ensure_cache
+from m3ae.model import M3AE, REGION_ORDER, completion_array, model_to_resume
 from m3ae.pretrain import load_m3ae_checkpoint
 
 log = logging.getLogger("m3ae.train")
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     add_compile_arg(g)
     add_progress_arg(g)
-    add_preset_arg(g)
+    add_preset_arg(g, "m3ae", model_sizes())
     add_val_args(g)
     add_compat_flags(
         p,

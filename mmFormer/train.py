@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="end after this many epochs; the poly schedule still spans --num_epochs (upstream)",
     )
-    add_preset_arg(g)
+    add_preset_arg(g, "mmformer")
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's, paper 128)")
     add_val_args(g)
     g.add_argument("--pretrain", default=None, help=argparse.SUPPRESS)  # accepted for compatibility; unused upstream

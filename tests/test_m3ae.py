@@ -22,15 +22,10 @@ from brats_core.modalities import MODALITIES, SCENARIOS
 from brats_core.registry import build_method, config_dict, count_parameters, state_dict_listing
 from brats_core.scripts import model_from_checkpoint
 from m3ae import data as m3ae_data
+from m3ae import preprocessing as m3ae_preprocessing
 from m3ae import pretrain, test, train
-from m3ae.model import (
-    M3AE,
-    M3AEConfig,
-    model_to_resume,
-    sample_modality_drop,
-    sample_pretrain_tokens,
-    tokens_to_voxels,
-)
+from m3ae.model import M3AE, M3AEConfig, completion_array, model_to_resume, tokens_to_voxels
+from m3ae.preprocessing import sample_modality_drop, sample_pretrain_tokens
 
 SYN_SHAPE = (48, 48, 40)  # the tiny preset's image grid
 
@@ -236,7 +231,7 @@ def test_modality_drop_distribution() -> None:
 def test_normalisation_by_hand() -> None:
     image = np.zeros((4, 5, 6), dtype=np.float32)
     image[1:3, 1:4, 1:5] = np.arange(1, 25, dtype=np.float32).reshape(2, 3, 4)
-    out = m3ae_data.normalise_modality(image)
+    out = m3ae_preprocessing.normalise_modality(image)
     lo, hi = np.percentile(np.arange(1, 25), [1, 99])
     expected = (np.clip(image, lo, hi) - lo) / (hi - lo)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
@@ -248,7 +243,7 @@ def test_bounding_box_by_hand() -> None:
     images[2, 0, 5, 3] = 1.0
     images[0, 6, 9, 5] = 2.0
     # [max(0, min − 1), max + 1): x 0..6 → [0, 7), y 5..9 → [4, 10), z 3..5 → [2, 6)
-    assert m3ae_data.bounding_box(images) == ((0, 7), (4, 10), (2, 6))
+    assert m3ae_preprocessing.bounding_box(images) == ((0, 7), (4, 10), (2, 6))
 
 
 def test_cache_layout_and_resume(cache) -> None:
@@ -278,12 +273,12 @@ def test_window_start_rules() -> None:
 def test_finetune_copies_share_augmentation(cache) -> None:
     root, cases = cache
     model = _tiny()
-    full = m3ae_data.FinetuneDataset(root, cases, 32, m3ae_data.completion_array(model), copies=2, mdp=0)
+    full = m3ae_data.FinetuneDataset(root, cases, 32, completion_array(model), copies=2, mdp=0)
     item = full[(0, 7)]
     assert item["image"].shape == (2, 4, 32, 32, 32) and bool(item["mask"].all())
     torch.testing.assert_close(item["image"][0], item["image"][1], atol=0, rtol=0)
     # the intensity factors vary per axial slice (upstream augments (Z, Y, X) arrays), not per sagittal one
-    const = m3ae_data.FinetuneDataset(root, cases, 32, m3ae_data.completion_array(model), copies=1, mdp=0)
+    const = m3ae_data.FinetuneDataset(root, cases, 32, completion_array(model), copies=1, mdp=0)
     const.window = lambda index, rng: (
         np.ones((32, 32, 32, 4), np.float32),
         np.zeros((32,) * 3, np.int64),
@@ -291,7 +286,7 @@ def test_finetune_copies_share_augmentation(cache) -> None:
     )
     image = const[(0, 3)]["image"][0, 0].numpy()  # (X, Y, Z) of one channel, flips included
     assert np.allclose(image, image[:1, :1, :]) and np.unique(image[0, 0, :]).size == 32
-    drop = m3ae_data.FinetuneDataset(root, cases, 32, m3ae_data.completion_array(model), copies=3, mdp=3)
+    drop = m3ae_data.FinetuneDataset(root, cases, 32, completion_array(model), copies=3, mdp=3)
     for seed in range(6):
         item = drop[(1, seed)]
         both = item["mask"].all(0)
@@ -313,7 +308,7 @@ def _window_inside_crop(ds: m3ae_data.FinetuneDataset, box, crop_shape):
 def test_completion_crop_agrees_between_training_and_inference(cache) -> None:
     root, cases = cache
     model = _tiny().eval()
-    completion = m3ae_data.completion_array(model)
+    completion = completion_array(model)
     ds = m3ae_data.FinetuneDataset(root, cases[:1], 32, completion)
     box = m3ae_data.case_box(root, cases[0])
     volume, _ = load_case(root, cases[0])

@@ -23,7 +23,7 @@ from brats_core.registry import (
     count_parameters,
     state_dict_listing,
 )
-from brats_core.rmbts import kl_divergence, reconstruction_l1
+from brats_core.rmbts_training import kl_divergence, reconstruction_l1
 from brats_core.scripts import select_val_epochs
 from brats_core.synthetic import write_synthetic_dataset
 from RobustSeg import test_robustseg, train_robustseg

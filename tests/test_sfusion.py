@@ -20,7 +20,7 @@ from brats_core.checkpoint import load_checkpoint
 from brats_core.losses import dice_loss, one_hot, softmax_weighted_loss
 from brats_core.preprocessing import main as preprocess
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing, state_dict_shapes
-from brats_core.rmbts import RMBTSLoss, kl_divergence, reconstruction_l1
+from brats_core.rmbts_training import RMBTSLoss, kl_divergence, reconstruction_l1
 from brats_core.scripts import select_val_epochs
 from brats_core.synthetic import write_synthetic_dataset
 from SFusion import test_sfusion, train_sfusion

@@ -25,8 +25,9 @@ from brats_core.registry import OutputKind, build_method, count_parameters, stat
 from brats_core.training import PolyLR, poly_lr
 from ShaSpec import eval as shaspec_eval
 from ShaSpec import train_SS
-from ShaSpec.data import label_to_shaspec_regions, mode_sampler, normalise_modality, prepare_cache, random_mode_mask
+from ShaSpec.data import label_to_shaspec_regions, mode_sampler, prepare_cache, random_mode_mask
 from ShaSpec.model import ASPP, ShaSpec, WSConv3d
+from ShaSpec.preprocessing import normalise_modality
 from ShaSpec.scoring import dice_plus_one, region_scores, tile_starts, upstream_binarise
 
 PAPER_PARAMETERS = 187_708_132

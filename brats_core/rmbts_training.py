@@ -1,4 +1,4 @@
-"""Losses and training recipe of the RMBTS framework shared by RobustSeg and SFusion.
+"""Training of the RMBTS family (RobustSeg, SFusion): their shared losses and recipe.
 
 The networks are in :mod:`brats_core.nn.rmbts`; this module holds what both upstream training scripts share:
 weighted CE (ε = 1e-8) + Dice + 0.1·L1 reconstruction + 0.1·KL (:class:`RMBTSLoss`), Adam with amsgrad, poly LR per
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import add_data_args, add_runtime_args, add_train_args
+from .cli import add_data_args, add_preset_arg, add_runtime_args, add_train_args
 from .losses import dice_loss, one_hot, one_hot_upstream, softmax_weighted_loss
 from .registry import build_method, method_info
 from .scripts import add_val_args, select_val_epochs, train_from_args
@@ -99,7 +99,7 @@ def build_train_parser(prog: str, description: str, method: str, num_epochs: int
     add_train_args(p, batch_size=1, lr=1e-4, weight_decay=1e-4, num_epochs=num_epochs, seed=999)
     add_runtime_args(p)
     g = p.add_argument_group(method_info(method).display)
-    g.add_argument("--preset", default="paper", choices=list(method_info(method).presets), help="model size")
+    add_preset_arg(g, method)
     g.add_argument("--patch_size", type=int, default=None, help="training patch (default: the preset's)")
     add_val_args(g)
     g.add_argument("--drop_rate_value", type=float, default=0.0, help="accepted for compatibility; unused upstream")
