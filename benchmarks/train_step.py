@@ -34,7 +34,7 @@ PAPER_BATCH = {"imfuse": 1, "mmformer": 3, "robustseg": 1, "sfusion": 1, "uhved"
 
 def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[..., Any], torch.optim.Optimizer]:
     """The loss and optimiser of the method's train script, as ``loss_fn(model, batch, epoch) -> (loss, parts)`` on
-    the shared random batch (see :func:`_batch`)."""
+    the shared random batch (see :func:`random_batch`)."""
     params = model.parameters()
     if method in ("imfuse", "mmformer"):
         from brats_core.losses import FusedSeparateDeepLoss
@@ -108,20 +108,51 @@ def _mam_loss() -> Callable[..., Any]:
     return loss
 
 
-def _one_method(method: str, patch: int, batch: int, steps: int, device: str, amp: bool) -> dict[str, object]:
-    from brats_core.modalities import SCENARIOS
-    from brats_core.registry import build_method, count_parameters, method_info
+def build_paper_model(method: str, patch: int = 0, **extra: Any) -> Any:
+    """The method's paper configuration (``report.PAPER_OVERRIDES`` included, e.g. IM-Fuse's ``--mamba_skip
+    --interleaved_tokenization``) with window side ``patch`` (0: the paper's; ShaSpec: ``patch``³) and ``extra``
+    config overrides (e.g. activation checkpointing)."""
+    from brats_core.registry import build_method
     from brats_core.report import PAPER_OVERRIDES
 
-    torch.manual_seed(0)
-    overrides = dict(PAPER_OVERRIDES.get(method, {}))
+    overrides = {**PAPER_OVERRIDES.get(method, {}), **extra}
     if patch:
         overrides["patch_size"] = patch
         if method == "shaspec":  # its crop is patch_depth × patch_size × patch_size
             overrides["patch_depth"] = patch
-    model = build_method(method, "paper", **overrides).to(device).train()
+    return build_method(method, "paper", **overrides)
+
+
+def window_shape(model: Any) -> tuple[int, int, int]:
+    """The training window ``(D, H, W)`` of a model (ShaSpec's is ``patch_depth × patch × patch``)."""
     p = model.patch_size
-    shape = (getattr(model.config, "patch_depth", p), p, p)
+    return (getattr(model.config, "patch_depth", p), p, p)
+
+
+def random_batch(batch: int, shape: Sequence[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random training batch on the CPU: image ``(B, 4, *shape)``, label ``(B, *shape)`` in 0–3, one random
+    scenario mask ``(B, 4)`` per sample, and M3AE's window origin ``(B, 3)`` (the image corner)."""
+    from brats_core.modalities import SCENARIOS
+
+    masks = torch.stack([SCENARIOS[int(torch.randint(15, (1,), generator=gen))].tensor(1)[0] for _ in range(batch)])
+    return {
+        "image": torch.randn(batch, 4, *shape, generator=gen),
+        "label": torch.randint(0, 4, (batch, *shape), generator=gen),
+        "mask": masks,
+        "origin": torch.zeros(batch, 3, dtype=torch.int64),
+    }
+
+
+def _one_method(
+    method: str, patch: int, batch: int, steps: int, device: str, amp: bool, **extra: Any
+) -> dict[str, object]:
+    """Time training steps of the paper model (``extra``: config overrides, e.g. activation checkpointing)."""
+    from brats_core.registry import count_parameters, method_info
+
+    torch.manual_seed(0)
+    model = build_paper_model(method, patch, **extra).to(device).train()
+    p = model.patch_size
+    shape = window_shape(model)
     loss_fn, optimizer = _loss_and_optimiser(method, model)
     gen = torch.Generator().manual_seed(0)
     row: dict[str, object] = {
@@ -134,15 +165,7 @@ def _one_method(method: str, patch: int, batch: int, steps: int, device: str, am
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         times = []
         for _ in range(steps + 1):
-            masks = torch.stack(
-                [SCENARIOS[int(torch.randint(15, (1,), generator=gen))].tensor(1)[0] for _ in range(batch)]
-            )
-            data = {
-                "image": torch.randn(batch, 4, *shape, generator=gen).to(device),
-                "label": torch.randint(0, 4, (batch, *shape), generator=gen).to(device),
-                "mask": masks.to(device),
-                "origin": torch.zeros(batch, 3, dtype=torch.int64, device=device),  # M3AE: window at the image corner
-            }
+            data = {k: v.to(device) for k, v in random_batch(batch, shape, gen).items()}
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

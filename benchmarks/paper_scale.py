@@ -1,0 +1,647 @@
+"""Cost of each method at its paper configuration: training step, data pipeline, evaluation, FLOPs and compute bill.
+
+    python benchmarks/paper_scale.py --case /data/BraTS2023/BraTS-GLI-00000-000 --out paper_scale.md
+    python benchmarks/paper_scale.py --case CASE --sections flops --methods imfuse --patch 32 --out quick.md
+
+Sections (``--sections``, any subset, each per method in a fresh subprocess with ``--threads`` threads and an address
+space limit of ``--mem_limit_gb`` through ``RLIMIT_AS``):
+
+* ``train``: one training step on CPU as ``benchmarks/train_step.py`` runs it (forward, the method's loss, backward,
+  its optimiser; random inputs; the paper batch), median of ``--steps`` after one warm-up, and peak RSS. The model is
+  the paper configuration (``paper`` preset, IM-Fuse with ``--mamba_skip --interleaved_tokenization``). When the
+  paper patch does not fit, a method whose training script offers activation checkpointing (ShaSpec's
+  ``--activation_checkpointing``) is retried with it (reported), then the patch steps down by 16 until a step fits;
+  the memory at the paper patch is extrapolated linearly in voxels through the two largest patches that fit (one
+  patch only: proportionally, an upper bound) and the step time proportionally to voxels.
+* ``data``: the training data pipeline at the paper patch on one worker (load the preprocessed case, crop, augment,
+  collate a batch): seconds per sample, and the loader workers needed to keep pace with the measured step time and
+  with each ``--step_times`` (e.g. GPU step times). Measured for the methods on the shared RFNet pipeline
+  (``brats_core.transforms.rfnet_augmentation``); M3AE, ShaSpec and MaM have their own pipelines (not measured).
+* ``eval``: the test scripts' 15-scenario evaluation of the case (the method's preprocessing, sliding window at the
+  paper window with overlap 0.5, encode-once, Dice and HD95 per scenario): seconds and peak RSS.
+* ``flops``: floating-point operations of one training step and of one evaluation window, counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention, forward and backward;
+  elementwise ops, norms and the optimiser update are not counted). The Mamba selective scan is not an op the counter
+  sees: it runs outside the counter and is counted analytically, :func:`scan_flops`, with its backward as twice its
+  forward. From them the compute bill of each paper schedule (``brats_core.reproduce.RECIPES``): total PFLOP and
+  GPU-hours at :data:`PEAK_TFLOPS` and the ``--utilisation`` range. These hours are an estimate, not a measurement.
+
+``--patch N`` overrides every window side for a quick run (ShaSpec's crop becomes N³). Without ``--case`` (or when
+the folder is absent) the ``data`` and ``eval`` sections are skipped with the reason. Output: a Markdown table per
+section in ``--out`` and the rows as JSON beside it (``.json``); an existing file is replaced only with
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.train_step import (
+    PAPER_BATCH,
+    _loss_and_optimiser,
+    _one_method,
+    build_paper_model,
+    random_batch,
+    window_shape,
+)
+from brats_core.cli import UsageError, run_main
+
+SECTIONS = ("train", "data", "eval", "flops")
+
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    # dense peaks from the vendors' data sheets (SXM parts; no sparsity)
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "H100": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+}
+"""Assumed peak TFLOP/s per GPU and precision (PyTorch runs fp32 convolutions in TF32 on these GPUs by default)."""
+
+N_TRAIN = 875
+"""Training cases of the paper's BraTS 2023 split (``train.txt``); SFusion trains on ``train2.txt``, 872 cases."""
+N_TRAIN_SFUSION = 872
+N_TEST = 251
+"""Test cases of the split: the evaluation bill is 251 × the case's 15-scenario evaluation."""
+MAM_EPOCHS, MAM_ITERATIONS = 500, 150  # nnU-Net trainer defaults kept by MaM/trainer.py (its recipe passes none)
+CHECKPOINTING = {"shaspec": "activation_checkpointing"}
+"""Methods whose training script offers activation checkpointing, and the config field that turns it on."""
+RFNET_PIPELINE = {"imfuse": {}, "mmformer": {}, "robustseg": {}, "sfusion": {"intensity": False}, "uhved": {}}
+"""``rfnet_augmentation`` options of the methods on the shared data pipeline."""
+_OOM_MARKS = ("MemoryError", "can't allocate memory", "bad_alloc", "Cannot allocate memory", "out of memory")
+
+
+# ---------------------------------------------------------------------------------------------------- FLOP counting
+
+
+def scan_flops(b: int, d: int, length: int, n: int, with_d: bool = True, with_z: bool = True) -> int:
+    """Forward FLOPs of one Mamba-1 selective scan, ``u, delta, z: (b, d, L)``, ``A: (d, n)``, ``B, C: (b, n, L)``.
+
+    Per (b, d, t, n) of the recurrence ``h_t = exp(dt_t·A) ⊙ h_{t-1} + dt_t·B_t·u_t``, ``y_t = Σ_n C_t·h_t``:
+    dt·A, exp, dt·u, ·B, the multiply-add into h and the multiply-add into y: 9 FLOPs as mamba-ssm counts them
+    (``9·b·d·L·n``), plus one per (b, d, t) for ``D·u`` and one for the gate ``y·silu(z)``.
+    """
+    per_token = b * d * length
+    return 9 * per_token * n + per_token * int(with_d) + per_token * int(with_z)
+
+
+@dataclasses.dataclass
+class FlopCount:
+    """FLOPs of a counted call: ``counted`` by FlopCounterMode, ``scan_forward`` added analytically."""
+
+    counted: int = 0
+    scan_forward: int = 0
+    scans: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    backward: bool = False
+
+    @property
+    def scan(self) -> int:
+        """Scan FLOPs: the forward, plus twice it for the backward when one ran."""
+        return self.scan_forward * (3 if self.backward else 1)
+
+    @property
+    def total(self) -> int:
+        return self.counted + self.scan
+
+
+class _OutsideCounter(torch.autograd.Function):
+    """Runs the scan (forward and backward) with every dispatch mode suspended, so the counter does not see it."""
+
+    @staticmethod
+    def forward(ctx: Any, call: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:  # type: ignore[override]
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with torch.enable_grad(), _disable_current_modes():
+            leaves = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
+            out = call(*leaves)
+        ctx.leaves, ctx.out = leaves, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        wanted = [a for a in ctx.leaves if torch.is_tensor(a) and a.requires_grad]
+        with _disable_current_modes():
+            grads = iter(torch.autograd.grad(ctx.out, wanted, grad, allow_unused=True))
+        return (None, *[next(grads) if torch.is_tensor(a) and a.requires_grad else None for a in ctx.leaves])
+
+
+@contextmanager
+def counting_flops(count: FlopCount) -> Iterator[None]:
+    """Count the FLOPs of the enclosed code into ``count``; Mamba scans are recorded and counted analytically."""
+    import brats_core.nn.mamba as mamba
+
+    real = mamba.selective_scan
+
+    def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+             **kwargs: Any) -> Any:  # fmt: skip
+        b, d, length = u.shape
+        count.scans.append((b, d, length, A.shape[1]))
+        count.scan_forward += scan_flops(b, d, length, A.shape[1], D is not None, z is not None)
+
+        def call(*a: Any) -> Any:
+            return real(*a, **kwargs)
+
+        args = (u, delta, A, B, C, D, z, delta_bias)
+        if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+            return _OutsideCounter.apply(call, *args)
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return call(*args)
+
+    mamba.selective_scan = scan
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            yield
+    finally:
+        mamba.selective_scan = real
+        count.counted += counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+
+def train_step_flops(method: str, patch: int = 0, batch: int = 0) -> dict[str, Any]:
+    """FLOPs of one training step (forward, loss, backward; the optimiser update is elementwise, not counted)."""
+    torch.manual_seed(0)
+    model = build_paper_model(method, patch).train()
+    loss_fn, optimizer = _loss_and_optimiser(method, model)
+    data = random_batch(batch or PAPER_BATCH[method], window_shape(model), torch.Generator().manual_seed(0))
+    count = FlopCount(backward=True)
+    with counting_flops(count):
+        loss, _ = loss_fn(model, data, 0)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return {"train_flops": count.total, "train_scan_flops": count.scan, "window": list(window_shape(model))}
+
+
+def eval_window_flops(method: str, patch: int = 0) -> dict[str, Any]:
+    """FLOPs of one evaluation window, batch 1: one forward, and the window's 15 scenarios as the evaluator runs
+    them (encode once + 15 decodes when the model supports it, else 15 forwards)."""
+    from brats_core.modalities import SCENARIOS
+
+    torch.manual_seed(0)
+    model = build_paper_model(method, patch).eval()
+    w = torch.randn(1, 4, *window_shape(model))
+    mask = SCENARIOS[-1].tensor(1)
+    positional = getattr(model, "window_origin", None) is not None  # M3AE: windows indexed by position
+    kwargs = {"origin": torch.zeros(1, 3, dtype=torch.int64)} if positional else {}
+    forward = FlopCount()
+    with torch.no_grad(), counting_flops(forward):  # not inference_mode: the counter hooks the parameters
+        model(w, mask, **kwargs)
+    if not model.supports_encode:
+        return {"window_flops": forward.total, "window_15_flops": 15 * forward.total}
+    encode, decode = FlopCount(), FlopCount()
+    with torch.no_grad():
+        with counting_flops(encode):
+            features = model.encode(w)
+        with counting_flops(decode):
+            model.decode(features, mask)
+    return {"window_flops": forward.total, "window_15_flops": encode.total + 15 * decode.total}
+
+
+# ------------------------------------------------------------------------------------------------ schedules, bills
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training stage of a paper schedule: ``steps`` optimiser steps of the paper batch."""
+
+    name: str
+    steps: int
+    note: str = ""
+
+
+def _flag(flags: Sequence[str], *names: str) -> str | None:
+    for name in names:
+        if name in flags:
+            return flags[flags.index(name) + 1]
+    return None
+
+
+def paper_schedule(method: str, n_train: int = N_TRAIN) -> list[Phase]:
+    """The training stages of ``RECIPES[method]`` (its paper flags): epochs × steps per epoch, or ``--num_steps``.
+
+    An epoch is N_train steps (the RFNet family and M3AE fine-tuning; SFusion's ``train2.txt`` has 872 cases), N_train
+    // batch for M3AE pre-training, 150 iterations for MaM's nnU-Net trainer (500 epochs).
+    """
+    from brats_core.reproduce import RECIPES
+
+    phases = []
+    for step in RECIPES[method].steps:
+        if step.kind != "train":
+            continue
+        flags = list(step.paper)
+        if method == "mam":
+            phases.append(Phase(step.name, MAM_EPOCHS * MAM_ITERATIONS, "nnU-Net trainer: 500 epochs × 150"))
+            continue
+        steps = _flag(flags, "--num_steps")
+        if steps is not None:
+            phases.append(Phase(step.name, int(steps)))
+            continue
+        epochs = int(_flag(flags, "--num_epochs", "--epochs") or 0)
+        cases = N_TRAIN_SFUSION if "train2" in (_flag(flags, "--train_file") or "") else n_train
+        per_epoch = cases // int(_flag(flags, "--batch_size") or 1) if step.name == "pretrain" else cases
+        note = f"{epochs} epochs × {per_epoch}"
+        if step.name == "pretrain":
+            note += "; FLOPs per step taken as the fine-tuning step's (same network, 2 windows)"
+        phases.append(Phase(step.name, epochs * per_epoch, note))
+    return phases
+
+
+def gpu_hours(flop: float, peak_tflops: float, utilisation: float) -> float:
+    """Hours of one GPU delivering ``utilisation`` × ``peak_tflops`` for ``flop`` floating-point operations."""
+    return flop / (peak_tflops * 1e12 * utilisation) / 3600
+
+
+def compute_bill(train_flops: float, phases: Sequence[Phase], eval_case_flops: float | None,
+                 utilisation: Sequence[float], n_test: int = N_TEST) -> dict[str, Any]:  # fmt: skip
+    """Total PFLOP of the schedule (training steps + ``n_test`` case evaluations when known) and GPU-hours for each
+    GPU and precision of :data:`PEAK_TFLOPS` at the lowest and highest ``utilisation`` (``[high-util, low-util]``)."""
+    steps = sum(p.steps for p in phases)
+    flop = steps * train_flops + (n_test * eval_case_flops if eval_case_flops else 0.0)
+    lo, hi = min(utilisation), max(utilisation)
+    hours = {
+        f"{gpu} {precision}": [gpu_hours(flop, peak, hi), gpu_hours(flop, peak, lo)]
+        for gpu, peaks in PEAK_TFLOPS.items()
+        for precision, peak in peaks.items()
+    }
+    return {"steps": steps, "pflop": flop / 1e15, "gpu_hours": hours}
+
+
+def workers_needed(sample_s: float, batch: int, step_s: float) -> int:
+    """Loader workers that prepare a batch of ``batch`` samples (``sample_s`` each, one worker) within ``step_s``."""
+    return max(1, math.ceil(sample_s * batch / step_s))
+
+
+def extrapolate(points: Sequence[tuple[int, float]], voxels: int) -> tuple[float, str]:
+    """A quantity at ``voxels`` from ``(voxels, value)`` measurements: linear through the two largest, or
+    proportional through one (for memory with a fixed part, an upper bound)."""
+    pts = sorted(points)[-2:]
+    if len(pts) == 1 or pts[0][0] == pts[1][0]:
+        v, y = pts[-1]
+        return y * voxels / v, "proportional to voxels"
+    (v0, y0), (v1, y1) = pts
+    return y1 + (y1 - y0) / (v1 - v0) * (voxels - v1), "linear in voxels through two patches"
+
+
+# ----------------------------------------------------------------------------------------------- data, evaluation
+
+
+def load_case(case_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A raw BraTS case folder: modality -> ``(X, Y, Z)`` float32 and the label map."""
+    from brats_core.io import find_case_files
+    from brats_core.preprocessing import read_case_images
+
+    images, label, _ = read_case_images(find_case_files(case_dir, require_label=True))
+    assert label is not None
+    return images, label
+
+
+def data_pipeline_seconds(
+    method: str, images: Mapping[str, np.ndarray], label: np.ndarray, patch: int, batch: int, samples: int = 5
+) -> dict[str, Any]:
+    """Seconds per sample of the method's training pipeline on one worker: read the preprocessed case (memory-mapped
+    ``.npy`` as in training), crop, augment, collate ``batch`` samples; median over ``samples`` batches."""
+    from torch.utils.data import default_collate
+
+    from brats_core.data import TrainDataset, label_path, volume_path
+    from brats_core.preprocessing import preprocess_arrays
+    from brats_core.transforms import rfnet_augmentation
+
+    if method not in RFNET_PIPELINE:
+        return {"skipped": "own data pipeline, not measured"}
+    vol, seg, _ = preprocess_arrays(images, label, patch_size=patch)
+    with tempfile.TemporaryDirectory() as root:
+        for path, array in ((volume_path(root, "case"), vol), (label_path(root, "case"), seg)):
+            path.parent.mkdir(parents=True)
+            np.save(path, array)
+        data = TrainDataset(root, ["case"], rfnet_augmentation(patch, **RFNET_PIPELINE[method]))
+        times = []
+        for i in range(samples):
+            t0 = time.perf_counter()
+            default_collate([data[(0, i * batch + j)] for j in range(batch)])
+            times.append((time.perf_counter() - t0) / batch)
+    return {"sample_s": statistics.median(times), "data_patch": patch, "data_batch": batch}
+
+
+def evaluate_case(method: str, images: Mapping[str, np.ndarray], label: np.ndarray, patch: int = 0) -> dict[str, Any]:
+    """The 15-scenario evaluation of one case as the test scripts run it (the method's preprocessing, sliding window,
+    encode-once, Dice and HD95 per scenario): seconds, windows and mean Dice of the full-modality scenario."""
+    from brats_core.evaluation import EvalOptions, segment, window_origin
+    from brats_core.inference import window_starts
+    from brats_core.metrics import case_scores
+    from brats_core.modalities import SCENARIOS
+    from brats_core.preprocessing import crop
+
+    torch.manual_seed(0)
+    model = build_paper_model(method, patch).eval()
+    t0 = time.perf_counter()
+    vol, meta = model.preprocess(images)
+    image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0)))
+    labels = segment(model, image, [s.mask for s in SCENARIOS], EvalOptions(progress=False), torch.device("cpu"),
+                     origin=window_origin(model, meta))  # fmt: skip
+    reference = crop(np.asarray(label), meta["crop_box"])
+    scores = [case_scores(lab.numpy(), reference, hd95=True) for lab in labels]
+    seconds = time.perf_counter() - t0
+    windows = math.prod(len(window_starts(d, p)) for d, p in zip(image.shape[1:], window_shape(model), strict=True))
+    return {
+        "eval_s": seconds,
+        "eval_window": list(window_shape(model)),
+        "case_shape": list(image.shape[1:]),
+        "windows": windows,
+        "dice_full": float(np.mean([scores[-1][k] for k in ("WT", "TC", "ET")])),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- workers
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_worker(task: Mapping[str, Any]) -> dict[str, Any]:
+    """One measurement in this process (``section``, ``method``, ``patch`` (0: paper), ``batch``, …)."""
+    torch.set_num_threads(int(task.get("threads", 2)))
+    method, patch, section = task["method"], int(task.get("patch", 0)), task["section"]
+    batch = int(task.get("batch") or PAPER_BATCH[method])
+    if section == "train":
+        extra = {CHECKPOINTING[method]: True} if task.get("checkpointing") else {}
+        row = _one_method(method, patch, batch, int(task.get("steps", 1)), "cpu", False, **extra)
+        return row | {"voxels": math.prod(window_shape(build_paper_model(method, patch)))}
+    if section == "flops":
+        return train_step_flops(method, patch, batch) | eval_window_flops(method, patch)
+    images, label = load_case(Path(task["case"]))
+    if section == "data":
+        paper = build_paper_model(method, patch).patch_size
+        return data_pipeline_seconds(method, images, label, paper, batch, int(task.get("samples", 5)))
+    row = evaluate_case(method, images, label, patch)
+    return row | {"eval_peak_rss_gb": _peak_rss_gb()}
+
+
+def _limit_memory(gb: float) -> Callable[[], None]:
+    def apply() -> None:
+        limit = int(gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def run_subprocess(task: Mapping[str, Any], mem_limit_gb: float, timeout_s: float | None = None) -> dict[str, Any]:
+    """:func:`run_worker` in a fresh process under an address-space limit: its row, ``{"oom": True}`` when it ran out
+    of memory, or ``{"error": last line of stderr}``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dict(task))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_memory(mem_limit_gb),
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s"}
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode < 0 or any(mark in done.stderr for mark in _OOM_MARKS):
+        return {"oom": True}
+    return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+
+
+def step_down(paper: int) -> list[int]:
+    """Smaller window sides to try when the paper one does not fit: multiples of 16 below it, down to 32."""
+    return [p for p in range(paper - paper % 16, 31, -16) if p < paper]
+
+
+def fit_search(run: Callable[[int, bool], dict[str, Any]], method: str, paper_side: int, paper_voxels: int,
+               can_checkpoint: bool) -> dict[str, Any]:  # fmt: skip
+    """``run(patch, checkpointing)`` at the paper size (patch 0), then with checkpointing when offered, then at
+    :func:`step_down` sides until two fit (one when the last fits); extrapolates memory and time to the paper size."""
+    row = run(0, False)
+    if not row.get("oom"):
+        return row
+    if can_checkpoint:
+        row = run(0, True)
+        if not row.get("oom"):
+            return row | {"checkpointing": True}
+    fits: list[dict[str, Any]] = []
+    for side in step_down(paper_side):
+        row = run(side, can_checkpoint)
+        if row.get("oom"):
+            continue
+        if "error" in row:
+            return row
+        fits.append(row)
+        if len(fits) == 2:
+            break
+    if not fits:
+        return {"method": method, "error": "no patch down to 32 fits in the memory limit"}
+    rss, how = extrapolate([(r["voxels"], r["peak_rss_gb"]) for r in fits], paper_voxels)
+    step, _ = extrapolate([(fits[0]["voxels"], fits[0]["step_s"])], paper_voxels)
+    return fits[0] | {
+        "fits": False, "largest_fit": fits[0]["patch"], "checkpointing": can_checkpoint,
+        "extrapolated_rss_gb": rss, "extrapolated_step_s": step, "extrapolation": how,
+    }  # fmt: skip
+
+
+def measure(method: str, section: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One section of one method, in subprocesses (the training step with the fit search)."""
+    base = {"method": method, "section": section, "threads": args.threads, "batch": args.batch, "steps": args.steps,
+            "case": str(args.case) if args.case else None, "samples": args.samples}  # fmt: skip
+    if section in ("data", "eval") and not (args.case and Path(args.case).is_dir()):
+        return {"method": method, "skipped": f"no case folder ({args.case or 'give --case'})"}
+    if section != "train" or args.patch:
+        return {"method": method} | run_subprocess(base | {"patch": args.patch}, args.mem_limit_gb, args.timeout_s)
+    from brats_core.registry import make_config
+
+    config = make_config(method, "paper")
+    shape = (getattr(config, "patch_depth", config.patch_size), config.patch_size, config.patch_size)
+
+    def run(patch: int, checkpointing: bool) -> dict[str, Any]:
+        task = base | {"patch": patch, "checkpointing": checkpointing}
+        return run_subprocess(task, args.mem_limit_gb, args.timeout_s)
+
+    row = fit_search(run, method, max(shape), math.prod(shape), method in CHECKPOINTING)
+    return {"method": method} | row
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def _g(value: Any, fmt: str = ".2f") -> str:
+    return format(value, fmt) if isinstance(value, int | float) else ""
+
+
+def _status(row: Mapping[str, Any]) -> str | None:
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}"
+    if "error" in row:
+        return f"failed: {row['error']}"
+    if row.get("oom"):
+        return "out of memory"
+    return None
+
+
+def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse.Namespace) -> str:
+    """The report: one table per section run, rows per method (``rows[section][method]``)."""
+    lo, hi = min(args.utilisation), max(args.utilisation)
+    out = [
+        "# Paper-scale cost per method (`benchmarks/paper_scale.py`)",
+        "",
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"memory limit {args.mem_limit_gb} GB (RLIMIT_AS), window: {'paper' if not args.patch else f'{args.patch}³'}.",
+        "",
+    ]
+    if "train" in rows:
+        out += ["## Training step (CPU)", "",
+                "| method | patch | batch | params | step s | peak RSS GB | fits | checkpointing | paper-size need |",
+                "|---|---|---:|---:|---:|---:|---|---|---|"]  # fmt: skip
+        for m, r in rows["train"].items():
+            if (s := _status(r)) is not None:
+                out.append(f"| {m} | | | | | | {s} | | |")
+                continue
+            need = (f"{r['extrapolated_rss_gb']:.1f} GB, {r['extrapolated_step_s']:.1f} s ({r['extrapolation']})"
+                    if "extrapolated_rss_gb" in r else "")  # fmt: skip
+            out.append(f"| {r.get('display', m)} | {r['patch']} | {r['batch']} | {r['params'] / 1e6:.2f} M | "
+                       f"{_g(r['step_s'])} | {_g(r['peak_rss_gb'])} | {'no' if r.get('fits') is False else 'yes'} | "
+                       f"{'yes' if r.get('checkpointing') else 'no'} | {need} |")  # fmt: skip
+        out.append("")
+    if "data" in rows:
+        steps = ", ".join(f"@{t:g} s" for t in args.step_times)
+        out += ["## Data pipeline (one worker)", "",
+                f"| method | patch | batch | s per sample | workers @ CPU step | workers {steps} |",
+                "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for m, r in rows["data"].items():
+            if (s := _status(r)) is not None:
+                out.append(f"| {m} | | | {s} | | |")
+                continue
+            out.append(f"| {m} | {r['data_patch']} | {r['data_batch']} | {r['sample_s']:.3f} | "
+                       f"{r.get('workers_cpu_step', '')} | {', '.join(map(str, r['workers']))} |")  # fmt: skip
+        out.append("")
+    if "eval" in rows:
+        out += ["## 15-scenario evaluation of the case (CPU)", "",
+                "| method | window | case shape | windows | s | peak RSS GB | full-modality Dice |",
+                "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for m, r in rows["eval"].items():
+            if (s := _status(r)) is not None:
+                out.append(f"| {m} | | | | {s} | | |")
+                continue
+            window, shape = "×".join(map(str, r["eval_window"])), "×".join(map(str, r["case_shape"]))
+            out.append(f"| {m} | {window} | {shape} | {r['windows']} | {r['eval_s']:.1f} | "
+                       f"{r['eval_peak_rss_gb']:.2f} | {r['dice_full']:.3f} |")  # fmt: skip
+        out.append("")
+    if "flops" in rows:
+        gpus = [f"{g} {p}" for g, peaks in PEAK_TFLOPS.items() for p in peaks]
+        out += ["## FLOPs and compute bill (estimate)", "",
+                f"FlopCounterMode counts; Mamba scans analytic (9·b·d·L·n + 2·b·d·L forward, backward 2×). GPU-hours "
+                f"at {hi:.0%}–{lo:.0%} of peak, peaks assumed (TFLOP/s): "
+                + "; ".join(f"{g} {p} {v:g}" for g, peaks in PEAK_TFLOPS.items() for p, v in peaks.items()) + ".",
+                "",
+                "| method | train step GFLOP (scan) | window GFLOP | window × 15 GFLOP | steps | PFLOP | "
+                + " | ".join(f"{g} h" for g in gpus) + " |",
+                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(gpus)]  # fmt: skip
+        for m, r in rows["flops"].items():
+            if (s := _status(r)) is not None:
+                out.append(f"| {m} | {s} |" + " |" * (5 + len(gpus)))
+                continue
+            bill = r["bill"]
+            hours = " | ".join(f"{h[0]:,.3g}–{h[1]:,.3g}" for h in bill["gpu_hours"].values())
+            out.append(f"| {m} | {r['train_flops'] / 1e9:,.1f} ({r['train_scan_flops'] / 1e9:,.1f}) | "
+                       f"{r['window_flops'] / 1e9:,.1f} | {r['window_15_flops'] / 1e9:,.1f} | {bill['steps']:,} | "
+                       f"{bill['pflop']:,.1f} | {hours} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
+
+
+def finish(rows: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> None:
+    """Derived columns: loader workers from the step times, the compute bill from the FLOPs (and the case's
+    windows when the eval section ran, else the evaluation is left out of the bill)."""
+    for m, r in rows.get("data", {}).items():
+        if "sample_s" not in r:
+            continue
+        r["workers"] = [workers_needed(r["sample_s"], r["data_batch"], t) for t in args.step_times]
+        step = rows.get("train", {}).get(m, {})
+        step_s = step.get("extrapolated_step_s", step.get("step_s"))
+        if step_s:
+            r["workers_cpu_step"] = workers_needed(r["sample_s"], r["data_batch"], step_s)
+    for m, r in rows.get("flops", {}).items():
+        if "train_flops" not in r:
+            continue
+        windows = rows.get("eval", {}).get(m, {}).get("windows")
+        case = windows * r["window_15_flops"] if windows else None
+        phases = paper_schedule(m)
+        r["schedule"] = [dataclasses.asdict(p) for p in phases]
+        r["bill"] = compute_bill(r["train_flops"], phases, case, args.utilisation) | {"eval_included": bool(case)}
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [kind(t) for t in text.split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/paper_scale.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="Markdown report (the JSON rows go beside it, .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--case", type=Path, default=None, help="a raw BraTS case folder (for the data and eval sections)")
+    p.add_argument("--methods", type=_csv(str), default=list(PAPER_BATCH))
+    p.add_argument("--sections", type=_csv(str), default=list(SECTIONS))
+    p.add_argument("--patch", type=int, default=0, help="window side override (0: each method's paper window)")
+    p.add_argument("--batch", type=int, default=0, help="batch override (0: each method's paper batch)")
+    p.add_argument("--steps", type=int, default=1, help="timed training steps after one warm-up")
+    p.add_argument("--samples", type=int, default=5, help="batches timed in the data section (median)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mem_limit_gb", type=float, default=22.0, help="address-space limit of each measurement")
+    p.add_argument("--timeout_s", type=float, default=None, help="give up on a measurement after this long")
+    p.add_argument("--utilisation", type=_csv(float), default=[0.3, 0.5], help="range of GPU utilisation (MFU)")
+    p.add_argument("--step_times", type=_csv(float), default=[0.5, 1.0], help="step times (s) for the loader workers")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    if args.out is None:
+        raise UsageError("benchmarks/paper_scale.py: give the report file with --out")
+    unknown = [s for s in args.sections if s not in SECTIONS] + [m for m in args.methods if m not in PAPER_BATCH]
+    if unknown:
+        raise UsageError(f"benchmarks/paper_scale.py: unknown section or method {unknown}; "
+                         f"sections {', '.join(SECTIONS)}, methods {', '.join(PAPER_BATCH)}")  # fmt: skip
+    json_out = args.out.with_suffix(".json")
+    for path in (args.out, json_out):
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} exists: choose another --out or pass --overwrite")
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for section in [s for s in SECTIONS if s in args.sections]:  # train first: data uses its step times
+        for method in args.methods:
+            rows.setdefault(section, {})[method] = measure(method, section, args)
+            print(json.dumps(rows[section][method]), flush=True)
+    finish(rows, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, args))
+    json_out.write_text(json.dumps({"patch": args.patch, "threads": args.threads, "rows": rows}, indent=2))
+    print(f"wrote {args.out} and {json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
