@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +58,7 @@ from .io import (
     result_files,
     save_json,
     save_text,
+    temporary_name,
 )
 from .metrics import LESION_WISE_KEYS, SCORE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
 from .modalities import SCENARIOS, Mask, Scenario
@@ -427,7 +427,7 @@ def _create_record(record: Path, identity: Mapping[str, Any]) -> bool:
     Returns:
         False when the record existed (another evaluation created it first).
     """
-    staged = record.with_name(f".{record.name}.claim-{os.getpid()}-{secrets.token_hex(4)}")
+    staged = temporary_name(record)  # removed by the next evaluation if this process dies before the unlink
     save_json(staged, identity)
     try:
         os.link(staged, record)

@@ -414,6 +414,17 @@ _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _TMP_NAME = re.compile(re.escape(TMP_MARKER) + r"(?:(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
 
 
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """A unique hidden name beside ``path`` with its suffix, the host and this process's id
+    (``.<name>.tmp-<host>-<pid>-<random><suffix>``), which :func:`remove_stale_temporaries` recognises once the
+    process has died."""
+    path = Path(path)
+    # keep the real suffix: nibabel chooses gzip from the file name
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    # a unique name rather than tempfile.mkstemp: mkstemp's 0600 mode would survive a rename
+    return path.parent / f".{path.name}{TMP_MARKER}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` only if the block succeeds.
@@ -424,10 +435,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real suffix: nibabel chooses gzip from the file name.
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    # A unique name rather than tempfile.mkstemp: mkstemp's 0600 mode would survive the rename.
-    tmp = path.parent / f".{path.name}{TMP_MARKER}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)

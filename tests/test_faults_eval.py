@@ -339,10 +339,11 @@ def test_temporaries_of_a_killed_evaluation_are_removed(data, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = out / f".per_case_all.csv{TMP_MARKER}{_HOST}-{int(dead.stdout)}-0123abcd.csv"
     live = out / f".summary.csv{TMP_MARKER}{_HOST}-{os.getpid()}-0123abcd.csv"
-    leftover.write_text("case,scen")
-    live.write_text("x")
+    claim = out / f".{evaluation.RECORD_FILE}{TMP_MARKER}{_HOST}-{int(dead.stdout)}-0123abcd.json"  # a staged record
+    for path, text in ((leftover, "case,scen"), (live, "x"), (claim, "{}")):
+        path.write_text(text)
     evaluate(_toy(0), root, cases[:1], out, options=OPTIONS)
-    assert not leftover.exists() and live.exists()
+    assert not leftover.exists() and not claim.exists() and live.exists()
 
 
 def test_damaged_case_metadata_is_one_line_naming_it(script_inputs, tmp_path, capsys):
