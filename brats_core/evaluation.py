@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .cli import UsageError
 from .data import check_cases, load_case
+from .device import amp_dtype
 from .inference import outputs_to_labels, predict_scenarios
 from .io import (
     RECORD_FILE,
@@ -581,16 +581,6 @@ def write_results(
         write_csv(path, PER_CASE_HEADER, rows)
 
 
-@contextmanager
-def results_folder_errors() -> Iterator[None]:
-    """Turn a :class:`ResultsMismatchError` into a one-line command-line error (exit status 2), not a traceback."""
-    try:
-        yield
-    except ResultsMismatchError as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def check_preprocessed_folder(root: str | Path) -> None:
     """Refuse a data folder (``--datapath``) that is not a preprocessed one, saying what it is instead.
 
@@ -667,10 +657,15 @@ def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
 
 
 def evaluation_identity(
-    model: SegModel, options: EvalOptions, root: str | Path, cases: Sequence[str]
+    model: SegModel,
+    options: EvalOptions,
+    root: str | Path,
+    cases: Sequence[str],
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """What makes two evaluations' rows comparable: the method and weights, the data and cases, and the settings
-    that change numbers."""
+    that change numbers (``device`` decides what ``--amp`` does: bf16 or fp16 autocast on CUDA, nothing on CPU)."""
+    autocast = amp_dtype(torch.device(device), options.amp)
     return {
         **data_identity(root, cases),
         "method": model.method_name,
@@ -682,7 +677,8 @@ def evaluation_identity(
         "overlap": options.overlap,
         "blend": options.blend or model.default_blend,
         "tta": options.tta,
-        "amp": options.amp,
+        # the autocast dtype ("bfloat16", "float16"), or False: rows of fp16 and bf16 runs never mix
+        "amp": str(autocast).removeprefix("torch.") if autocast is not None else False,
         # batched decoding, and batches of windows, round differently (not bit-exact)
         "scenario_batch": options.scenario_batch > 1,
         "sw_batch": options.sw_batch_size > 1,
@@ -843,7 +839,7 @@ def evaluate(
     if save_nifti and predictions.exists() and not predictions.is_dir():
         raise DamagedResultsError(f"{predictions}: not a folder, where --save_nifti writes label maps: move it away")
     per_case = shard_file(out, scenarios)
-    identity = evaluation_identity(model, options, root, cases)
+    identity = evaluation_identity(model, options, root, cases, device)
     claim_results_folder(out, identity, overwrite, per_case)
     rows = read_rows(per_case, scenarios, hd95=options.hd95, damaged="computed again", lesion_wise=options.lesion_wise)
     done = {(r["case"], r["scenario"]) for r in rows}

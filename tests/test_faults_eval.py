@@ -356,3 +356,14 @@ def test_damaged_case_metadata_is_one_line_naming_it(script_inputs, tmp_path, ca
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert str(meta) in line and "preprocess.py --overwrite --cases" in line and "Traceback" not in err
+
+
+def test_the_record_names_the_autocast_dtype_so_fp16_and_bf16_rows_never_mix(data, monkeypatch):
+    # --amp autocasts to bf16 on GPUs that support it, else fp16: rows of the two must not share a folder
+    root, cases = data
+    model = _toy(0)
+    amp = EvalOptions(progress=False, hd95=False, amp=True)
+    assert evaluation.evaluation_identity(model, amp, root, cases, "cpu")["amp"] is False  # no autocast on CPU
+    for supported, name in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert evaluation.evaluation_identity(model, amp, root, cases, "cuda")["amp"] == name
