@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 demo: $(STAMP)
-	$(BIN)/python -m brats_core.demo --out $(DEMO)
+	$(BIN)/python -m brats_core.apps.demo --out $(DEMO)
 
 smoke: $(STAMP)
 	$(BIN)/python reproduce.py --smoke

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from brats_core.cli import run_main
+from brats_core.utils.cli import run_main
 from IMFuse import train_poly
 
 

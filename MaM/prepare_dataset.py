@@ -35,10 +35,10 @@ from typing import Any
 
 import nibabel as nib
 
-from brats_core.cli import run_main
-from brats_core.io import atomic_path, find_case_files
+from brats_core.data.splits import Split, load_split
 from brats_core.modalities import DISPLAY_NAMES, MODALITIES
-from brats_core.splits import Split, load_split
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import atomic_path, find_case_files
 from MaM.model import NATIVE_ORDER, MaMConfig
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nnUNet_raw folder (default: $nnUNet_raw); the dataset folder is created inside")  # fmt: skip
     p.add_argument("--split_dir", default=None,
                    help="folder with train.txt, val15splits.csv, test15splits.csv (default: <input-path>/splits; "
-                        "`python -m brats_core.splits download --out DIR` fetches the paper's)")  # fmt: skip
+                        "`python -m brats_core.data.splits download --out DIR` fetches the paper's)")  # fmt: skip
     p.add_argument("--dataset_id", "-d", type=int, default=DATASET_ID)
     p.add_argument("--dataset_name", default=DATASET_NAME)
     p.add_argument("--symlink", action="store_true", help="link the NIfTI files instead of copying them")

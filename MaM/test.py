@@ -12,8 +12,8 @@ upstream's bit strings (FLAIR, T1, T1ce, T2), linked as ``<savepath>/predictions
 (the evaluator's naming, which ``report.py`` reads); scores (Dice WT/TC/ET with ε = 1e-8 and empty/empty = 1, ETpp,
 HD95; with ``--lesion_wise`` the BraTS lesion-wise Dice and HD95 on the original grid) go to
 ``<savepath>/per_case_<tag>.csv`` with canonical scenario names, and ``summary.{csv,md,json}`` are
-written by ``brats_core.evaluation.summarize``, as for every other method. Finished (case, scenario) rows are skipped
-on a re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
+written by ``brats_core.engine.evaluation.summarize``, as for every other method. Finished (case, scenario)
+rows are skipped on a re-run. The test cases are those of ``test15splits.csv`` (the same for every method).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from brats_core.cli import UsageError, add_overwrite_arg, run_main
-from brats_core.evaluation import (
+from brats_core.apps.arguments import add_overwrite_arg
+from brats_core.data.splits import read_case_list
+from brats_core.engine.evaluation import (
     case_list_identity,
     check_lesion_wise,
     claim_results_folder,
@@ -44,9 +45,9 @@ from brats_core.evaluation import (
     weights_digest,
     write_results,
 )
-from brats_core.metrics import LESION_WISE_HELP, case_scores, lesion_wise_scores
+from brats_core.engine.metrics import LESION_WISE_HELP, case_scores, lesion_wise_scores
 from brats_core.modalities import Scenario, format_mam_bits, parse_mam_mask, parse_scenarios, scenario_for
-from brats_core.splits import read_case_list
+from brats_core.utils.cli import UsageError, run_main
 from MaM.prepare_dataset import CONFIGURATION, FILE_ENDING, PLANS, TRAINER, dataset_folder_name
 
 log = logging.getLogger(__name__)

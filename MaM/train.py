@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from brats_core.cli import UsageError, run_main
-from brats_core.io import remove_stale_temporaries
 from brats_core.modalities import parse_mam_mask
+from brats_core.utils.cli import UsageError, run_main
+from brats_core.utils.io import remove_stale_temporaries
 from MaM.prepare_dataset import CONFIGURATION, PLANS, TRAINER
 
 RESUME_ORDER: tuple[str, ...] = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-# the project's wording of load failures (never advising unsafe loading), shared with brats_core.checkpoint
-from brats_core.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
+from brats_core.data.preprocessing import validate_images
 from brats_core.labels import REGION_NAMES
 from brats_core.modalities import MODALITIES
-from brats_core.preprocessing import validate_images
+
+# the project's wording of load failures (never advising unsafe loading), shared with brats_core.utils.checkpoint
+from brats_core.utils.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
 from MaM.model import NATIVE_ORDER, MultimodalRecon
 from MaM.prepare_dataset import TRAINER, with_brats_region_order
 
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-    from brats_core.evaluation import EvalOptions
-    from brats_core.predict import Prediction
+    from brats_core.apps.predict import Prediction
+    from brats_core.engine.evaluation import EvalOptions
     from MaM.trainer import ScenarioNetwork
 
 __all__ = [
@@ -217,7 +218,7 @@ class NnUNetCasePredictor:
         """
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-        from brats_core.predict import Prediction
+        from brats_core.apps.predict import Prediction
 
         images = {m: np.asarray(a) for m, a in images.items() if m in MODALITIES}
         if not images:

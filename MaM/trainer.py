@@ -42,10 +42,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 from torch import distributed as dist
 
-from brats_core.checkpoint import StateDictMismatchError, load_state_dict_strict, unwrap
-from brats_core.io import atomic_path
+from brats_core.data.splits import CSV_CYCLE, read_mask_csv
 from brats_core.modalities import SCENARIOS, Mask, from_canonical
-from brats_core.splits import CSV_CYCLE, read_mask_csv
+from brats_core.utils.checkpoint import StateDictMismatchError, load_state_dict_strict, unwrap
+from brats_core.utils.io import atomic_path
 from MaM.model import NATIVE_ORDER, MaMConfig, MultimodalRecon, reconstruction_loss
 from MaM.prepare_dataset import VAL_CSV, with_brats_region_order
 from MaM.trained_model import load_nnunet_checkpoint

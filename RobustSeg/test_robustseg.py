@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import run_main
+from brats_core.apps.scripts import build_test_parser, test_main
 from brats_core.registry import SegModel
-from brats_core.scripts import build_test_parser, test_main
+from brats_core.utils.cli import run_main
 
 log = logging.getLogger("RobustSeg.test_robustseg")
 

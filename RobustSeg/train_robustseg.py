@@ -10,8 +10,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from brats_core.cli import run_main, setup_logging
-from brats_core.rmbts_training import build_train_parser, train_main
+from brats_core.apps.rmbts_training import build_train_parser, train_main
+from brats_core.utils.cli import run_main, setup_logging
 
 log = logging.getLogger("RobustSeg.train_robustseg")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import run_main
-from brats_core.scripts import build_test_parser, test_main
+from brats_core.apps.scripts import build_test_parser, test_main
+from brats_core.utils.cli import run_main
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from brats_core.cli import UsageError, run_main, setup_logging, split_dir
-from brats_core.evaluation import check_preprocessed_folder
-from brats_core.rmbts_training import build_train_parser, train_main
-from brats_core.splits import Split, load_split, read_case_list
+from brats_core.apps.arguments import split_dir
+from brats_core.apps.rmbts_training import build_train_parser, train_main
+from brats_core.data.splits import Split, load_split, read_case_list
+from brats_core.engine.evaluation import check_preprocessed_folder
+from brats_core.utils.cli import UsageError, run_main, setup_logging
 
 log = logging.getLogger("SFusion.train_sfusion")
 

@@ -4,7 +4,7 @@ Upstream reads raw NIfTI with nibabel at every step. Here :func:`prepare_cache` 
 applies ShaSpec's normalisation (:func:`ShaSpec.preprocessing.normalise_modality`: histogram clip, z-score over the
 non-background voxels, background 0) and writes it in the project's preprocessed layout (``<cache>/vol/<case>_vol.npy``
 ``(X, Y, Z, 4)`` float32 in canonical order, ``<cache>/seg/<case>_seg.npy`` uint8), uncropped like upstream, so the
-shared evaluator (``brats_core.evaluation``) reads the very same arrays. :class:`ShaSpecTrainDataset` then draws
+shared evaluator (``brats_core.engine.evaluation``) reads the very same arrays. :class:`ShaSpecTrainDataset` then draws
 upstream's training crops: optional scaling, foreground-biased or random crop, mirroring, and the batchgenerators
 augmentation (the installed ``batchgenerators`` transforms with upstream's parameters), plus the ``--mode`` modality
 mask.
@@ -32,9 +32,11 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from skimage.transform import resize
 from torch.utils.data import Dataset
 
-from brats_core.cli import UsageError
-from brats_core.data import MaskSampler, check_cases, label_path, volume_path
-from brats_core.io import (
+from brats_core.data.dataset import MaskSampler, check_cases, label_path, volume_path
+from brats_core.data.preprocessing import case_meta, output_paths
+from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
+from brats_core.utils.cli import UsageError
+from brats_core.utils.io import (
     find_case_files,
     load_json,
     load_nifti,
@@ -44,8 +46,6 @@ from brats_core.io import (
     save_json,
     save_npy,
 )
-from brats_core.modalities import METHOD_ORDERS, MODALITIES, Mask, parse_shaspec_mode, to_canonical
-from brats_core.preprocessing import case_meta, output_paths
 from ShaSpec.preprocessing import PIPELINE, normalise_modality
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def batchgenerators_augmentation(patch: Sequence[int]) -> Compose:
 
 
 class ShaSpecTrainDataset(Dataset):
-    """Training crops of cached cases, addressed by ``(case index, sample seed)`` (``brats_core.data.EpochSampler``).
+    """Training crops of cached cases, addressed by ``(case index, sample seed)``
+    (``brats_core.data.dataset.EpochSampler``).
 
     Item: ``image`` ``(4, X, Y, Z)`` float32 canonical order, ``regions`` ``(3, X, Y, Z)`` float32 (ET, WT, TC; −1
     where the spatial transform's border reaches the label under ``reference_quirks``), ``mask`` ``(4,)`` bool,

@@ -4,7 +4,7 @@
         --restore_from snapshots/random/final.pth --mode 0,1          # FLAIR + T1 (ShaSpec order FLAIR,T1,T1ce,T2)
     python ShaSpec/eval.py ... --mode all                              # the 15 scenarios in one run
 
-By default every scenario is scored by the project's shared protocol (``brats_core.evaluation``: window = crop,
+By default every scenario is scored by the project's shared protocol (``brats_core.engine.evaluation``: window = crop,
 overlap 0.5, blended logits, nested regions, Dice with ε = 1e-8 and empty/empty = 1, ETpp, HD95), so ShaSpec's numbers
 compare with the other methods. ``--reference-quirks`` reproduces upstream's scoring instead: tiles with overlap 1/3,
 averaged sigmoid probabilities rounded per region, Dice ``2Σp·g/(Σp + Σg + 1)`` per region (ET, WT, TC), no ETpp.
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_overwrite_arg, add_progress_arg, add_runtime_args, run_main, setup_logging
-from brats_core.data import load_case
-from brats_core.device import resolve_device
-from brats_core.evaluation import EvalOptions, evaluate, format_table, write_csv
-from brats_core.metrics import LESION_WISE_HELP
+from brats_core.apps.arguments import add_overwrite_arg, add_runtime_args
+from brats_core.apps.scripts import load_for_test, read_test_list
+from brats_core.data.dataset import load_case
+from brats_core.engine.evaluation import EvalOptions, evaluate, format_table, write_csv
+from brats_core.engine.metrics import LESION_WISE_HELP
 from brats_core.modalities import SCENARIOS, Scenario, format_shaspec_mode, parse_shaspec_mode, scenario_for
-from brats_core.scripts import load_for_test, read_test_list
+from brats_core.utils.cli import add_progress_arg, run_main, setup_logging
+from brats_core.utils.device import resolve_device
 from ShaSpec.data import prepare_cache
 from ShaSpec.model import ShaSpec
 from ShaSpec.scoring import REGIONS, region_scores, upstream_binarise, upstream_sliding_window

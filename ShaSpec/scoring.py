@@ -1,5 +1,5 @@
 """ShaSpec's own sliding window and scores, used for its validation during training and for
-``eval.py --reference-quirks``. The paper protocol shared by all methods lives in ``brats_core.evaluation``.
+``eval.py --reference-quirks``. The paper protocol shared by all methods lives in ``brats_core.engine.evaluation``.
 
 Upstream tiles the volume with the training crop (80×160×160 in ``(D, H, W)``) at overlap 1/3, i.e. strides
 ``ceil(tile·2/3)`` with the last tile clamped to the border; it averages LOGITS for validation (then a soft Dice) and

@@ -29,22 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import load_checkpoint
-from brats_core.cli import (
-    UsageError,
-    add_preset_arg,
-    add_progress_arg,
-    add_runtime_args,
-    add_train_overwrite_arg,
-    positive_int,
-    run_main,
-    setup_logging,
-)
-from brats_core.data import check_validation_cases, load_case
-from brats_core.losses import region_dice_bce
+from brats_core.apps.arguments import add_preset_arg, add_runtime_args, add_train_overwrite_arg
+from brats_core.data.dataset import check_validation_cases, load_case
+from brats_core.engine.training import FitConfig, PolyLR, Trainer, ValidateFn, claim_run_folder, seed_everything
 from brats_core.modalities import FULL, METHOD_ORDERS, Mask, parse_bool_list, parse_shaspec_mode
+from brats_core.nn.losses import region_dice_bce
 from brats_core.registry import build_from_config, build_method
-from brats_core.training import FitConfig, PolyLR, Trainer, ValidateFn, claim_run_folder, seed_everything
+from brats_core.utils.checkpoint import load_checkpoint
+from brats_core.utils.cli import UsageError, add_progress_arg, positive_int, run_main, setup_logging
 from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
 from ShaSpec.model import ShaSpec, ShaSpecOutput
 from ShaSpec.scoring import REGIONS, soft_validation_score

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.losses import dice_loss, one_hot, one_hot_upstream, softmax_loss, softmax_weighted_loss
 from brats_core.modalities import MODALITIES
+from brats_core.nn.losses import dice_loss, one_hot, one_hot_upstream, softmax_loss, softmax_weighted_loss
 from UHVED.model import Gaussian, UHVEDTrainOutput, product_of_gaussians, upcast_half
 
 KLD_EPS = 1e-5  # epsilon of the products of Gaussians inside the KL term (the model's own fusion uses 1e-7)

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import add_data_args, add_preset_arg, add_runtime_args, add_train_args, run_main, setup_logging
-from brats_core.data import load_case
-from brats_core.inference import predict_scenarios
+from brats_core.apps.arguments import add_data_args, add_preset_arg, add_runtime_args, add_train_args
+from brats_core.apps.scripts import add_val_args, select_val_epochs, train_from_args
+from brats_core.data.dataset import load_case
+from brats_core.data.splits import Split
+from brats_core.data.transforms import rfnet_augmentation
+from brats_core.engine.inference import predict_scenarios
+from brats_core.engine.training import seed_everything
 from brats_core.modalities import Mask
 from brats_core.registry import SegModel, build_method
-from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
-from brats_core.splits import Split
-from brats_core.training import seed_everything
-from brats_core.transforms import rfnet_augmentation
+from brats_core.utils.cli import run_main, setup_logging
 from UHVED.losses import UHVEDLoss, validation_seg_loss
 
 log = logging.getLogger("UHVED.train_uhved")

@@ -4,13 +4,13 @@
 
 Upstream-style protocol (as upstream's test scripts): 15 independent sliding-window passes, one per
 scenario, each window a batch of 1 through ``model(window, mask)``, fp32. Encode-once path (this project's evaluator,
-``brats_core.inference.predict_scenarios``): every window is encoded once and decoded for the 15 masks. Both run in
-the same process on the same volume and weights, one after the other; the label maps (hence every Dice) must be
-identical, which the script asserts. The protocols alternate ``--repeats`` times; each reports its fastest run.
+``brats_core.engine.inference.predict_scenarios``): every window is encoded once and decoded for the 15 masks.
+Both run in the same process on the same volume and weights, one after the other; the label maps (hence every Dice)
+must be identical, which the script asserts. The protocols alternate ``--repeats`` times; each reports its fastest run.
 ``--batched_decode`` adds the evaluator's ``--scenario_batch 15`` (the 15 decodes of a window in one batch), whose
 label maps are compared with the reference but not required to be identical.
 Dice of WT/TC/ET against the synthetic label is computed for both as the evaluator does
-(``brats_core.metrics.case_scores``, no HD95), and counts in the timings.
+(``brats_core.engine.metrics.case_scores``, no HD95), and counts in the timings.
 
 The models are the paper configurations (registry ``paper`` preset, IM-Fuse with ``--mamba_skip
 --interleaved_tokenization``) with the window side overridden by ``--patch`` (every size constant derives from it),
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brats_core.inference import outputs_to_labels, predict_scenarios, sliding_window
-from brats_core.metrics import case_scores
+from brats_core.apps.report import PAPER_OVERRIDES
+from brats_core.data.synthetic import make_synthetic_case
+from brats_core.engine.inference import outputs_to_labels, predict_scenarios, sliding_window
+from brats_core.engine.metrics import case_scores
 from brats_core.modalities import MODALITIES, SCENARIOS
 from brats_core.registry import SegModel, build_method, count_parameters, method_info
-from brats_core.report import PAPER_OVERRIDES
-from brats_core.synthetic import make_synthetic_case
 
 
 def synthetic_volume(shape: Sequence[int], seed: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -15,7 +15,7 @@ Sections of the Markdown report (``--out``, default ``benchmarks/gpu_results.md`
    backend at b = 1 and 2; the fwd+bwd ratio to the chunked backend measured in the same run, and the issue's
    target (Triton ≥ 5× chunked at every skip level).
 4. train step – one IM-Fuse optimiser step (paper preset, ``mamba_skip`` + ``interleaved_tokenization``, b = 1, the
-   ``FusedSeparateDeepLoss`` of ``train_poly.py``, RAdam) in fp32 and with ``--amp`` (``brats_core.device.
+   ``FusedSeparateDeepLoss`` of ``train_poly.py``, RAdam) in fp32 and with ``--amp`` (``brats_core.utils.device.
    amp_context``: bf16 where supported, else fp16 with a GradScaler; the Mamba blocks stay fp32), Mamba backend
    ``auto``; seconds per step (median) and peak memory; target AMP ≥ 1.5× faster.
 
@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from brats_core.io import atomic_path
 from brats_core.modalities import MODALITIES
 from brats_core.nn import mamba as mamba_mod
+from brats_core.utils.io import atomic_path
 from IMFuse.model import MambaShape, mamba_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,9 +285,9 @@ def timing_section(
 
 def train_step_section(device: torch.device, quick: bool, repeats: int, budget: Budget) -> list[str]:
     """The IM-Fuse training-step table (``quick``: tiny preset, no warm-up step)."""
-    from brats_core.device import amp_context
-    from brats_core.losses import FusedSeparateDeepLoss
+    from brats_core.nn.losses import FusedSeparateDeepLoss
     from brats_core.registry import build_method
+    from brats_core.utils.device import amp_context
 
     preset = "tiny" if quick else "paper"
     lines = [

@@ -16,14 +16,14 @@ space limit of ``--mem_limit_gb`` through ``RLIMIT_AS``):
 * ``data``: the training data pipeline at the paper patch on one worker (load the preprocessed case, crop, augment,
   collate a batch): seconds per sample, and the loader workers needed to keep pace with the measured step time and
   with each ``--step_times`` (e.g. GPU step times). Measured for the methods on the shared RFNet pipeline
-  (``brats_core.transforms.rfnet_augmentation``); M3AE, ShaSpec and MaM have their own pipelines (not measured).
+  (``brats_core.data.transforms.rfnet_augmentation``); M3AE, ShaSpec and MaM have their own pipelines (not measured).
 * ``eval``: the test scripts' 15-scenario evaluation of the case (the method's preprocessing, sliding window at the
   paper window with overlap 0.5, encode-once, Dice and HD95 per scenario): seconds and peak RSS.
 * ``flops``: floating-point operations of one training step and of one evaluation window, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention, forward and backward;
   elementwise ops, norms and the optimiser update are not counted). The Mamba selective scan is not an op the counter
   sees: it runs outside the counter and is counted analytically, :func:`scan_flops`, with its backward as twice its
-  forward. From them the compute bill of each paper schedule (``brats_core.reproduce.RECIPES``): total PFLOP and
+  forward. From them the compute bill of each paper schedule (``brats_core.apps.reproduce.RECIPES``): total PFLOP and
   GPU-hours at :data:`PEAK_TFLOPS` and the ``--utilisation`` range. These hours are an estimate, not a measurement.
 
 ``--patch N`` overrides every window side for a quick run (ShaSpec's crop becomes N³). Without ``--case`` (or when
@@ -64,7 +64,8 @@ from benchmarks.train_step import (
     random_batch,
     window_shape,
 )
-from brats_core.cli import UsageError, run_main
+from brats_core.utils.cli import UsageError, run_main
+from brats_core.utils.io import atomic_path
 
 SECTIONS = ("train", "data", "eval", "flops")
 
@@ -246,7 +247,7 @@ def paper_schedule(method: str, n_train: int = N_TRAIN) -> list[Phase]:
     An epoch is N_train steps (the RFNet family and M3AE fine-tuning; SFusion's ``train2.txt`` has 872 cases), N_train
     // batch for M3AE pre-training, 150 iterations for MaM's nnU-Net trainer (500 epochs).
     """
-    from brats_core.reproduce import RECIPES
+    from brats_core.apps.reproduce import RECIPES
 
     phases = []
     for step in RECIPES[method].steps:
@@ -311,8 +312,8 @@ def extrapolate(points: Sequence[tuple[int, float]], voxels: int) -> tuple[float
 
 def load_case(case_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """A raw BraTS case folder: modality -> ``(X, Y, Z)`` float32 and the label map."""
-    from brats_core.io import find_case_files
-    from brats_core.preprocessing import read_case_images
+    from brats_core.data.preprocessing import read_case_images
+    from brats_core.utils.io import find_case_files
 
     images, label, _ = read_case_images(find_case_files(case_dir, require_label=True))
     assert label is not None
@@ -326,9 +327,9 @@ def data_pipeline_seconds(
     ``.npy`` as in training), crop, augment, collate ``batch`` samples; median over ``samples`` batches."""
     from torch.utils.data import default_collate
 
-    from brats_core.data import TrainDataset, label_path, volume_path
-    from brats_core.preprocessing import preprocess_arrays
-    from brats_core.transforms import rfnet_augmentation
+    from brats_core.data.dataset import TrainDataset, label_path, volume_path
+    from brats_core.data.preprocessing import preprocess_arrays
+    from brats_core.data.transforms import rfnet_augmentation
 
     if method not in RFNET_PIPELINE:
         return {"skipped": "own data pipeline, not measured"}
@@ -349,11 +350,11 @@ def data_pipeline_seconds(
 def evaluate_case(method: str, images: Mapping[str, np.ndarray], label: np.ndarray, patch: int = 0) -> dict[str, Any]:
     """The 15-scenario evaluation of one case as the test scripts run it (the method's preprocessing, sliding window,
     encode-once, Dice and HD95 per scenario): seconds, windows and mean Dice of the full-modality scenario."""
-    from brats_core.evaluation import EvalOptions, segment, window_origin
-    from brats_core.inference import window_starts
-    from brats_core.metrics import case_scores
+    from brats_core.data.preprocessing import crop
+    from brats_core.engine.evaluation import EvalOptions, segment, window_origin
+    from brats_core.engine.inference import window_starts
+    from brats_core.engine.metrics import case_scores
     from brats_core.modalities import SCENARIOS
-    from brats_core.preprocessing import crop
 
     torch.manual_seed(0)
     model = build_paper_model(method, patch).eval()
@@ -611,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout_s", type=float, default=None, help="give up on a measurement after this long")
     p.add_argument("--utilisation", type=_csv(float), default=[0.3, 0.5], help="range of GPU utilisation (MFU)")
     p.add_argument("--step_times", type=_csv(float), default=[0.5, 1.0], help="step times (s) for the loader workers")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: combine the JSON files of earlier runs (e.g. one per method) into --out",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -630,17 +639,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (args.out, json_out):
         if path.exists() and not args.overwrite:
             raise UsageError(f"{path} exists: choose another --out or pass --overwrite")
+    rows = merge_reports(args.merge, args) if args.merge else measure_all(args)
+    finish(rows, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"patch": args.patch, "threads": args.threads, "mem_limit_gb": args.mem_limit_gb,
+              "utilisation": args.utilisation, "step_times": args.step_times, "rows": rows}  # fmt: skip
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(markdown(rows, args))
+    with atomic_path(json_out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out} and {json_out}")
+    return 0
+
+
+def measure_all(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every section of every method of ``args``, each row printed as JSON when measured."""
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for section in [s for s in SECTIONS if s in args.sections]:  # train first: data uses its step times
         for method in args.methods:
             rows.setdefault(section, {})[method] = measure(method, section, args)
             print(json.dumps(rows[section][method]), flush=True)
-    finish(rows, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, args))
-    json_out.write_text(json.dumps({"patch": args.patch, "threads": args.threads, "rows": rows}, indent=2))
-    print(f"wrote {args.out} and {json_out}")
-    return 0
+    return rows
+
+
+def merge_reports(paths: Sequence[Path], args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    """The rows of several runs' JSON files, in method order (a later file wins for the same section and method);
+    ``args.patch``, ``args.threads`` and ``args.mem_limit_gb`` are set from the files, which must agree on them."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    settings: dict[str, set[Any]] = {"patch": set(), "threads": set(), "mem_limit_gb": set()}
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+            parts = report["rows"].items()
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+            raise UsageError(f"{path}: not a JSON file written by benchmarks/paper_scale.py ({err})") from err
+        for key, seen in settings.items():
+            seen.add(report.get(key, getattr(args, key)))
+        for section, methods in parts:
+            rows.setdefault(section, {}).update(methods)
+    for key, seen in settings.items():
+        if len(seen) > 1:
+            raise UsageError(f"the files to merge were measured with different --{key} ({sorted(seen)})")
+        setattr(args, key, seen.pop())
+    order = {m: i for i, m in enumerate(PAPER_BATCH)}
+    return {s: dict(sorted(ms.items(), key=lambda kv: order.get(kv[0], len(order)))) for s, ms in rows.items()}
 
 
 if __name__ == "__main__":

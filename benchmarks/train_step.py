@@ -37,7 +37,7 @@ def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[.
     the shared random batch (see :func:`random_batch`)."""
     params = model.parameters()
     if method in ("imfuse", "mmformer"):
-        from brats_core.losses import FusedSeparateDeepLoss
+        from brats_core.nn.losses import FusedSeparateDeepLoss
 
         opt = (
             torch.optim.RAdam(params, lr=2e-4, weight_decay=3e-5)
@@ -46,7 +46,7 @@ def _loss_and_optimiser(method: str, model: torch.nn.Module) -> tuple[Callable[.
         )
         return FusedSeparateDeepLoss(), opt
     if method in ("robustseg", "sfusion"):
-        from brats_core.rmbts_training import RMBTSLoss
+        from brats_core.nn.losses import RMBTSLoss
 
         return RMBTSLoss(), torch.optim.Adam(params, lr=1e-4, weight_decay=1e-4, amsgrad=True)
     if method == "uhved":
@@ -112,8 +112,8 @@ def build_paper_model(method: str, patch: int = 0, **extra: Any) -> Any:
     """The method's paper configuration (``report.PAPER_OVERRIDES`` included, e.g. IM-Fuse's ``--mamba_skip
     --interleaved_tokenization``) with window side ``patch`` (0: the paper's; ShaSpec: ``patch``³) and ``extra``
     config overrides (e.g. activation checkpointing)."""
+    from brats_core.apps.report import PAPER_OVERRIDES
     from brats_core.registry import build_method
-    from brats_core.report import PAPER_OVERRIDES
 
     overrides = {**PAPER_OVERRIDES.get(method, {}), **extra}
     if patch:

@@ -80,7 +80,7 @@ class SegModel(nn.Module):
     def preprocess(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
         """Preprocess a new case exactly as this method's training data (used by ``predict.py``).
 
-        The default is the shared pipeline (:func:`brats_core.preprocessing.preprocess_arrays`: brain crop of at
+        The default is the shared pipeline (:func:`brats_core.data.preprocessing.preprocess_arrays`: brain crop of at
         least one patch, z-score inside the brain); methods with their own normalisation override it.
 
         Args:
@@ -91,7 +91,7 @@ class SegModel(nn.Module):
             least ``original_shape``, ``crop_box`` (half-open ``[[lo, hi]] * 3``), ``cropped_shape`` and
             ``available``.
         """
-        from brats_core.preprocessing import preprocess_arrays
+        from brats_core.data.preprocessing import preprocess_arrays
 
         vol, _, meta = preprocess_arrays(images, patch_size=self.patch_size)
         return vol, meta
@@ -226,7 +226,7 @@ of :func:`output_config`."""
 
 
 def build_from_config(name: str, config: dict[str, Any]) -> SegModel:
-    """Rebuild a model from the config dict stored in a checkpoint (see ``brats_core.checkpoint``).
+    """Rebuild a model from the config dict stored in a checkpoint (see ``brats_core.utils.checkpoint``).
 
     Runtime fields (:data:`RUNTIME_FIELD`) take their defaults: they describe the session that trained the model (a
     kernel backend, activation checkpointing, a reference quirk of evaluation), not the trained function, and the

@@ -73,7 +73,7 @@ def add_m3ae_data_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="BraTS folder (NIfTI); cases missing from the --datapath cache are preprocessed into it first",
     )
-    # a second spelling of --workers (from brats_core.cli.add_runtime_args); SUPPRESS keeps that default
+    # a second spelling of --workers (from brats_core.apps.arguments.add_runtime_args); SUPPRESS keeps that default
     parser.add_argument("-j", dest="workers", type=int, default=argparse.SUPPRESS, help="same as --workers")
     parser.add_argument("--devices", default=None, help="CUDA_VISIBLE_DEVICES for this run (upstream: '0')")
     parser.add_argument("--exp_name", default=None, help="run name: --savepath defaults to runs/<exp_name>")

@@ -35,9 +35,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from brats_core.cli import run_main
-from brats_core.data import check_cases, label_path, volume_path
-from brats_core.io import (
+from brats_core.data.dataset import check_cases, label_path, volume_path
+from brats_core.data.preprocessing import case_meta, list_cases, output_paths, read_case_images
+from brats_core.data.transforms import RandomFlip, RandomIntensityChange
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import (
     CaseFilesError,
     NiftiError,
     find_case_files,
@@ -48,8 +50,6 @@ from brats_core.io import (
     save_json,
     save_npy,
 )
-from brats_core.preprocessing import case_meta, list_cases, output_paths, read_case_images
-from brats_core.transforms import RandomFlip, RandomIntensityChange
 from m3ae.preprocessing import PIPELINE, preprocess_arrays, sample_modality_drop, sample_pretrain_tokens
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ at its boundary (channel permutation and reversed spatial axes), so upstream che
 Window position: ``model(x, mask, origin=o)`` takes ``o`` ``(B, 3)``, the voxel index (canonical X, Y, Z) of each
 input's first voxel in the original image grid, and crops ``limage`` there (zeros where a window reaches beyond the
 grid). The shared sliding window passes these positions because ``window_origin`` is set (see
-``brats_core.inference.predict_scenarios``): ``"image"`` (default) gives absolute positions, as in training;
+``brats_core.engine.inference.predict_scenarios``): ``"image"`` (default) gives absolute positions, as in training;
 ``"crop"`` gives positions relative to the preprocessed crop, upstream's test-time misalignment, kept for
 ``--reference-quirks``. Without ``origin`` the crop starts at the grid's corner.
 
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import load_checkpoint
 from brats_core.modalities import METHOD_ORDERS, MODALITIES, permutation
 from brats_core.registry import OutputKind, SegModel, build_from_config, register
+from brats_core.utils.checkpoint import load_checkpoint
 from m3ae.preprocessing import PIPELINE, preprocess_arrays
 
 __all__ = [

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from brats_core.data.preprocessing import validate_label
 from brats_core.modalities import MODALITIES
-from brats_core.preprocessing import validate_label
 
 __all__ = [
     "PERCENTILES",

@@ -22,22 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
-from brats_core.cli import (
+from brats_core.apps.arguments import (
     add_compile_arg,
     add_data_args,
     add_preset_arg,
-    add_progress_arg,
     add_runtime_args,
     add_train_overwrite_arg,
-    run_main,
-    setup_logging,
     split_dir,
 )
-from brats_core.evaluation import check_preprocessed_folder
+from brats_core.data.splits import read_case_list
+from brats_core.engine.evaluation import check_preprocessed_folder
+from brats_core.engine.training import FitConfig, Trainer, seed_everything
 from brats_core.registry import build_method
-from brats_core.splits import read_case_list
-from brats_core.training import FitConfig, Trainer, seed_everything
+from brats_core.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from brats_core.utils.cli import add_progress_arg, run_main, setup_logging
 from m3ae.common import (
     add_compat_flags,
     add_m3ae_data_flags,
@@ -75,7 +73,7 @@ def load_m3ae_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 class PretrainLoss:
-    """``mean (x − recon)² + weight · ‖limage − mean_xyz(limage)‖₂`` (a ``brats_core.training.LossFn``)."""
+    """``mean (x − recon)² + weight · ‖limage − mean_xyz(limage)‖₂`` (a ``brats_core.engine.training.LossFn``)."""
 
     def __init__(self, weight: float = LIMAGE_REGULARISER) -> None:
         self.weight = weight

@@ -2,7 +2,7 @@
 
     python m3ae/test.py --datapath <m3ae cache> --checkpoint runs/m3ae_train/best.pth --savepath <out>
 
-Default: the shared protocol (``brats_core.evaluation``: window 128³, overlap 0.5, uniform blending, regions →
+Default: the shared protocol (``brats_core.engine.evaluation``: window 128³, overlap 0.5, uniform blending, regions →
 labels with ET ⊂ TC ⊂ WT, per-case Dice with ε 1e-8, ETpp, HD95), with the completion image cropped at each
 window's position in the ORIGINAL image grid, as in training. ``--reference-quirks`` reproduces upstream instead:
 the completion image cropped at the window's position in the preprocessed crop (upstream's misalignment), fp16
@@ -22,24 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.cli import (
-    UsageError,
-    add_data_args,
-    add_eval_args,
-    add_progress_arg,
-    add_runtime_args,
-    check_scenarios,
-    run_main,
-    setup_logging,
-)
-from brats_core.data import load_case
-from brats_core.device import resolve_device
-from brats_core.evaluation import check_pipeline, check_preprocessed_folder
-from brats_core.inference import predict_scenarios
+from brats_core.apps.arguments import add_data_args, add_eval_args, add_runtime_args, check_scenarios
+from brats_core.apps.scripts import load_for_test, read_test_list, resolve_test_file, test_from_args
+from brats_core.data.dataset import load_case
+from brats_core.engine.evaluation import check_pipeline, check_preprocessed_folder
+from brats_core.engine.inference import predict_scenarios
 from brats_core.labels import label_to_regions
 from brats_core.modalities import METHOD_ORDERS, SCENARIOS, Scenario, format_bool_list, to_canonical
 from brats_core.registry import SegModel
-from brats_core.scripts import load_for_test, read_test_list, resolve_test_file, test_from_args
+from brats_core.utils.cli import UsageError, add_progress_arg, run_main, setup_logging
+from brats_core.utils.device import resolve_device
 from m3ae.common import add_compat_flags, add_m3ae_data_flags, apply_devices, default_savepath
 from m3ae.data import ensure_cache
 from m3ae.model import REGION_ORDER, infer_architecture

@@ -26,26 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_core.cli import (
-    UsageError,
+from brats_core.apps.arguments import (
     add_compile_arg,
     add_data_args,
     add_preset_arg,
-    add_progress_arg,
     add_runtime_args,
     add_train_overwrite_arg,
-    run_main,
-    setup_logging,
     split_dir,
 )
-from brats_core.data import check_validation_cases
-from brats_core.device import resolve_device
-from brats_core.evaluation import EvalOptions, check_preprocessed_folder, validate
-from brats_core.losses import region_dice_bce
+from brats_core.apps.scripts import add_val_args, select_val_epochs
+from brats_core.data.dataset import check_validation_cases
+from brats_core.data.splits import load_split
+from brats_core.engine.evaluation import EvalOptions, check_preprocessed_folder, validate
+from brats_core.engine.training import FitConfig, Trainer, seed_everything
+from brats_core.nn.losses import region_dice_bce
 from brats_core.registry import build_method
-from brats_core.scripts import add_val_args, select_val_epochs
-from brats_core.splits import load_split
-from brats_core.training import FitConfig, Trainer, seed_everything
+from brats_core.utils.cli import UsageError, add_progress_arg, run_main, setup_logging
+from brats_core.utils.device import resolve_device
 from m3ae.common import (
     add_compat_flags,
     add_m3ae_data_flags,
@@ -81,7 +78,7 @@ def edice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class FinetuneLoss:
-    """The fine-tuning loss for one batch of copies of one window (a ``brats_core.training.LossFn``).
+    """The fine-tuning loss for one batch of copies of one window (a ``brats_core.engine.training.LossFn``).
 
     Args:
         weight_kl: weight of the consistency term (README 0.1; upstream default 1).

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from brats_core.cli import run_main
-from brats_core.scripts import build_test_parser, test_main
+from brats_core.apps.scripts import build_test_parser, test_main
+from brats_core.utils.cli import run_main
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, rebuild the checkpoint's model and evaluate it (``brats_core.scripts.test_main``)."""
+    """Parse the flags, rebuild the checkpoint's model and evaluate it (``brats_core.apps.scripts.test_main``)."""
     return test_main(build_parser(), argv, "mmformer", infer_architecture)
 
 

@@ -16,23 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from brats_core.cli import (
-    add_data_args,
-    add_preset_arg,
-    add_runtime_args,
-    add_train_args,
-    positive_int,
-    run_main,
-    setup_logging,
-    split_dir,
-)
-from brats_core.evaluation import check_preprocessed_folder
-from brats_core.losses import FusedSeparateDeepLoss
+from brats_core.apps.arguments import add_data_args, add_preset_arg, add_runtime_args, add_train_args, split_dir
+from brats_core.apps.scripts import add_val_args, select_val_epochs, train_from_args
+from brats_core.data.splits import load_split
+from brats_core.data.transforms import rfnet_augmentation
+from brats_core.engine.evaluation import check_preprocessed_folder
+from brats_core.engine.training import PolyLR, seed_everything
+from brats_core.nn.losses import FusedSeparateDeepLoss
 from brats_core.registry import build_method
-from brats_core.scripts import add_val_args, select_val_epochs, train_from_args
-from brats_core.splits import load_split
-from brats_core.training import PolyLR, seed_everything
-from brats_core.transforms import rfnet_augmentation
+from brats_core.utils.cli import positive_int, run_main, setup_logging
 
 log = logging.getLogger("mmFormer.train")
 

@@ -50,8 +50,8 @@ MASKS = [  # canonical order FLAIR, T1ce, T1, T2: one mask each with 1, 2, 3 and
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of ours: the tiny IM-Fuse preset, untrained (seed 0), with its method and config recorded."""
-    from brats_core.checkpoint import save_checkpoint
     from brats_core.registry import build_method, config_dict
+    from brats_core.utils.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_method("imfuse", "tiny")
@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def two_raw_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BraTS folder of two synthetic cases (40×44×36, BraTS 2023 naming), written once per module: copy it
     (``shutil.copytree``) before changing anything in it."""
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     raw = tmp_path_factory.mktemp("base") / "raw"
     write_synthetic_dataset(raw, 2, (40, 44, 36), seed=0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import MASKS
 
-from brats_core.checkpoint import save_checkpoint
-from brats_core.inference import predict_scenarios
+from brats_core.apps.scripts import model_from_checkpoint
+from brats_core.engine.inference import predict_scenarios
 from brats_core.registry import METHOD_MODULES, OutputKind, build_from_config, build_method, config_dict, list_methods
-from brats_core.scripts import model_from_checkpoint
+from brats_core.utils.checkpoint import save_checkpoint
 
 METHODS = list_methods()
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from toy import write_preprocessed
 
-from brats_core import transforms as T
-from brats_core.data import EpochSampler, EvalDataset, TrainDataset, check_cases
+from brats_core.data import transforms as T
+from brats_core.data.dataset import EpochSampler, EvalDataset, TrainDataset, check_cases
 from brats_core.modalities import SCENARIOS
 
 

@@ -1,4 +1,4 @@
-"""The one mixed-precision rule (``brats_core.device``) of training, evaluation and ``predict.py``: bf16 on GPUs
+"""The one mixed-precision rule (``brats_core.utils.device``) of training, evaluation and ``predict.py``: bf16 on GPUs
 that support it, else fp16, nothing on CPU; the sliding window follows it unless a dtype is forced."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import MASKS
 
-from brats_core import device, inference
+from brats_core.engine import inference
 from brats_core.registry import build_method
+from brats_core.utils import device
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
 

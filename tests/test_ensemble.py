@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core.checkpoint import save_checkpoint
-from brats_core.cli import UsageError, run_main
-from brats_core.io import written_by_predict
-from brats_core.labels import REGION_NAMES, regions_to_labels
-from brats_core.predict import (
+from brats_core.apps.predict import (
     Predictor,
     entropy_map,
     labels_from_probabilities,
     main,
     probability_kind,
 )
+from brats_core.data.synthetic import case_id, write_synthetic_dataset
+from brats_core.labels import REGION_NAMES, regions_to_labels
 from brats_core.registry import build_method, config_dict
-from brats_core.synthetic import case_id, write_synthetic_dataset
+from brats_core.utils.checkpoint import save_checkpoint
+from brats_core.utils.cli import UsageError, run_main
+from brats_core.utils.io import written_by_predict
 
 GOOD = case_id(0)
 CLASSES = ("background", "NCR", "ED", "ET")

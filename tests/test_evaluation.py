@@ -11,11 +11,11 @@ import pytest
 import torch
 from toy import ToyModel, write_preprocessed
 
-from brats_core import evaluation
-from brats_core.cli import add_eval_args, check_scenarios
-from brats_core.data import load_case
-from brats_core.evaluation import EvalOptions, evaluate, format_table, segment, summarize, validate
-from brats_core.metrics import case_scores
+from brats_core.apps.arguments import add_eval_args, check_scenarios
+from brats_core.data.dataset import load_case
+from brats_core.engine import evaluation
+from brats_core.engine.evaluation import EvalOptions, evaluate, format_table, segment, summarize, validate
+from brats_core.engine.metrics import case_scores
 from brats_core.modalities import SCENARIOS
 
 
@@ -213,9 +213,9 @@ def test_validate_uses_each_case_mask(setup):
 def test_predictions_written_in_original_geometry(tmp_path):
     import nibabel as nib
 
-    from brats_core.preprocessing import load_meta, output_paths, uncrop
-    from brats_core.preprocessing import main as preprocess
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.preprocessing import load_meta, output_paths, uncrop
+    from brats_core.data.preprocessing import main as preprocess
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     (case,) = write_synthetic_dataset(tmp_path / "raw", 1, shape=(40, 44, 36), seed=5)
     assert preprocess(["--input-path", str(tmp_path / "raw"), "--output-path", str(tmp_path / "pre"),

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core import io as bio
-from brats_core import reproduce
-from brats_core.checkpoint import CheckpointError, load_checkpoint
-from brats_core.cli import UsageError, run_main
+from brats_core.apps import reproduce
+from brats_core.utils import io as bio
+from brats_core.utils.checkpoint import CheckpointError, load_checkpoint
+from brats_core.utils.cli import UsageError, run_main
 
 
 class _Payload:

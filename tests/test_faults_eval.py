@@ -15,12 +15,12 @@ import pytest
 import torch
 from toy import ToyModel, write_preprocessed
 
-from brats_core import evaluation
-from brats_core.checkpoint import save_checkpoint
-from brats_core.cli import run_main
-from brats_core.evaluation import EvalOptions, evaluate, shard_file, summarize
+from brats_core.engine import evaluation
+from brats_core.engine.evaluation import EvalOptions, evaluate, shard_file, summarize
 from brats_core.modalities import SCENARIOS, format_bool_list
 from brats_core.registry import build_method, config_dict
+from brats_core.utils.checkpoint import save_checkpoint
+from brats_core.utils.cli import run_main
 from IMFuse import test as imfuse_test
 
 OPTIONS = EvalOptions(progress=False, hd95=False)
@@ -285,7 +285,7 @@ def test_an_empty_test_list_is_one_line_and_writes_nothing(script_inputs, tmp_pa
 
 
 def test_a_wrong_datapath_is_named_for_what_it_is(script_inputs, tmp_path, capsys):
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     _, checkpoint = script_inputs
     out = tmp_path / "eval"
@@ -318,8 +318,8 @@ def test_imfuse_architecture_flags_have_help():
 
 
 def test_every_method_has_its_test_script_named():
+    from brats_core.apps.scripts import TEST_SCRIPTS
     from brats_core.registry import METHOD_MODULES
-    from brats_core.scripts import TEST_SCRIPTS
 
     repo = Path(__file__).resolve().parents[1]
     assert set(TEST_SCRIPTS) == set(METHOD_MODULES)
@@ -331,7 +331,7 @@ def test_temporaries_of_a_killed_evaluation_are_removed(data, tmp_path):
     import subprocess
     import sys
 
-    from brats_core.io import _HOST, TMP_MARKER
+    from brats_core.utils.io import _HOST, TMP_MARKER
 
     root, cases = data
     out = tmp_path / "out"

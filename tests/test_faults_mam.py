@@ -22,11 +22,11 @@ import pytest
 import torch
 from test_mam_predict import nnunet_plans, write_nnunet_checkpoint
 
-from brats_core.checkpoint import save_checkpoint
-from brats_core.cli import run_main
+from brats_core.data.splits import Split
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.registry import build_method, config_dict, make_config
-from brats_core.splits import Split
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import save_checkpoint
+from brats_core.utils.cli import run_main
 from MaM import prepare_dataset, test, train
 from MaM.prepare_dataset import CONFIGURATION, PLANS, TRAINER
 from MaM.trained_model import load_nnunet_checkpoint
@@ -261,7 +261,7 @@ def test_checkpoints_are_saved_atomically_and_killed_saves_are_cleaned(
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from brats_core.io import _HOST, TMP_MARKER
+    from brats_core.utils.io import _HOST, TMP_MARKER
 
     shutil.copytree(trained, results)
     fold = results / FOLD

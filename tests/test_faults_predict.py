@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from test_faults_preprocess import killed_writer, snapshot, temporaries, write_nifti_claiming
 
-from brats_core.io import save_nifti, written_by_predict
-from brats_core.predict import main
-from brats_core.synthetic import case_id
+from brats_core.apps.predict import main
+from brats_core.data.synthetic import case_id
+from brats_core.utils.io import save_nifti, written_by_predict
 
 SHAPE = (40, 44, 36)
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_core.cli import run_main
-from brats_core.io import TMP_MARKER, NiftiError, atomic_path, file_key, load_nifti, npy_intact
-from brats_core.preprocessing import is_finished, load_meta, main, output_paths, write_label_original_geometry
-from brats_core.synthetic import case_id
+from brats_core.data.preprocessing import is_finished, load_meta, main, output_paths, write_label_original_geometry
+from brats_core.data.synthetic import case_id
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import TMP_MARKER, NiftiError, atomic_path, file_key, load_nifti, npy_intact
 
 SHAPE = (40, 44, 36)
 PATCH = 32
@@ -159,7 +159,7 @@ def test_truncated_output_is_redone_and_the_rerun_says_so(
 
 _KILLED_WRITER = """
 import os, sys
-from brats_core.io import atomic_path
+from brats_core.utils.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"x" * 4096)
     os.kill(os.getpid(), 9)
@@ -347,7 +347,7 @@ def test_a_case_stopped_while_writing_is_redone_without_overwrite(
     raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # this tool's own arrays of an interrupted case carry the pending mark and are replaced on the next run
-    import brats_core.preprocessing as pre
+    import brats_core.data.preprocessing as pre
 
     out = tmp_path / "out"
     real_save_npy = pre.save_npy

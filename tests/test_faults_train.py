@@ -17,11 +17,11 @@ import pytest
 import torch
 from toy import write_preprocessed
 
-from brats_core import splits
-from brats_core.checkpoint import export_safetensors, save_checkpoint
-from brats_core.cli import run_main
-from brats_core.io import atomic_path
+from brats_core.data import splits
 from brats_core.registry import build_method
+from brats_core.utils.checkpoint import export_safetensors, save_checkpoint
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (34, 34, 34)  # just above the tiny presets' 32³ patch
@@ -120,7 +120,7 @@ def test_imfuse_resume_from_an_unreadable_checkpoint_is_one_line(data, tmp_path,
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     """Three synthetic BraTS cases (NIfTI) with ShaSpec lists, and their M3AE cache with split files."""
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.synthetic import write_synthetic_dataset
     from m3ae.data import preprocess_dataset
 
     root = tmp_path_factory.mktemp("faults_raw")
@@ -184,7 +184,7 @@ def test_shaspec_unreadable_checkpoint_is_one_line(data, raw, tmp_path, monkeypa
 
 def test_shaspec_reloads_a_weights_only_safetensors_export(raw, tmp_path):
     """An exported ``.safetensors`` holds no iteration: the reload starts at ``--start_iters`` instead of failing."""
-    from brats_core.checkpoint import load_checkpoint
+    from brats_core.utils.checkpoint import load_checkpoint
     from ShaSpec import train_SS
 
     save_checkpoint(tmp_path / "w.pth", build_method("shaspec", "tiny"), method="shaspec", iter=7)
@@ -311,7 +311,7 @@ def _stale_temporary(folder: Path, name: str) -> Path:
     """A temporary file exactly as a run killed while writing ``folder/name`` leaves it."""
     folder.mkdir(parents=True, exist_ok=True)
     code = (
-        "import os, sys\nfrom brats_core.io import atomic_path\n"
+        "import os, sys\nfrom brats_core.utils.io import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'')\n    print(tmp, flush=True)\n    os._exit(0)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(folder / name)], capture_output=True, text=True, check=True)
@@ -361,7 +361,7 @@ def test_ctrl_c_in_the_demo_is_one_line_per_process(data, tmp_path):
     train = [sys.executable, "IMFuse/train_poly.py",
              *_imfuse_argv(pre, tmp_path / "run", "--iter_per_epoch", "1000", max_steps=None)]  # fmt: skip
     driver = (
-        "import sys\nfrom brats_core import demo\nfrom brats_core.cli import run_main\n"
+        "import sys\nfrom brats_core.apps import demo\nfrom brats_core.utils.cli import run_main\n"
         f"sys.argv = ['demo.py']\nraise SystemExit(run_main(lambda: demo.run_step({train!r}) or 0))\n"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

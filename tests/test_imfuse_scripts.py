@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from brats_core import splits
-from brats_core.checkpoint import load_checkpoint
-from brats_core.cli import run_main
-from brats_core.preprocessing import main as preprocess
+from brats_core.data import splits
+from brats_core.data.preprocessing import main as preprocess
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.registry import build_method
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import load_checkpoint
+from brats_core.utils.cli import run_main
 from IMFuse import test as imfuse_test
 from IMFuse import train as imfuse_train
 from IMFuse import train_poly

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from brats_core.inference import (
+from brats_core.engine.inference import (
     FLIP_DIMS,
     gaussian_importance,
     outputs_to_labels,

@@ -23,12 +23,14 @@ import pytest
 import torch
 from toy import ToyModel, write_preprocessed
 
-from brats_core import evaluation, metrics, report
-from brats_core.cli import UsageError, add_eval_args
-from brats_core.data import load_case
-from brats_core.evaluation import EvalOptions, evaluate, format_table, read_rows, segment, summarize
-from brats_core.metrics import HD95_EMPTY_PENALTY, LESION_WISE_KEYS, lesion_wise_scores
+from brats_core.apps import report
+from brats_core.apps.arguments import add_eval_args
+from brats_core.data.dataset import load_case
+from brats_core.engine import evaluation, metrics
+from brats_core.engine.evaluation import EvalOptions, evaluate, format_table, read_rows, segment, summarize
+from brats_core.engine.metrics import HD95_EMPTY_PENALTY, LESION_WISE_KEYS, lesion_wise_scores
 from brats_core.modalities import SCENARIOS
+from brats_core.utils.cli import UsageError
 
 REGIONS = ("WT", "TC", "ET")
 SHAPE = (20, 8, 8)
@@ -187,9 +189,9 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], tuple[i
 
 
 def test_the_evaluator_scores_on_the_original_grid_with_the_source_spacing(tmp_path, monkeypatch):
-    from brats_core.preprocessing import load_meta, output_paths, uncrop
-    from brats_core.preprocessing import main as preprocess
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.preprocessing import load_meta, output_paths, uncrop
+    from brats_core.data.preprocessing import main as preprocess
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     (case,) = write_synthetic_dataset(tmp_path / "raw", 1, shape=(40, 44, 36), seed=5)
     assert preprocess(["--input-path", str(tmp_path / "raw"), "--output-path", str(tmp_path / "pre"),
@@ -222,7 +224,7 @@ def test_the_evaluator_scores_on_the_original_grid_with_the_source_spacing(tmp_p
 def test_cases_without_a_crop_box_are_scored_on_the_crop_with_a_warning(toy, tmp_path, monkeypatch, caplog):
     model, root, cases = toy
     calls = _spy(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="brats_core.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="brats_core.engine.evaluation"):
         evaluate(model, root, cases, tmp_path / "out", scenarios=SCENARIOS[:1],
                  options=EvalOptions(progress=False, hd95=False, lesion_wise=True))  # fmt: skip
     assert calls == [((20, 22, 18), (20, 22, 18), (1.0, 1.0, 1.0))] * 2  # the crop, 1 mm
@@ -231,7 +233,7 @@ def test_cases_without_a_crop_box_are_scored_on_the_crop_with_a_warning(toy, tmp
 
 
 def test_a_crop_box_that_does_not_fit_the_arrays_is_a_one_line_error(toy, tmp_path):
-    from brats_core.preprocessing import MetadataError
+    from brats_core.data.preprocessing import MetadataError
 
     model, root, cases = toy
     (root / "meta").mkdir()
@@ -313,7 +315,7 @@ def test_lesion_wise_cells_are_validated(tmp_path, caplog):
     ]
     rows = [base | {"case": f"C-{i}"} | c for i, c in enumerate(cells)]
     evaluation.write_csv(path, evaluation.PER_CASE_HEADER, rows)
-    with caplog.at_level(logging.WARNING, logger="brats_core.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="brats_core.engine.evaluation"):
         assert [r["case"] for r in read_rows(path)] == ["C-0", "C-1", "C-2", "C-6"]
     assert "LesionWise_Dice_WT '1.5' is not a Dice score" in caplog.text
     assert "LesionWise_HD95_ET '-1' is not a distance" in caplog.text
@@ -333,7 +335,7 @@ def test_the_flags_reach_the_evaluator():
     add_eval_args(parser)
     assert EvalOptions.from_args(parser.parse_args(["--lesion_wise"])).lesion_wise is True
     assert EvalOptions.from_args(parser.parse_args([])).lesion_wise is False
-    from brats_core.scripts import build_test_parser  # IMFuse, mmFormer, RobustSeg, SFusion, U-HVED
+    from brats_core.apps.scripts import build_test_parser  # IMFuse, mmFormer, RobustSeg, SFusion, U-HVED
 
     args = build_test_parser("t", "d").parse_args(["--datapath", "d", "--resume", "c", "--lesion_wise"])
     assert EvalOptions.from_args(args).lesion_wise is True

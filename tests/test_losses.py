@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core.losses import (
+from brats_core.nn.losses import (
     dice_loss,
     one_hot,
     one_hot_upstream,

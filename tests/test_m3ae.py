@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import shared_path
 
-from brats_core import synthetic
-from brats_core.data import load_case
-from brats_core.evaluation import case_origin
-from brats_core.inference import predict_scenarios
+from brats_core.apps.scripts import model_from_checkpoint
+from brats_core.data import synthetic
+from brats_core.data.dataset import load_case
+from brats_core.engine.evaluation import case_origin
+from brats_core.engine.inference import predict_scenarios
 from brats_core.modalities import MODALITIES, SCENARIOS
 from brats_core.registry import build_method, config_dict, count_parameters, state_dict_listing
-from brats_core.scripts import model_from_checkpoint
 from m3ae import data as m3ae_data
 from m3ae import preprocessing as m3ae_preprocessing
 from m3ae import pretrain, test, train
@@ -442,7 +442,7 @@ def test_load_pretrained_keeps_everything_but_the_head(tmp_path) -> None:
 
 
 def test_resume_rebuilds_the_model_of_upstream_and_our_checkpoints(tmp_path) -> None:
-    from brats_core.checkpoint import load_state_dict_strict, save_checkpoint
+    from brats_core.utils.checkpoint import load_state_dict_strict, save_checkpoint
 
     pre = build_method("m3ae", "tiny_pretrain")
     upstream = {"epoch": 9, "state_dict": {f"module.{k}": v for k, v in pre.state_dict().items()}}
@@ -533,8 +533,8 @@ def test_upstream_scoring_helpers() -> None:
 
 @pytest.mark.slow
 def test_pretrain_train_test_through_the_scripts(tmp_path, monkeypatch) -> None:
-    from brats_core import splits
-    from brats_core.checkpoint import load_checkpoint
+    from brats_core.data import splits
+    from brats_core.utils.checkpoint import load_checkpoint
 
     monkeypatch.chdir(tmp_path)  # upstream's runs/<exp_name> layout lands in the temporary folder
     raw, cache = tmp_path / "raw", tmp_path / "cache"

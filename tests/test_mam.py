@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import MASKS, shared_path
 
-from brats_core import predict
+from brats_core.apps import predict
+from brats_core.data.splits import Split
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.labels import regions_to_labels
 from brats_core.modalities import SCENARIOS, from_canonical, parse_mam_bits, parse_mam_mask
 from brats_core.registry import build_method, count_parameters, make_config, state_dict_listing
-from brats_core.splits import Split
-from brats_core.synthetic import write_synthetic_dataset
 from MaM import prepare_dataset, test, train
 from MaM.model import NATIVE_ORDER, MaMConfig, MaMOutput, MultimodalRecon, reconstruction_loss
 from MaM.trained_model import load_nnunet_checkpoint

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core import predict
-from brats_core.checkpoint import CheckpointError, save_checkpoint
+from brats_core.apps import predict
+from brats_core.data.splits import Split
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.modalities import BRATS2023_SUFFIXES
 from brats_core.registry import build_method, checkpoint_readers, config_dict, make_config
-from brats_core.splits import Split
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import CheckpointError, save_checkpoint
 from MaM import prepare_dataset, test
 from MaM.model import MaMConfig
 from MaM.trained_model import read_nnunet_checkpoint

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from medpy.metric.binary import hd95 as medpy_hd95
 
-from brats_core import metrics
-from brats_core.metrics import (
+from brats_core.engine import metrics
+from brats_core.engine.metrics import (
     HD95_EMPTY_PENALTY,
     SCORE_KEYS,
     case_scores,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import MASKS, shared_path
 
-from brats_core import splits
-from brats_core.checkpoint import load_checkpoint
-from brats_core.losses import FusedSeparateDeepLoss, dice_loss, one_hot, softmax_weighted_loss
+from brats_core.data import splits
+from brats_core.data.preprocessing import main as preprocess
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.modalities import SCENARIOS
-from brats_core.preprocessing import main as preprocess
+from brats_core.nn.losses import FusedSeparateDeepLoss, dice_loss, one_hot, softmax_weighted_loss
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import load_checkpoint
 from mmFormer import test as mmformer_test
 from mmFormer import train as mmformer_train
 from mmFormer.model import MMFormer, MMFormerConfig, meta_model

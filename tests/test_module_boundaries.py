@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from brats_core import data, evaluation, metrics, preprocessing
-from brats_core.cli import add_preset_arg
+from brats_core.apps.arguments import add_preset_arg
+from brats_core.data import dataset as data
+from brats_core.data import preprocessing
+from brats_core.engine import evaluation, metrics
 from brats_core.registry import method_info
 from m3ae.common import model_sizes, pretrain_preset
 
@@ -72,7 +74,7 @@ def test_loading_one_side_leaves_the_other_unloaded(load: str, absent: str) -> N
 
 # ------------------------------------------------------------------------------------------- one definition per name
 
-SHARED_FLAGS = {"--preset", "--no_progress", "--no-progress"}  # declared by brats_core.cli helpers only
+SHARED_FLAGS = {"--preset", "--no_progress", "--no-progress"}  # declared by one helper each
 
 
 def _declared_flags(path: Path) -> set[str]:
@@ -84,11 +86,14 @@ def _declared_flags(path: Path) -> set[str]:
     return found
 
 
-def test_preset_and_progress_flags_are_declared_only_in_cli() -> None:
+def test_preset_and_progress_flags_are_declared_once() -> None:
+    """``--no_progress`` in ``utils/cli.py`` (every script), ``--preset`` in ``apps/arguments.py`` (method scripts)."""
     sources = [p for p in REPO.rglob("*.py") if not {".venv", "tests", "build"} & set(p.relative_to(REPO).parts)]
-    assert REPO / "brats_core" / "cli.py" in sources
-    declaring = {str(p.relative_to(REPO)) for p in sources if _declared_flags(p)}
-    assert declaring == {"brats_core/cli.py"}
+    declaring = {str(p.relative_to(REPO)): _declared_flags(p) for p in sources if _declared_flags(p)}
+    assert declaring == {
+        "brats_core/utils/cli.py": {"--no_progress"},
+        "brats_core/apps/arguments.py": {"--preset"},
+    }
 
 
 # training script, its build_parser, registry method; m3ae offers its sizes (its stage-1 presets are pretrain.py's)
@@ -128,6 +133,104 @@ def test_evaluation_columns_are_the_metrics_score_keys() -> None:
 
 
 def test_one_load_case() -> None:
-    """``brats_core.data.load_case`` reads a preprocessed case; the raw NIfTI reader has its own name."""
+    """``brats_core.data.dataset.load_case`` reads a preprocessed case; the raw NIfTI reader has its own name."""
     assert hasattr(data, "load_case") and not hasattr(preprocessing, "load_case")
     assert callable(preprocessing.read_case_images)
+
+
+# ------------------------------------------------------------------------------------------------------ layering
+
+LAYERS = {
+    "brats_core.modalities": 0,
+    "brats_core.labels": 0,
+    "brats_core.utils": 1,
+    "brats_core.data": 2,
+    "brats_core.registry": 3,
+    "brats_core.nn": 4,
+    "brats_core.engine": 5,
+    "brats_core.apps": 6,
+}
+"""The layers of ``brats_core``, lowest first: a module imports only from its own layer or a lower one."""
+
+
+def layer(module: str) -> int | None:
+    """The layer of a ``brats_core`` module (or of a name imported from one), None outside the package."""
+    if module == "brats_core" or not module.startswith("brats_core."):
+        return None
+    for prefix, rank in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def brats_core_modules() -> list[Path]:
+    return sorted((REPO / "brats_core").rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def absolute_imports(path: Path, name: str | None = None) -> set[str]:
+    """The modules ``path`` (module ``name``, default: from its place in the repository) imports anywhere, relative
+    imports resolved against its package."""
+    name = name or module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package[: len(package) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.add(base)
+    return found
+
+
+def upward_imports(path: Path, name: str | None = None) -> set[str]:
+    """The imports of ``path`` from a higher layer than its own."""
+    own = layer(name or module_name(path))
+    assert own is not None
+    return {m for m in absolute_imports(path, name) if (layer(m) or 0) > own}
+
+
+def test_every_module_has_a_layer() -> None:
+    names = [module_name(p) for p in brats_core_modules()]
+    assert len(names) > 30
+    assert all(layer(n) is not None for n in names if n != "brats_core")
+
+
+def test_absolute_imports_resolve_relative_ones() -> None:
+    kernels = REPO / "brats_core" / "nn" / "ops" / "kernels.py"
+    assert "brats_core.nn" in absolute_imports(kernels)  # ``from .. import triton_scan``
+    assert "brats_core.nn.ops.chunked" in absolute_imports(kernels)
+
+
+@pytest.mark.parametrize("path", brats_core_modules(), ids=lambda p: str(p.relative_to(REPO / "brats_core")))
+def test_no_module_imports_a_higher_layer(path: Path) -> None:
+    if module_name(path) == "brats_core":  # the package's __init__ imports nothing of its own
+        assert not {m for m in absolute_imports(path) if m.startswith("brats_core")}
+        return
+    assert not upward_imports(path), f"{module_name(path)} imports {sorted(upward_imports(path))}"
+
+
+def test_no_module_imports_a_method_package() -> None:
+    """The core knows methods by name only (the registry imports them by string)."""
+    methods = {"IMFuse", "mmFormer", "RobustSeg", "SFusion", "UHVED", "m3ae", "ShaSpec", "MaM"}
+    offenders = {
+        module_name(p): sorted(m for m in absolute_imports(p) if m.split(".")[0] in methods)
+        for p in brats_core_modules()
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_layer_check_catches_upward_imports(tmp_path: Path) -> None:
+    """An import inside a function counts, and so does a relative one."""
+    source = tmp_path / "bad.py"
+    source.write_text("from . import io\ndef f():\n    from ...engine.training import Trainer\n")
+    assert upward_imports(source, "brats_core.utils.bad") == set()  # ``...engine`` leaves the package: not resolved
+    source.write_text("from .io import x\ndef f():\n    from ..engine.training import Trainer\n")
+    assert upward_imports(source, "brats_core.utils.bad") == {"brats_core.engine.training"}

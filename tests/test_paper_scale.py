@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core.synthetic import make_synthetic_case
+from brats_core.data.synthetic import make_synthetic_case
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "brats_sample" / "BraTS-SAMPLE-00000-000"
@@ -196,3 +196,40 @@ def test_data_pipeline_on_the_sample_case_at_the_paper_patch():
 def test_worker_out_of_its_memory_limit_is_reported_as_oom():
     task = {"section": "flops", "method": "mam", "patch": 32, "threads": 1}
     assert ps.run_subprocess(task, mem_limit_gb=1.0, timeout_s=120) == {"oom": True}
+
+
+def _report(path: Path, rows: dict, threads: int = 2) -> Path:
+    path.write_text(json.dumps({"patch": 0, "threads": threads, "mem_limit_gb": 22.0, "rows": rows}))
+    return path
+
+
+def test_merge_combines_runs_in_method_order_and_recomputes_the_bill(tmp_path):
+    """One run per method (the way paper-size measurements are taken), merged into one report."""
+    train = {"method": "mam", "patch": "128³", "batch": 2, "params": 1e6, "step_s": 10.0, "peak_rss_gb": 3.0}
+    flops = {"train_flops": 2e12, "train_scan_flops": 0, "window": [128] * 3, "window_flops": 1e12,
+             "window_15_flops": 15e12}  # fmt: skip
+    data = {"sample_s": 2.0, "data_patch": 128, "data_batch": 1}
+    mam = _report(tmp_path / "mam.json", {"train": {"mam": train}, "flops": {"mam": flops}})
+    imfuse = _report(tmp_path / "imfuse.json", {"train": {"imfuse": train | {"method": "imfuse"}},
+                                                "data": {"imfuse": data}})  # fmt: skip
+    out = tmp_path / "all.md"
+    assert ps.main(["--merge", str(mam), str(imfuse), "--out", str(out), "--step_times", "0.5"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["rows"]["train"]) == ["imfuse", "mam"]  # the methods' order, not the files'
+    assert report["rows"]["flops"]["mam"]["bill"]["steps"] == 75_000
+    assert report["rows"]["data"]["imfuse"]["workers"] == [4]  # 2 s per sample, a 0.5 s step
+    assert report["rows"]["data"]["imfuse"]["workers_cpu_step"] == 1  # the measured 10 s CPU step
+    assert report["step_times"] == [0.5] and report["threads"] == 2
+    assert "| imfuse | 128 | 1 | 2.000 | 1 | 4 |" in out.read_text()
+
+
+def test_merge_refuses_runs_of_other_settings_and_foreign_files(tmp_path):
+    a = _report(tmp_path / "a.json", {"train": {}}, threads=2)
+    b = _report(tmp_path / "b.json", {"train": {}}, threads=8)
+    with pytest.raises(ps.UsageError, match="different --threads"):
+        ps.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.md")])
+    junk = tmp_path / "junk.json"
+    junk.write_text("[1, 2]")
+    with pytest.raises(ps.UsageError, match="junk.json: not a JSON file written by benchmarks/paper_scale.py"):
+        ps.main(["--merge", str(junk), "--out", str(tmp_path / "m.md")])
+    assert not (tmp_path / "m.md").exists()

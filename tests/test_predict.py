@@ -1,4 +1,4 @@
-"""predict.py / brats_core.predict: any modality subset, both namings, explicit files, --continue, failures."""
+"""predict.py / brats_core.apps.predict: any modality subset, both namings, explicit files, --continue, failures."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core.checkpoint import save_checkpoint
-from brats_core.io import CaseFilesError, find_case_files, save_nifti
-from brats_core.predict import PredictError, Predictor, main
+from brats_core.apps.predict import PredictError, Predictor, main
+from brats_core.data.synthetic import write_synthetic_dataset
 from brats_core.registry import build_method, config_dict, list_methods
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import save_checkpoint
+from brats_core.utils.io import CaseFilesError, find_case_files, save_nifti
 
 SHAPE = (40, 44, 36)
 SUFFIX_2023 = {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}
@@ -163,12 +163,12 @@ def test_continue_needs_every_requested_output(tmp_path: Path, checkpoint: Path)
 
 
 def test_module_entry_point(tmp_path: Path, checkpoint: Path) -> None:
-    """``python -m brats_core.predict`` runs the same command line."""
+    """``python -m brats_core.apps.predict`` runs the same command line."""
     (case,) = _dataset(tmp_path / "in", 1, seed=17)
     out = tmp_path / "case-seg.nii.gz"
     result = subprocess.run(
-        [sys.executable, "-m", "brats_core.predict", "--checkpoint", str(checkpoint), "-i", str(case), "-o", str(out),
-         "--device", "cpu", "--no_progress"],
+        [sys.executable, "-m", "brats_core.apps.predict", "--checkpoint", str(checkpoint), "-i", str(case),
+         "-o", str(out), "--device", "cpu", "--no_progress"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -208,7 +208,7 @@ def test_m3ae_uses_its_own_normalisation_and_image_positions(tmp_path: Path) -> 
     vol, meta = model.preprocess(images)
     assert vol.min() >= 0 and vol.max() <= 1 and meta["available"] == ["flair", "t2"]
     assert not vol[..., 1:3].any()  # T1ce, T1 absent: zero channels
-    from brats_core.evaluation import window_origin
+    from brats_core.engine.evaluation import window_origin
 
     assert window_origin(model, meta) == tuple(lo for lo, _ in meta["crop_box"])
 
@@ -225,7 +225,7 @@ def test_checkpoint_without_method(tmp_path: Path) -> None:
 
 
 def test_script_help() -> None:
-    """The top-level ``predict.py`` is a thin wrapper around ``brats_core.predict.main``."""
+    """The top-level ``predict.py`` is a thin wrapper around ``brats_core.apps.predict.main``."""
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, str(root / "predict.py"), "-h"], capture_output=True, text=True)
     assert result.returncode == 0 and "--checkpoint" in result.stdout and "--continue" in result.stdout
@@ -315,7 +315,7 @@ def test_case_discovery_ignores_labels_predictions_and_stray_files(
     # two label maps (BraTS 2023 and legacy names) do not matter: prediction never reads them
     (cases[1] / f"{cases[1].name}_seg.nii.gz").write_bytes(b"")
     base = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no_progress", "-i", str(tmp_path / "in")]
-    with caplog.at_level("WARNING", logger="brats_core.predict"):
+    with caplog.at_level("WARNING", logger="brats_core.apps.predict"):
         assert main([*base, "-o", str(tmp_path / "out")]) == 0
     assert "2 written" in capsys.readouterr().out
     assert "ignored sub-01_T1w.nii.gz (not named like a modality" in caplog.text
@@ -332,7 +332,7 @@ def test_inputs_unlike_brats_are_read_and_flagged(tmp_path: Path, checkpoint: Pa
         img.header["cal_max"] = 2000.0
         nib.save(img, path)
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="brats_core.predict"):
+    with caplog.at_level("WARNING", logger="brats_core.apps.predict"):
         assert main(["--checkpoint", str(checkpoint), "--device", "cpu", "--no_progress", "-i", str(folder),
                      "-o", str(out)]) == 0  # fmt: skip
     assert "voxel axes RAS at 2×2×2 mm, the BraTS training data are LPS at 1 mm" in caplog.text
@@ -342,7 +342,7 @@ def test_inputs_unlike_brats_are_read_and_flagged(tmp_path: Path, checkpoint: Pa
 
 
 def test_tumour_volumes_follow_the_written_affine() -> None:
-    from brats_core.predict import tumour_volumes_ml
+    from brats_core.apps.predict import tumour_volumes_ml
 
     labels = np.zeros((4, 4, 4), np.uint8)
     labels[0, 0, :3] = [1, 2, 3]  # NCR, ED, ET: WT 3 voxels, TC 2, ET 1

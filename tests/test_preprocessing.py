@@ -12,18 +12,7 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from brats_core.io import (
-    TMP_MARKER,
-    CaseFilesError,
-    find_case_files,
-    load_json,
-    load_nifti,
-    save_json,
-    save_nifti,
-    save_npy,
-)
-from brats_core.modalities import BRATS2023_SUFFIXES, MODALITIES
-from brats_core.preprocessing import (
+from brats_core.data.preprocessing import (
     META_FORMAT,
     PENDING_KEY,
     apply_zscore,
@@ -37,7 +26,18 @@ from brats_core.preprocessing import (
     write_label_nifti,
     write_label_original_geometry,
 )
-from brats_core.synthetic import synthetic_affine, write_synthetic_case, write_synthetic_dataset
+from brats_core.data.synthetic import synthetic_affine, write_synthetic_case, write_synthetic_dataset
+from brats_core.modalities import BRATS2023_SUFFIXES, MODALITIES
+from brats_core.utils.io import (
+    TMP_MARKER,
+    CaseFilesError,
+    find_case_files,
+    load_json,
+    load_nifti,
+    save_json,
+    save_nifti,
+    save_npy,
+)
 
 SHAPE = (64, 72, 60)
 PATCH = 48  # smaller than the synthetic volumes, larger than some brain extents: both crop branches are exercised
@@ -512,11 +512,11 @@ def test_find_case_files(tmp_path: Path, base: Path) -> None:
 def test_files_of_two_patients_in_one_case_folder_are_flagged(tmp_path: Path, base: Path, caplog) -> None:
     folder = tmp_path / GOOD
     shutil.copytree(base / GOOD, folder)
-    with caplog.at_level("WARNING", logger="brats_core.io"):
+    with caplog.at_level("WARNING", logger="brats_core.utils.io"):
         find_case_files(folder)
     assert not caplog.records
     (folder / f"{GOOD}-t2w.nii.gz").rename(folder / "BraTS-GLI-09999-000-t2w.nii.gz")  # another patient's T2
-    with caplog.at_level("WARNING", logger="brats_core.io"):
+    with caplog.at_level("WARNING", logger="brats_core.utils.io"):
         find_case_files(folder)
     assert f"files name different cases (BraTS-GLI-09999-000, {GOOD})" in caplog.text
 

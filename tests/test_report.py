@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brats_core import report
-from brats_core.cli import run_main
-from brats_core.evaluation import PER_CASE_HEADER
+from brats_core.apps import report
+from brats_core.engine.evaluation import PER_CASE_HEADER
 from brats_core.modalities import SCENARIOS
+from brats_core.utils.cli import run_main
 
 CASES = [f"C{i}" for i in range(8)]
 
@@ -148,10 +148,10 @@ def test_figures_written_and_non_empty(two_methods, tmp_path: Path) -> None:
 
 
 def test_qualitative_panel_from_saved_predictions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from brats_core.data import load_case
-    from brats_core.preprocessing import load_meta, output_paths, uncrop, write_label_original_geometry
-    from brats_core.preprocessing import main as preprocess_main
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.dataset import load_case
+    from brats_core.data.preprocessing import load_meta, output_paths, uncrop, write_label_original_geometry
+    from brats_core.data.preprocessing import main as preprocess_main
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     raw, pre = tmp_path / "raw", tmp_path / "pre"
     (case,) = write_synthetic_dataset(raw, 1, (40, 36, 34), seed=3)

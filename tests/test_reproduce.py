@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from brats_core import reproduce
+from brats_core.apps import reproduce
 from brats_core.modalities import SCENARIOS
 from brats_core.registry import list_methods, method_info
 
@@ -62,7 +63,7 @@ def test_slurm_scripts_parse_with_each_method_parser(tmp_path: Path) -> None:
     out = tmp_path / "slurm"
     data, runs = tmp_path / "data", tmp_path / "runs"
     (data / "splits").mkdir(parents=True)
-    (data / "splits" / "train2.txt").write_text("")  # SFusion's list (`brats_core.splits download` derives it)
+    (data / "splits" / "train2.txt").write_text("")  # SFusion's list (`brats_core.data.splits download` derives it)
     assert reproduce.main(["--slurm", str(out), "--datapath", str(data), "--runs", str(runs), "--raw", "raw"]) == 0
     n_parsed = 0
     for method in LANDED:
@@ -204,3 +205,47 @@ def test_smoke_runs_every_landed_method_and_the_report(tmp_path: Path) -> None:
         assert f"{method_info(method).display} WT" in table
     for name in ("bars.png", "dice_vs_params.png", "qualitative.png", "table.csv", "table.tex", "wilcoxon.csv"):
         assert (out / "report" / name).stat().st_size > 0
+
+
+def test_repo_is_the_repository_root() -> None:
+    """The recipes' scripts are found relative to it (it moved with ``reproduce.py`` into ``brats_core/apps``)."""
+    assert (reproduce.REPO / "pyproject.toml").is_file() and (reproduce.REPO / "IMFuse" / "train_poly.py").is_file()
+
+
+_COSTS = {
+    "threads": 2,
+    "utilisation": [0.3, 0.5],
+    "step_times": [0.5, 1.0],
+    "rows": {
+        "flops": {"imfuse": {"bill": {"steps": 875_000, "pflop": 1234.4,
+                                      "gpu_hours": {"H100 tf32": [11.2, 18.7], "A100 tf32": [35.1, 58.6]}}}},
+        "data": {"imfuse": {"sample_s": 0.6, "workers": [2, 1]}},
+        "eval": {"imfuse": {"eval_s": 600.0}},
+    },
+}  # fmt: skip
+
+
+def test_cost_lines_state_the_measured_figures_and_their_assumptions() -> None:
+    (line,) = reproduce.cost_lines("imfuse", _COSTS)
+    assert "875,000 optimiser steps, 1,234 PFLOP: one H100 11–19 h, one A100 35–59 h" in line
+    assert "(TF32; estimate at 30%–50% of peak)" in line
+    assert "2 loader worker(s) keep pace with a 0.5 s step" in line
+    assert "evaluation 10 min per case on 2 CPU threads" in line
+    assert reproduce.cost_lines("mmformer", _COSTS) == ["# cost: not measured by benchmarks/paper_scale.py"]
+    assert reproduce.cost_lines("imfuse", None) == []
+
+
+def test_plan_shows_costs_from_the_report_and_survives_a_damaged_one(tmp_path, monkeypatch) -> None:
+    ctx = reproduce.Context(Path("d"), Path("d/splits"), None, Path("r"))
+    report = tmp_path / "paper_scale.json"
+    monkeypatch.setattr(reproduce, "PAPER_COSTS", report)
+    report.write_text(json.dumps(_COSTS))
+    plan = reproduce.print_plan(["imfuse", "mmformer"], ctx).splitlines()
+    at = plan.index(next(line for line in plan if line.startswith("# ---- imfuse")))
+    assert plan[at + 1].startswith("# cost (measured by benchmarks/paper_scale.py): 875,000 optimiser steps")
+    assert "# cost: not measured by benchmarks/paper_scale.py" in plan
+    for damaged in ("{not json", '{"rows": 3}', "[]"):
+        report.write_text(damaged)
+        assert not [line for line in reproduce.print_plan(["imfuse"], ctx).splitlines() if "cost" in line]
+    report.unlink()
+    assert reproduce.read_costs() is None

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import MASKS, shared_path
 
-from brats_core import splits
-from brats_core.checkpoint import load_checkpoint
-from brats_core.preprocessing import main as preprocess
+from brats_core.apps.scripts import select_val_epochs
+from brats_core.data import splits
+from brats_core.data.preprocessing import main as preprocess
+from brats_core.data.synthetic import write_synthetic_dataset
+from brats_core.nn.losses import kl_divergence, reconstruction_l1
 from brats_core.registry import (
     OutputKind,
     build_from_config,
@@ -23,9 +25,7 @@ from brats_core.registry import (
     count_parameters,
     state_dict_listing,
 )
-from brats_core.rmbts_training import kl_divergence, reconstruction_l1
-from brats_core.scripts import select_val_epochs
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import load_checkpoint
 from RobustSeg import test_robustseg, train_robustseg
 from RobustSeg.model import RobustSeg, meta_model
 

@@ -127,7 +127,7 @@ def advice_violations(source: str, filename: str = "<string>") -> list[str]:
 @pytest.fixture(scope="module")
 def sources() -> dict[str, str]:
     files = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in python_files()}
-    assert "brats_core/checkpoint.py" in files and "MaM/train.py" in files and "tests/test_safety.py" in files
+    assert "brats_core/utils/checkpoint.py" in files and "MaM/train.py" in files and "tests/test_safety.py" in files
     assert not any(name.startswith((".venv", "runs/")) for name in files)
     return files
 
@@ -136,7 +136,7 @@ def test_every_torch_load_is_weights_only_and_nothing_unpickles(sources: dict[st
     found = [v for name, text in sources.items() for v in load_violations(text, name)]
     assert found == [], "unsafe loading:\n" + "\n".join(found)
     # the scan does see the loaders (it is not vacuous): the project's own checkpoint reader calls torch.load
-    assert "torch.load" in sources["brats_core/checkpoint.py"]
+    assert "torch.load" in sources["brats_core/utils/checkpoint.py"]
 
 
 def test_no_message_advises_unsafe_loading(sources: dict[str, str]) -> None:

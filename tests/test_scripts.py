@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brats_core.scripts import add_val_args, build_test_parser, select_val_epochs
+from brats_core.apps.scripts import add_val_args, build_test_parser, select_val_epochs
 
 
 def test_select_val_epochs():
@@ -32,9 +32,9 @@ def test_val_flags_and_test_parser():
 
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory):
-    from brats_core import splits
-    from brats_core.preprocessing import main as preprocess
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data import splits
+    from brats_core.data.preprocessing import main as preprocess
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("scripts")
     cases = write_synthetic_dataset(root / "raw", 3, shape=(36, 36, 34), seed=1)
@@ -57,7 +57,7 @@ def preprocessed(tmp_path_factory):
 def test_training_script_takes_a_step(preprocessed, tmp_path, method, script):
     import importlib
 
-    from brats_core.checkpoint import load_checkpoint
+    from brats_core.utils.checkpoint import load_checkpoint
 
     save = tmp_path / "run"
     argv = ["--datapath", str(preprocessed), "--dataname", "BRATS2023", "--savepath", str(save), "--preset", "tiny",
@@ -73,9 +73,9 @@ def test_test_script_finds_upstream_style_lists_and_reports_errors_in_one_line(p
                                                                                monkeypatch):  # fmt: skip
     from functools import partial
 
-    from brats_core import splits
-    from brats_core.cli import run_main
-    from brats_core.splits import read_case_list
+    from brats_core.data import splits
+    from brats_core.data.splits import read_case_list
+    from brats_core.utils.cli import run_main
     from mmFormer import test, train
 
     save = tmp_path / "run"

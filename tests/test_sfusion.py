@@ -15,14 +15,13 @@ import torch
 from conftest import MASKS, shared_path
 from torch import nn
 
-from brats_core import splits
-from brats_core.checkpoint import load_checkpoint
-from brats_core.losses import dice_loss, one_hot, softmax_weighted_loss
-from brats_core.preprocessing import main as preprocess
+from brats_core.apps.scripts import select_val_epochs
+from brats_core.data import splits
+from brats_core.data.preprocessing import main as preprocess
+from brats_core.data.synthetic import write_synthetic_dataset
+from brats_core.nn.losses import RMBTSLoss, dice_loss, kl_divergence, one_hot, reconstruction_l1, softmax_weighted_loss
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing, state_dict_shapes
-from brats_core.rmbts_training import RMBTSLoss, kl_divergence, reconstruction_l1
-from brats_core.scripts import select_val_epochs
-from brats_core.synthetic import write_synthetic_dataset
+from brats_core.utils.checkpoint import load_checkpoint
 from SFusion import test_sfusion, train_sfusion
 from SFusion.model import DUpsampling3D, SFusion, meta_model, sinusoid_table
 

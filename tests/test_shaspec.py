@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from conftest import MASKS, REPO, shared_path
 from scipy import stats
 
+from brats_core.engine.training import PolyLR, poly_lr
 from brats_core.modalities import SCENARIOS, format_shaspec_mode, scenario_for
 from brats_core.registry import OutputKind, build_method, count_parameters, state_dict_listing
-from brats_core.training import PolyLR, poly_lr
 from ShaSpec import eval as shaspec_eval
 from ShaSpec import train_SS
 from ShaSpec.data import label_to_shaspec_regions, mode_sampler, prepare_cache, random_mode_mask
@@ -321,7 +321,7 @@ def test_loss_matches_the_formula_by_hand() -> None:
 @pytest.fixture(scope="module")
 def raw_cases(tmp_path_factory):
     """Two synthetic BraTS cases (NIfTI) and a training list."""
-    from brats_core import synthetic
+    from brats_core.data import synthetic
 
     root = tmp_path_factory.mktemp("shaspec_raw")
     cases = synthetic.write_synthetic_dataset(root / "raw", 2, shape=(40, 40, 32))
@@ -346,8 +346,8 @@ def _kill_at_2(iteration: int, lr: float) -> None:
 
 
 def test_continue_reproduces_an_uninterrupted_run_also_from_earlier_snapshots(raw_cases, tmp_path) -> None:
-    from brats_core.checkpoint import load_checkpoint
-    from brats_core.scripts import model_from_checkpoint
+    from brats_core.apps.scripts import model_from_checkpoint
+    from brats_core.utils.checkpoint import load_checkpoint
 
     full = tmp_path / "full"
     assert train_SS.main(_train_argv(raw_cases, full)) == 0
@@ -406,8 +406,8 @@ def test_upstream_tiles_and_dice_plus_one() -> None:
 
 @pytest.mark.slow
 def test_warm_up_then_random_then_eval_15_scenarios(tmp_path) -> None:
-    from brats_core import synthetic
-    from brats_core.checkpoint import load_checkpoint
+    from brats_core.data import synthetic
+    from brats_core.utils.checkpoint import load_checkpoint
 
     raw = tmp_path / "raw"
     cases = synthetic.write_synthetic_dataset(raw, 3, shape=(40, 40, 32))

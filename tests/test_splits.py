@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from brats_core import splits
+from brats_core.data import splits
 from brats_core.modalities import SCENARIOS
 
 
@@ -84,8 +84,8 @@ def test_generate_follows_upstream_rules(tmp_path):
 def test_generate_cli_takes_only_cases(tmp_path):
     from toy import write_preprocessed
 
-    from brats_core.preprocessing import META_FORMAT, output_paths
-    from brats_core.synthetic import write_synthetic_dataset
+    from brats_core.data.preprocessing import META_FORMAT, output_paths
+    from brats_core.data.synthetic import write_synthetic_dataset
 
     raw = tmp_path / "raw"
     cases = write_synthetic_dataset(raw, 10, shape=(16, 16, 16), seed=0)
@@ -129,7 +129,7 @@ def test_download_failure_is_one_line_and_leaves_no_folder(tmp_path, capsys):
 
 
 def test_lists_without_cases_or_text_are_usage_errors_naming_the_file(tmp_path):
-    from brats_core.cli import UsageError
+    from brats_core.utils.cli import UsageError
 
     (tmp_path / "val15splits.csv").write_text("case,mask\n")
     (tmp_path / "train.txt").write_text("\n\n")

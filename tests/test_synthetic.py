@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from brats_core.io import find_case_files, load_nifti
+from brats_core.data.preprocessing import preprocess_arrays
+from brats_core.data.synthetic import case_id, main, make_synthetic_case, synthetic_affine, write_synthetic_dataset
 from brats_core.labels import ED, ET, NCR
 from brats_core.modalities import MODALITIES
-from brats_core.preprocessing import preprocess_arrays
-from brats_core.synthetic import case_id, main, make_synthetic_case, synthetic_affine, write_synthetic_dataset
+from brats_core.utils.io import find_case_files, load_nifti
 
 SHAPE = (64, 72, 60)
 

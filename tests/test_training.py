@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from toy import ToyModel, write_preprocessed
 
-from brats_core import checkpoint as C
-from brats_core.cli import UsageError, run_main, setup_logging
-from brats_core.data import TrainDataset
+from brats_core.data.dataset import TrainDataset
+from brats_core.data.transforms import rfnet_augmentation
+from brats_core.engine.training import FitConfig, PolyLR, Trainer, seed_everything
 from brats_core.registry import RUNTIME_FIELD
-from brats_core.training import FitConfig, PolyLR, Trainer, seed_everything
-from brats_core.transforms import rfnet_augmentation
+from brats_core.utils import checkpoint as C
+from brats_core.utils.cli import UsageError, run_main, setup_logging
 
 
 def _loss(model, batch, epoch):
@@ -480,7 +480,7 @@ class _NamedToy(_ConfiguredToy):
 
 
 def test_fit_config_from_the_shared_training_flags():
-    from brats_core.cli import args_dict
+    from brats_core.utils.cli import args_dict
     from IMFuse.train_poly import build_parser
 
     args = build_parser().parse_args(
@@ -505,7 +505,7 @@ def test_fit_config_from_the_shared_training_flags():
 def test_grad_scaler_state_is_checkpointed_and_resumed(tmp_path, monkeypatch):
     """The fp16 path's loss scaler (CUDA only in real runs; an enabled CPU scaler stands in): it scales the backward,
     its state goes into the checkpoint and comes back on resume."""
-    from brats_core import training
+    from brats_core.engine import training
 
     def scaler(device, enabled):  # doubles its scale after every finite step
         return torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)

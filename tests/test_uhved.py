@@ -14,8 +14,9 @@ import torch
 from conftest import MASKS, shared_path
 from scipy import stats
 
-from brats_core.losses import dice_loss, one_hot, softmax_loss, softmax_weighted_loss
+from brats_core.apps.scripts import model_from_checkpoint
 from brats_core.modalities import MODALITIES, SCENARIOS
+from brats_core.nn.losses import dice_loss, one_hot, softmax_loss, softmax_weighted_loss
 from brats_core.registry import (
     OutputKind,
     build_method,
@@ -24,7 +25,6 @@ from brats_core.registry import (
     state_dict_listing,
     state_dict_shapes,
 )
-from brats_core.scripts import model_from_checkpoint
 from UHVED import test_uhved, train_uhved
 from UHVED.losses import (
     SUBSETS,
@@ -419,8 +419,8 @@ def test_upstream_checkpoint_loads(tmp_path, paper_model: UHVED) -> None:
 
 @pytest.mark.slow
 def test_train_two_steps_then_test_15_scenarios(tmp_path) -> None:
-    from brats_core import preprocessing, splits, synthetic
-    from brats_core.checkpoint import load_checkpoint
+    from brats_core.data import preprocessing, splits, synthetic
+    from brats_core.utils.checkpoint import load_checkpoint
 
     raw, data, run, out = tmp_path / "raw", tmp_path / "data", tmp_path / "run", tmp_path / "eval"
     cases = synthetic.write_synthetic_dataset(raw, 10, shape=(48, 48, 40))

@@ -8,7 +8,7 @@ share everything but the fusion:
 - a **segmentation decoder** on the four fused content scales (U-Net decoder, softmax over 4 classes);
 - an **image decoder** per modality (training only): an MLP turns the style code into AdaIN parameters (μ, σ), four
   adaptive residual blocks at P/8, three up-sampling convolutions, a final convolution → reconstruction (B, 1, P³);
-(their losses and training recipe: :mod:`brats_core.rmbts_training`).
+(their losses and training recipe: :mod:`brats_core.apps.rmbts_training`).
 
 Everything the two methods do differently (padding mode, InstanceNorm ε, activations, align_corners, spatial
 LayerNorm vs InstanceNorm in the image decoder, norms inside the image decoder's convolutions, AdaIN ε, …) is one

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UsageError, run_main
-from .io import atomic_path, has_case_files, save_text
-from .modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
-from .preprocessing import is_finished, list_cases
+from brats_core.data.preprocessing import is_finished, list_cases
+from brats_core.modalities import MODALITIES, Mask, format_bool_list, parse_bool_list
+from brats_core.utils.cli import UsageError, run_main
+from brats_core.utils.io import atomic_path, has_case_files, save_text
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _require_cases(path: Path, rows: Sequence[object]) -> None:
     if not rows:
         raise UsageError(
             f"{path} lists no cases (the file is empty or holds a header only): add the case ids, or write a split "
-            "with `python -m brats_core.splits generate` (or `download` for the paper's)"
+            "with `python -m brats_core.data.splits generate` (or `download` for the paper's)"
         )
 
 
@@ -193,8 +193,8 @@ def load_split(split_dir: str | Path, test_file: str | Path | None = None) -> Sp
         missing.append(str(test_path.name))
     if missing:
         raise FileNotFoundError(
-            f"split folder {d} lacks {', '.join(missing)}; run `python -m brats_core.splits download --out {d}` "
-            f"for the paper's split or `python -m brats_core.splits generate` for a new one"
+            f"split folder {d} lacks {', '.join(missing)}; run `python -m brats_core.data.splits download --out {d}` "
+            f"for the paper's split or `python -m brats_core.data.splits generate` for a new one"
         )
     split = Split(
         read_case_list(d / "train.txt"),
@@ -292,7 +292,7 @@ def generate(case_ids: Sequence[str], seed: int = 42, fractions: tuple[float, fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m brats_core.splits", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brats_core.data.splits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download the paper's split files (checksums verified)")
     p.add_argument("--out", required=True, help="destination folder")

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .cli import UsageError
-from .io import NpyError, load_npy, npy_intact
-from .modalities import SCENARIOS, Mask
-from .transforms import Transform
+from brats_core.data.transforms import Transform
+from brats_core.modalities import SCENARIOS, Mask
+from brats_core.utils.cli import UsageError
+from brats_core.utils.io import NpyError, load_npy, npy_intact
 
 MaskSampler = Callable[[np.random.Generator], Mask]
 

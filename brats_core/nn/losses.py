@@ -11,6 +11,8 @@ for the ``--reference-quirks`` path; :func:`one_hot` rejects such labels.
 The region-based methods (M3AE, ShaSpec, MaM) use soft Dice on sigmoid outputs plus binary cross-entropy on region
 targets; :func:`region_dice_bce` covers all three through its options, and each method folder wraps it with its own
 weights.
+
+RobustSeg and SFusion share :class:`RMBTSLoss`: weighted CE (ε = 1e-8) + Dice + 0.1·L1 reconstruction + 0.1·KL.
 """
 
 from __future__ import annotations
@@ -244,3 +246,71 @@ class FusedSeparateDeepLoss:
             "sep": float(sep_loss.detach()),
             "prm": float(prm_loss.detach()),
         }
+
+
+# ------------------------------------------------------------------------------------ RMBTS family (RobustSeg, SFusion)
+
+KL_LOGVAR_CLAMP = 50.0
+"""Upstream clamps log σ² to [−50, 50] before the KL term."""
+
+
+def reconstruction_l1(image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """``Σ_m mean_{b,xyz} |x_m − r_m|`` over the modality channels (against the real image, missing ones too).
+
+    Args:
+        image: (B, M, D, H, W).
+        reconstruction: (B, M, D, H, W).
+
+    Returns:
+        scalar.
+    """
+    if image.shape != reconstruction.shape:
+        raise ValueError(f"image {tuple(image.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
+    dims = (0, *range(2, image.dim()))
+    return (image.float() - reconstruction.float()).abs().mean(dim=dims).sum()
+
+
+def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``Σ_m mean_{b,ch} ½(μ² + exp(lv) − 1 − lv)`` with ``lv = clamp(log σ², −50, 50)``.
+
+    μ and σ are the AdaIN parameters from the style MLP; σ is unconstrained and σ² is used as a variance, as
+    upstream (which passes ``log(σ²)`` to its KL function, so σ² enters through ``exp`` of the clamped value).
+
+    Args:
+        mu: (B, M, C).
+        sigma: (B, M, C).
+
+    Returns:
+        scalar.
+    """
+    if mu.shape != sigma.shape or mu.dim() != 3:
+        raise ValueError(f"mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} must both be (B, M, C)")
+    logvar = torch.log(sigma.float().square()).clamp(-KL_LOGVAR_CLAMP, KL_LOGVAR_CLAMP)
+    kl = 0.5 * (mu.float().square() + logvar.exp() - 1.0 - logvar)
+    return kl.mean(dim=(0, 2)).sum()
+
+
+class RMBTSLoss:
+    """``wCE(seg; ε 1e-8) + Dice(seg) + 0.1·L1 reconstruction + 0.1·KL``.
+
+    Args:
+        reference_quirks: one-hot like upstream (``eye(4)[label]``: the −1 rotation fill becomes ET).
+        rec_weight: weight of :func:`reconstruction_l1`.
+        kl_weight: weight of :func:`kl_divergence`.
+    """
+
+    def __init__(self, reference_quirks: bool = False, rec_weight: float = 0.1, kl_weight: float = 0.1) -> None:
+        self.encode_target = one_hot_upstream if reference_quirks else one_hot
+        self.rec_weight, self.kl_weight = rec_weight, kl_weight
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One training loss (a ``training.LossFn``)."""
+        out = model(batch["image"], batch["mask"])
+        target = self.encode_target(batch["label"], out["seg"].shape[1])
+        ce = softmax_weighted_loss(out["seg"], target, eps=1e-8)
+        dice = dice_loss(out["seg"], target)
+        rec = reconstruction_l1(batch["image"], out["reconstruction"])
+        kl = kl_divergence(out["mu"], out["sigma"])
+        loss = ce + dice + self.rec_weight * rec + self.kl_weight * kl
+        scalars = {"ce": ce, "dice": dice, "rec": rec, "kl": kl}
+        return loss, {k: float(v.detach()) for k, v in scalars.items()}

@@ -12,22 +12,17 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, StateDictMismatchError, load_checkpoint, load_state_dict_strict
-from .cli import (
-    UsageError,
-    add_data_args,
-    add_eval_args,
-    add_progress_arg,
-    add_runtime_args,
-    check_scenarios,
-    describe_os_error,
-    positive_int,
-    setup_logging,
-    split_dir,
+from brats_core.apps.arguments import add_data_args, add_eval_args, add_runtime_args, check_scenarios, split_dir
+from brats_core.data.dataset import (
+    MaskSampler,
+    TrainDataset,
+    check_cases,
+    check_validation_cases,
+    uniform_scenario,
 )
-from .data import MaskSampler, TrainDataset, check_cases, check_validation_cases, uniform_scenario
-from .device import resolve_device
-from .evaluation import (
+from brats_core.data.splits import Split, load_split, read_case_list
+from brats_core.data.transforms import Transform
+from brats_core.engine.evaluation import (
     EvalOptions,
     check_pipeline,
     check_preprocessed_folder,
@@ -35,10 +30,11 @@ from .evaluation import (
     format_table,
     validate,
 )
-from .registry import SegModel, build_from_config, method_info
-from .splits import Split, load_split, read_case_list
-from .training import FitConfig, FitResult, LossFn, Trainer
-from .transforms import Transform
+from brats_core.engine.training import FitConfig, FitResult, LossFn, Trainer
+from brats_core.registry import SegModel, build_from_config, method_info
+from brats_core.utils.checkpoint import CheckpointError, StateDictMismatchError, load_checkpoint, load_state_dict_strict
+from brats_core.utils.cli import UsageError, add_progress_arg, describe_os_error, positive_int, setup_logging
+from brats_core.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +188,7 @@ def resolve_test_file(args: argparse.Namespace) -> Path:
     if found is None:
         raise FileNotFoundError(
             f"test list not found (looked for {', '.join(map(str, tried))}): pass --test_file or --split_dir "
-            "(see `python -m brats_core.splits`)"
+            "(see `python -m brats_core.data.splits`)"
         )
     if found != tried[0]:
         log.warning("--test_file %s does not exist: using %s", args.test_file, found)

@@ -7,7 +7,7 @@ Python API::
     pred = predictor.predict_case("BraTS-GLI-00001-000/", probabilities=True)  # a Prediction: labels, probabilities,
                                                                                # modalities, affine, header
 
-Command line (``predict.py`` at the repository root, or ``python -m brats_core.predict``)::
+Command line (``predict.py`` at the repository root, or ``python -m brats_core.apps.predict``)::
 
     python predict.py --checkpoint best.pth -i CASES/ -o predictions/ [--continue] [--save_probabilities] [--workers 2]
     python predict.py --checkpoint best.pth --flair a_flair.nii.gz --t2 a_t2.nii.gz -o a-seg.nii.gz
@@ -24,8 +24,8 @@ from the output folders.
 
 Preprocessing is the training one (:meth:`SegModel.preprocess`: the shared pipeline unless a method has its own);
 missing modalities are masked; the prediction is placed back into the original grid with
-:func:`brats_core.preprocessing.uncrop` and written (atomically) with the reference modality's affine and header (the
-first available one in canonical order). Checkpoints written by a method's own tool (MaM: nnU-Net's
+:func:`brats_core.data.preprocessing.uncrop` and written (atomically) with the reference modality's affine and header
+(the first available one in canonical order). Checkpoints written by a method's own tool (MaM: nnU-Net's
 ``fold_N/checkpoint_*.pth``) are opened by that method's registered ``checkpoint_reader``, which brings its own
 pipeline (:class:`CaseEngine`).
 """
@@ -49,12 +49,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict_strict
-from .cli import UsageError, add_progress_arg, describe_os_error, run_main
-from .device import resolve_device
-from .evaluation import EvalOptions, window_origin
-from .inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
-from .io import (
+from brats_core.data.preprocessing import non_case_note, read_case_images, scan_cases, uncrop
+from brats_core.engine.evaluation import EvalOptions, window_origin
+from brats_core.engine.inference import outputs_to_labels, outputs_to_probabilities, predict_scenarios
+from brats_core.labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions, regions_to_labels
+from brats_core.modalities import MODALITIES
+from brats_core.registry import OutputKind, SegModel, build_from_config, checkpoint_readers
+from brats_core.utils.checkpoint import load_checkpoint, load_state_dict_strict
+from brats_core.utils.cli import UsageError, add_progress_arg, describe_os_error, run_main
+from brats_core.utils.device import resolve_device
+from brats_core.utils.io import (
     LABEL_KEY,
     PREDICTION_MARK,
     CaseFiles,
@@ -70,10 +74,6 @@ from .io import (
     save_nifti,
     written_by_predict,
 )
-from .labels import LABEL_NAMES, REGION_NAMES, REGIONS, label_to_regions, regions_to_labels
-from .modalities import MODALITIES
-from .preprocessing import non_case_note, read_case_images, scan_cases, uncrop
-from .registry import OutputKind, SegModel, build_from_config, checkpoint_readers
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class _Member:
                     f"{checkpoint} does not record which method it holds (no 'method' entry): predict.py needs "
                     "a checkpoint written by this project's training scripts or by nnU-Net for MaM (upstream "
                     "checkpoints: use the method's test script, or re-save the model with "
-                    "brats_core.checkpoint.save_checkpoint(..., method=, config=))"
+                    "brats_core.utils.checkpoint.save_checkpoint(..., method=, config=))"
                 )
             self.model: SegModel = self.engine.model
         else:

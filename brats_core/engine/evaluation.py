@@ -44,11 +44,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cli import UsageError
-from .data import check_cases, load_case
-from .device import amp_dtype
-from .inference import outputs_to_labels, predict_scenarios
-from .io import (
+from brats_core.data.dataset import check_cases, load_case
+from brats_core.engine.inference import outputs_to_labels, predict_scenarios
+from brats_core.engine.metrics import LESION_WISE_KEYS, SCORE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
+from brats_core.modalities import SCENARIOS, Mask, Scenario
+from brats_core.registry import SegModel, output_config
+from brats_core.utils.cli import UsageError
+from brats_core.utils.device import amp_dtype
+from brats_core.utils.io import (
     RECORD_FILE,
     JsonFileError,
     atomic_path,
@@ -60,9 +63,6 @@ from .io import (
     save_text,
     temporary_name,
 )
-from .metrics import LESION_WISE_KEYS, SCORE_KEYS, case_scores, lesion_wise_scores, require_lesion_wise
-from .modalities import SCENARIOS, Mask, Scenario
-from .registry import SegModel, output_config
 
 try:
     import fcntl
@@ -90,7 +90,7 @@ class EvalOptions:
 
     @classmethod
     def from_args(cls, args: object) -> EvalOptions:
-        """From the flags of ``cli.add_eval_args`` (+ ``--amp``)."""
+        """From the flags of ``apps.arguments.add_eval_args`` (+ ``--amp``)."""
         return cls(
             overlap=args.overlap, blend=args.blend, tta=args.tta, sw_batch_size=args.sw_batch_size,
             amp=getattr(args, "amp", False), use_encode=not args.no_encode_once, hd95=not args.no_hd95,
@@ -192,8 +192,8 @@ _warned_crop_grid: set[Path] = set()
 
 
 def lesion_wise_scorer(root: str | Path, case: str, label: np.ndarray) -> Callable[[np.ndarray], dict[str, float]]:
-    """The lesion-wise scores (:data:`~brats_core.metrics.LESION_WISE_KEYS`) of a case's predictions, as the BraTS
-    challenge computes them: on the original image grid, with the source voxel spacing.
+    """The lesion-wise scores (:data:`~brats_core.engine.metrics.LESION_WISE_KEYS`) of a case's predictions, as the
+    BraTS challenge computes them: on the original image grid, with the source voxel spacing.
 
     The prediction and the ground truth ``label`` (both ``(H, W, D)`` on the preprocessed crop) are placed back into
     the original grid with the crop box of ``<root>/meta/<case>.json`` (``preprocessing.uncrop``; background
@@ -204,7 +204,7 @@ def lesion_wise_scorer(root: str | Path, case: str, label: np.ndarray) -> Callab
     Raises:
         MetadataError: the metadata's crop box does not fit the case's arrays.
     """
-    from .preprocessing import output_paths
+    from brats_core.data.preprocessing import output_paths
 
     meta = read_case_meta(root, case)
     if meta is not None and not meta.keys() >= _CROP_KEYS:
@@ -228,7 +228,7 @@ def lesion_wise_scorer(root: str | Path, case: str, label: np.ndarray) -> Callab
 
 def _source_grid(array: np.ndarray, meta: Mapping[str, Any] | None, path: Path) -> np.ndarray:
     """``array`` of a case's crop in the original grid of ``meta`` (the case's metadata ``path``); itself without."""
-    from .preprocessing import MetadataError, uncrop
+    from brats_core.data.preprocessing import MetadataError, uncrop
 
     if meta is None:
         return array
@@ -251,9 +251,9 @@ def check_lesion_wise() -> None:
 
 
 def score_cells(scores: Mapping[str, float], lesion_wise: Mapping[str, float] | None = None) -> dict[str, str]:
-    """The score columns of a per-case row: the :data:`~brats_core.metrics.SCORE_KEYS` of ``scores``
-    (:func:`~brats_core.metrics.case_scores`; NaN, not computed, left empty) and, when given, the
-    :data:`~brats_core.metrics.LESION_WISE_KEYS` of ``lesion_wise`` (NaN, no lesion on either side, written as
+    """The score columns of a per-case row: the :data:`~brats_core.engine.metrics.SCORE_KEYS` of ``scores``
+    (:func:`~brats_core.engine.metrics.case_scores`; NaN, not computed, left empty) and, when given, the
+    :data:`~brats_core.engine.metrics.LESION_WISE_KEYS` of ``lesion_wise`` (NaN, no lesion on either side, written as
     ``nan``)."""
     cells = {k: f"{scores[k]:.6f}" for k in SCORE_KEYS if not math.isnan(scores.get(k, math.nan))}
     if lesion_wise is not None:
@@ -617,7 +617,7 @@ def check_pipeline(model: SegModel, root: str | Path, cases: Sequence[str]) -> N
     Raises:
         UsageError: naming the first such case, its pipeline and the one ``model`` needs.
     """
-    from .preprocessing import output_paths
+    from brats_core.data.preprocessing import output_paths
 
     for case in cases:
         meta = output_paths(root, case).meta
@@ -643,7 +643,7 @@ def data_identity(root: str | Path, cases: Sequence[str]) -> dict[str, str]:
     """The data an evaluation scores: the case list, and a digest of how its cases were preprocessed (their
     metadata without source paths; the volume sizes where there is none), so that moving or copying the data folder
     keeps the identity while another preprocessing of the same cases does not."""
-    from .preprocessing import output_paths
+    from brats_core.data.preprocessing import output_paths
 
     h = hashlib.sha256()
     for case in sorted(cases):
@@ -882,7 +882,7 @@ def _save_predictions(
 ) -> None:
     """Write the label maps ``preds`` ``(S, H, W, D)`` of one case in its original geometry (uncropped; source
     affine and header), one per scenario."""
-    from .preprocessing import write_label_original_geometry
+    from brats_core.data.preprocessing import write_label_original_geometry
 
     out.mkdir(parents=True, exist_ok=True)
     for scenario, pred in zip(scenarios, preds, strict=True):

@@ -17,7 +17,7 @@ so that each sub-region is best seen in the modalities where it is in real data 
 which makes the missing-modality problem meaningful, while a small CNN can still learn it.
 
 Cases are deterministic: case ``i`` of ``seed`` is the same whatever ``n_cases``.
-``python -m brats_core.synthetic --out DIR --n 8 --shape 96 96 80 --seed 0`` writes a dataset.
+``python -m brats_core.data.synthetic --out DIR --n 8 --shape 96 96 80 --seed 0`` writes a dataset.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brats_core.io import LABEL_KEY, save_nifti
 from brats_core.labels import ED, ET, NCR
 from brats_core.modalities import BRATS2023_SUFFIXES, LEGACY_SUFFIXES, MODALITIES
-
-from .cli import run_main
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import LABEL_KEY, save_nifti
 
 DEFAULT_SHAPE = (240, 240, 155)
 
@@ -209,8 +208,8 @@ def write_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m brats_core.synthetic --out DIR --n 8 --shape 96 96 80 --seed 0``."""
-    parser = argparse.ArgumentParser(prog="python -m brats_core.synthetic", description=__doc__.splitlines()[0])
+    """``python -m brats_core.data.synthetic --out DIR --n 8 --shape 96 96 80 --seed 0``."""
+    parser = argparse.ArgumentParser(prog="python -m brats_core.data.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset folder to write (one sub-folder per case)")
     parser.add_argument("--n", type=int, default=8, help="number of cases (default %(default)s)")
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))

@@ -38,8 +38,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from brats_core.cli import add_progress_arg, describe_os_error
-from brats_core.io import (
+from brats_core.labels import remap_legacy
+from brats_core.modalities import MODALITIES
+from brats_core.utils.cli import add_progress_arg, describe_os_error
+from brats_core.utils.io import (
     CaseFiles,
     CaseFilesError,
     NiftiError,
@@ -54,13 +56,11 @@ from brats_core.io import (
     save_nifti,
     save_npy,
 )
-from brats_core.labels import remap_legacy
-from brats_core.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATCH_SIZE = 128
-META_FORMAT = "brats_core.preprocessing/1"
+META_FORMAT = "brats_core.data.preprocessing/1"
 VALID_LABELS = (0, 1, 2, 3, 4)
 """Label values accepted on input (4 is the BraTS ≤ 2020 ET label, mapped to 3)."""
 
@@ -326,7 +326,7 @@ _META_KEYS = ("case", "original_shape", "affine", "crop_box", "cropped_shape", "
 class MetadataError(OSError, ValueError):
     """A case's metadata file (``<out>/meta/<case>.json``) that is missing, not JSON or not preprocessing metadata.
 
-    An OSError, so that scripts report it in one line (``brats_core.cli.run_main``), and a ValueError, the type
+    An OSError, so that scripts report it in one line (``brats_core.utils.cli.run_main``), and a ValueError, the type
     that callers caught before. The message names the file and the command that re-creates it.
     """
 
@@ -383,10 +383,10 @@ def unfinished_reason(
             rerun with other settings redoes the case instead of mixing two crops in one folder).
 
     Returns:
-        None when the metadata and every ``.npy`` file they announce are complete (:func:`brats_core.io.npy_intact`:
-        a killed copy or a full disk leaves shorter files); ``""`` when the case was never finished (no metadata);
-        otherwise one line naming the file: metadata that cannot be read, other settings, or an announced output
-        that is missing, truncated or damaged.
+        None when the metadata and every ``.npy`` file they announce are complete
+        (:func:`brats_core.utils.io.npy_intact`: a killed copy or a full disk leaves shorter files); ``""`` when the
+        case was never finished (no metadata); otherwise one line naming the file: metadata that cannot be read,
+        other settings, or an announced output that is missing, truncated or damaged.
     """
     paths = output_paths(out_dir, case)
     if not (paths.meta.exists() or paths.meta.is_symlink()):
@@ -420,7 +420,7 @@ def is_finished(
 
 def read_case_images(files: CaseFiles) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
     """Read a raw case's NIfTI images and label, checking that they share one grid (the preprocessed arrays of a
-    case are read by :func:`brats_core.data.load_case`).
+    case are read by :func:`brats_core.data.dataset.load_case`).
 
     Returns:
         ``(modality -> float32 (X, Y, Z), label (X, Y, Z) as stored or None, affine (4, 4))``.
@@ -457,7 +457,7 @@ def case_meta(
 
     Schema (all lists are JSON arrays)::
 
-        format          "brats_core.preprocessing/1"
+        format          "brats_core.data.preprocessing/1"
         case            case id (folder name)
         source_folder   absolute path of the case folder
         source_files    {flair, t1ce, t1, t2, seg: absolute path or null}

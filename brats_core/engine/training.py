@@ -38,7 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from brats_core.data.dataset import EpochSampler, check_finite, seed_worker, volume_path
+from brats_core.registry import config_dict, config_mismatch
+from brats_core.utils.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_state_dict_strict,
@@ -47,11 +49,9 @@ from .checkpoint import (
     set_rng_state,
     unwrap,
 )
-from .cli import UsageError, args_dict
-from .data import EpochSampler, check_finite, seed_worker, volume_path
-from .device import amp_context, grad_scaler, resolve_device
-from .io import load_npy, remove_stale_temporaries
-from .registry import config_dict, config_mismatch
+from brats_core.utils.cli import UsageError, args_dict
+from brats_core.utils.device import amp_context, grad_scaler, resolve_device
+from brats_core.utils.io import load_npy, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ _ARG_FIELDS = (
     "savepath", "num_epochs", "batch_size", "iter_per_epoch", "seed", "workers", "device", "amp", "compile",
     "max_steps", "resume", "overwrite",
 )  # fmt: skip
-"""``FitConfig`` fields that the shared flags (``cli.add_train_args``, ``cli.add_runtime_args``) set by name."""
+"""``FitConfig`` fields that the shared flags (``apps.arguments.add_train_args``, ``add_runtime_args``) set by name."""
 
 
 @dataclass

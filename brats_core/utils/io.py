@@ -594,7 +594,7 @@ def load_npy(path: str | os.PathLike[str], mmap: bool = False, what: str = "arra
 
 
 RECORD_FILE = "evaluation.json"
-"""What produced an evaluation folder's rows (see ``brats_core.evaluation.claim_results_folder``)."""
+"""What produced an evaluation folder's rows (see ``brats_core.engine.evaluation.claim_results_folder``)."""
 _SHARD = re.compile(r"per_case_(all|[01]{4}(-[01]{4})*)\.csv")
 
 
@@ -636,7 +636,7 @@ def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 class JsonFileError(OSError, ValueError):
     """A JSON file that is missing, unreadable or malformed: an OSError, so scripts report it in one line
-    (``brats_core.cli.run_main``), and a ValueError, the type callers caught before."""
+    (``brats_core.utils.cli.run_main``), and a ValueError, the type callers caught before."""
 
 
 def load_json(path: str | os.PathLike[str]) -> Any:

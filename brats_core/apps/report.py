@@ -5,7 +5,7 @@
 Each ``--run`` is ``METHOD[:NAME]=PATH``: ``METHOD`` a registry name (``imfuse``, ``mmformer``, … — used for the
 display name and, without an evaluation record, the parameter count; any other word is accepted and shown as given),
 ``NAME`` an optional label that tells several runs of one method apart, ``PATH`` a ``per_case_<tag>.csv`` written by
-:func:`brats_core.evaluation.evaluate` or its output folder (every ``per_case_*.csv`` in it is merged, as
+:func:`brats_core.engine.evaluation.evaluate` or its output folder (every ``per_case_*.csv`` in it is merged, as
 ``summary.csv`` is). Outputs in ``--out``:
 
 - ``table.md`` / ``table.csv`` / ``table.tex``: rows = the 15 scenarios in the paper's order with readable names, then
@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from .cli import UsageError, run_main
-from .evaluation import DamagedResultsError, read_rows
-from .io import RECORD_FILE, atomic_path, load_json, result_files, save_text
-from .metrics import LESION_WISE_KEYS
-from .modalities import DISPLAY_NAMES, MODALITIES, SCENARIOS, Scenario, parse_scenarios
+from brats_core.engine.evaluation import DamagedResultsError, read_rows
+from brats_core.engine.metrics import LESION_WISE_KEYS
+from brats_core.modalities import DISPLAY_NAMES, MODALITIES, SCENARIOS, Scenario, parse_scenarios
+from brats_core.utils.cli import UsageError, run_main
+from brats_core.utils.io import RECORD_FILE, atomic_path, load_json, result_files, save_text
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Run:
 
 def display_name(method: str) -> str:
     """The registry's display name of ``method`` (e.g. ``IM-Fuse``), or ``method`` itself when not registered."""
-    from .registry import method_info
+    from brats_core.registry import method_info
 
     try:
         return method_info(method).display
@@ -876,7 +876,7 @@ def _count_built(build: Callable[[], Any], what: str) -> int:
     a model whose constructor needs real tensors is built on the CPU instead."""
     import torch
 
-    from .registry import count_parameters
+    from brats_core.registry import count_parameters
 
     try:
         with torch.device("meta"):
@@ -894,7 +894,7 @@ def paper_parameter_count(method: str) -> int | None:
 
     None when the method is not registered.
     """
-    from .registry import build_method, method_info
+    from brats_core.registry import build_method, method_info
 
     try:
         method_info(method)
@@ -923,7 +923,7 @@ def record_parameter_count(path: Path, record: Mapping[str, Any], build: bool = 
     """The parameters of the model an evaluation record describes: the count it stores (``parameters``), else the
     model rebuilt from its ``method`` and ``config`` (:func:`brats_core.registry.build_from_config`) when ``build``.
     None when the record names no registered method or its config cannot be built (said in the log)."""
-    from .registry import build_from_config, method_info
+    from brats_core.registry import build_from_config, method_info
 
     stored = record.get("parameters")
     if isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
@@ -1263,8 +1263,8 @@ def load_prediction_crop(path: Path, datapath: Path, case: str) -> np.ndarray:
     NIfTI files written by ``--save_nifti`` are in the original geometry and are cropped with the case's
     ``meta/<case>.json``; ``.npy`` files and NIfTI files already of the crop's shape are used as they are.
     """
-    from .io import load_nifti
-    from .preprocessing import load_meta, output_paths
+    from brats_core.data.preprocessing import load_meta, output_paths
+    from brats_core.utils.io import load_nifti
 
     array = np.load(path) if path.suffix == ".npy" else load_nifti(path, dtype=None)[0]
     meta = load_meta(output_paths(datapath, case).meta)
@@ -1339,7 +1339,7 @@ def plot_qualitative(
     The slice is the one with the largest tumour area in the ground truth unless ``slice_index`` is given. Runs
     without saved predictions for the case are left out; None when none has any.
     """
-    from .data import load_case
+    from brats_core.data.dataset import load_case
 
     image, label = load_case(datapath, case)
     if label is None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_path
+from brats_core.utils.io import atomic_path
 
 FORMAT = "brats-mm/1"
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brats_core.device import amp_context
 from brats_core.labels import LABEL_NAMES, REGION_NAMES, regions_to_labels
 from brats_core.modalities import masks_tensor
 from brats_core.registry import OutputKind, SegModel
+from brats_core.utils.device import amp_context
 
 Patch = int | Sequence[int]
 BLENDS: tuple[str, ...] = ("uniform", "gaussian")
@@ -215,7 +215,7 @@ def predict_scenarios(
         blend: ``"uniform"`` or ``"gaussian"``.
         sw_batch_size: windows per forward pass.
         tta: average over the 8 flips of the three spatial axes (flip window, predict, flip back).
-        amp: autocast on CUDA with training's rule (:func:`brats_core.device.amp_dtype`: bf16 where supported,
+        amp: autocast on CUDA with training's rule (:func:`brats_core.utils.device.amp_dtype`: bf16 where supported,
             else fp16); ignored on CPU.
         use_encode: use the encode-once path when the model supports it.
         progress: show a progress bar.

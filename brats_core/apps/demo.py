@@ -14,12 +14,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from brats_core.io import RECORD_FILE
+from brats_core.data.splits import read_mask_csv
+from brats_core.utils.cli import run_main
+from brats_core.utils.io import RECORD_FILE
 
-from .cli import run_main
-from .splits import read_mask_csv
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STOP_SECONDS = 60.0
 """How long an interrupted demo waits for its running step to stop by itself before terminating it."""
 
@@ -49,7 +48,7 @@ def run_step(argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m brats_core.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brats_core.apps.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
     parser.add_argument("--cases", type=int, default=16, help="synthetic cases (default: 16)")
     parser.add_argument("--shape", type=int, nargs=3, default=(72, 72, 60), help="synthetic volume shape")
@@ -65,11 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw, pre, run, test = out / "raw", out / "preprocessed", out / "imfuse", out / "imfuse_test"
     py = sys.executable
 
-    run_step([py, "-m", "brats_core.synthetic", "--out", str(raw), "--n", str(args.cases), "--shape",
+    run_step([py, "-m", "brats_core.data.synthetic", "--out", str(raw), "--n", str(args.cases), "--shape",
              *map(str, args.shape), "--seed", str(args.seed)])  # fmt: skip
     run_step([py, "preprocess.py", "--input-path", str(raw), "--output-path", str(pre), "--patch_size", "32"])
     if not (pre / "splits" / "train.txt").is_file():
-        run_step([py, "-m", "brats_core.splits", "generate", "--datapath", str(pre), "--out", str(pre / "splits"),
+        run_step([py, "-m", "brats_core.data.splits", "generate", "--datapath", str(pre), "--out", str(pre / "splits"),
                   "--seed", str(args.seed)])  # fmt: skip
     # The paper configuration (--mamba_skip --interleaved_tokenization) at the tiny preset; a higher learning rate
     # than the paper's 2e-4 so that a few hundred CPU steps suffice on the synthetic data. Validation every 4
