@@ -14,9 +14,10 @@ space limit of ``--mem_limit_gb`` through ``RLIMIT_AS``):
   the memory at the paper patch is extrapolated linearly in voxels through the two largest patches that fit (one
   patch only: proportionally, an upper bound) and the step time proportionally to voxels.
 * ``data``: the training data pipeline at the paper patch on one worker (load the preprocessed case, crop, augment,
-  collate a batch): seconds per sample, and the loader workers needed to keep pace with the measured step time and
-  with each ``--step_times`` (e.g. GPU step times). Measured for the methods on the shared RFNet pipeline
-  (``brats_core.data.transforms.rfnet_augmentation``); M3AE, ShaSpec and MaM have their own pipelines (not measured).
+  collate a batch): seconds per sample, and the loader workers needed to keep pace with the measured step time, with
+  each ``--step_times`` and with the H100 step the FLOPs imply. The shared RFNet pipeline
+  (``brats_core.data.transforms.rfnet_augmentation``), ShaSpec's and M3AE's own; MaM's is nnU-Net's loader (not
+  measured).
 * ``eval``: the test scripts' 15-scenario evaluation of the case (the method's preprocessing, sliding window at the
   paper window with overlap 0.5, encode-once, Dice and HD95 per scenario): seconds and peak RSS.
 * ``flops``: floating-point operations of one training step and of one evaluation window, counted by
@@ -24,12 +25,14 @@ space limit of ``--mem_limit_gb`` through ``RLIMIT_AS``):
   elementwise ops, norms and the optimiser update are not counted). The Mamba selective scan is not an op the counter
   sees: it runs outside the counter and is counted analytically, :func:`scan_flops`, with its backward as twice its
   forward. From them the compute bill of each paper schedule (``brats_core.apps.reproduce.RECIPES``): total PFLOP and
-  GPU-hours at :data:`PEAK_TFLOPS` and the ``--utilisation`` range. These hours are an estimate, not a measurement.
+  GPU-hours at :data:`PEAK_TFLOPS` and the ``--utilisation`` range (:data:`UTILISATION`: 5–20 % of peak). These
+  hours are an estimate, not a measurement: ``benchmarks/gpu_check.py`` measures steps on a real GPU.
 
 ``--patch N`` overrides every window side for a quick run (ShaSpec's crop becomes N³). Without ``--case`` (or when
 the folder is absent) the ``data`` and ``eval`` sections are skipped with the reason. Output: a Markdown table per
 section in ``--out`` and the rows as JSON beside it (``.json``); an existing file is replaced only with
-``--overwrite``.
+``--overwrite``. ``--merge A.json B.json … --out ALL.md`` measures nothing and combines runs (e.g. one per method,
+as the paper-size figures in ``benchmarks/RESULTS.md`` were taken) into one report.
 """
 
 from __future__ import annotations
@@ -76,12 +79,22 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 """Assumed peak TFLOP/s per GPU and precision (PyTorch runs fp32 convolutions in TF32 on these GPUs by default)."""
 
+UTILISATION = (0.05, 0.2)
+"""Assumed range of the fraction of a GPU's peak that a training step reaches. 3D segmentation networks at batch 1–3
+spend much of a step in memory-bound layers (normalisation, activations, the Mamba scan), far from the tensor-core
+peak: nnU-Net's documentation gives 48.5 s per 250-iteration epoch for its 3D U-Net on an A100 with random inputs,
+which by this script's count of that network (MaM is nnU-Net's: 1.06 MFLOP per voxel of a training sample) and its
+batch of two patches of 2–2.5 million voxels is roughly 5–10 % of the A100's fp16 peak."""
+
 N_TRAIN = 875
 """Training cases of the paper's BraTS 2023 split (``train.txt``); SFusion trains on ``train2.txt``, 872 cases."""
 N_TRAIN_SFUSION = 872
 N_TEST = 251
 """Test cases of the split: the evaluation bill is 251 × the case's 15-scenario evaluation."""
 MAM_EPOCHS, MAM_ITERATIONS = 500, 150  # nnU-Net trainer defaults kept by MaM/trainer.py (its recipe passes none)
+STEP_GPU = ("H100", "tf32")
+"""The GPU and precision of the estimated step time that the loader must keep pace with (the paper recipes train
+without ``--amp``: convolutions run in TF32, PyTorch's default on these GPUs)."""
 CHECKPOINTING = {"shaspec": "activation_checkpointing"}
 """Methods whose training script offers activation checkpointing, and the config field that turns it on."""
 RFNET_PIPELINE = {"imfuse": {}, "mmformer": {}, "robustseg": {}, "sfusion": {"intensity": False}, "uhved": {}}
@@ -320,31 +333,60 @@ def load_case(case_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return images, label
 
 
-def data_pipeline_seconds(
-    method: str, images: Mapping[str, np.ndarray], label: np.ndarray, patch: int, batch: int, samples: int = 5
-) -> dict[str, Any]:
-    """Seconds per sample of the method's training pipeline on one worker: read the preprocessed case (memory-mapped
-    ``.npy`` as in training), crop, augment, collate ``batch`` samples; median over ``samples`` batches."""
+def _timed_batches(dataset: Any, batch: int, samples: int, key: Callable[[int], Any] = lambda i: (0, i)) -> list[float]:
+    """Seconds per sample of ``samples`` collated batches of ``batch`` items ``dataset[key(i)]``."""
     from torch.utils.data import default_collate
 
-    from brats_core.data.dataset import TrainDataset, label_path, volume_path
-    from brats_core.data.preprocessing import preprocess_arrays
-    from brats_core.data.transforms import rfnet_augmentation
+    times = []
+    for i in range(samples):
+        t0 = time.perf_counter()
+        default_collate([dataset[key(i * batch + j)] for j in range(batch)])
+        times.append((time.perf_counter() - t0) / batch)
+    return times
 
-    if method not in RFNET_PIPELINE:
-        return {"skipped": "own data pipeline, not measured"}
-    vol, seg, _ = preprocess_arrays(images, label, patch_size=patch)
+
+def data_pipeline_seconds(method: str, case_dir: Path, batch: int, samples: int = 5, patch: int = 0) -> dict[str, Any]:
+    """Seconds per sample of the method's training pipeline on one worker: the case preprocessed as the method's
+    training reads it (into a temporary folder), then read (memory-mapped ``.npy`` as in training), cropped,
+    augmented and collated in batches of ``batch``; median over ``samples`` batches. M3AE's item is one window in its
+    copies (one item per step); MaM's pipeline is nnU-Net's own loader, not measured here. ``patch``: the window
+    side override (0: the paper's; ShaSpec's crop becomes ``patch``³)."""
+    if method not in (*RFNET_PIPELINE, "shaspec", "m3ae"):
+        return {"skipped": "nnU-Net's own loader (MaM), not measured"}
+    model = build_paper_model(method, patch)
+    patch = model.patch_size
+    window = f"{patch}³"
     with tempfile.TemporaryDirectory() as root:
-        for path, array in ((volume_path(root, "case"), vol), (label_path(root, "case"), seg)):
-            path.parent.mkdir(parents=True)
-            np.save(path, array)
-        data = TrainDataset(root, ["case"], rfnet_augmentation(patch, **RFNET_PIPELINE[method]))
-        times = []
-        for i in range(samples):
-            t0 = time.perf_counter()
-            default_collate([data[(0, i * batch + j)] for j in range(batch)])
-            times.append((time.perf_counter() - t0) / batch)
-    return {"sample_s": statistics.median(times), "data_patch": patch, "data_batch": batch}
+        if method in RFNET_PIPELINE:
+            from brats_core.data.dataset import TrainDataset, label_path, volume_path
+            from brats_core.data.preprocessing import preprocess_arrays
+            from brats_core.data.transforms import rfnet_augmentation
+
+            images, label = load_case(case_dir)
+            vol, seg, _ = preprocess_arrays(images, label, patch_size=patch)
+            for path, array in ((volume_path(root, "case"), vol), (label_path(root, "case"), seg)):
+                path.parent.mkdir(parents=True)
+                np.save(path, array)
+            data = TrainDataset(root, ["case"], rfnet_augmentation(patch, **RFNET_PIPELINE[method]))
+        elif method == "shaspec":
+            from ShaSpec.data import ShaSpecTrainDataset, prepare_cache
+
+            crop = (model.config.patch_depth, model.config.patch_size, model.config.patch_size)
+            cases = prepare_cache(case_dir.parent, [case_dir.name], root)
+            data = ShaSpecTrainDataset(root, cases, crop, mode="random", random_scale=True, random_mirror=True)
+            window = "×".join(map(str, crop))
+        elif method == "m3ae":
+            from m3ae.data import FinetuneDataset, preprocess_case
+            from m3ae.model import completion_array
+
+            status = preprocess_case(case_dir, root)
+            if status != "written":
+                raise RuntimeError(f"{case_dir}: M3AE preprocessing {status}")
+            completion = completion_array(model)
+            data = FinetuneDataset(root, [case_dir.name], patch, completion, copies=PAPER_BATCH[method])
+            batch = 1  # one item holds the step's copies of one window
+        times = _timed_batches(data, batch, samples)
+    return {"sample_s": statistics.median(times), "data_patch": window, "data_batch": batch}
 
 
 def evaluate_case(method: str, images: Mapping[str, np.ndarray], label: np.ndarray, patch: int = 0) -> dict[str, Any]:
@@ -366,7 +408,10 @@ def evaluate_case(method: str, images: Mapping[str, np.ndarray], label: np.ndarr
     reference = crop(np.asarray(label), meta["crop_box"])
     scores = [case_scores(lab.numpy(), reference, hd95=True) for lab in labels]
     seconds = time.perf_counter() - t0
-    windows = math.prod(len(window_starts(d, p)) for d, p in zip(image.shape[1:], window_shape(model), strict=True))
+    # a crop shorter than the window along an axis is padded to it (M3AE: brain boxes under 128 slices)
+    windows = math.prod(
+        len(window_starts(max(d, p), p)) for d, p in zip(image.shape[1:], window_shape(model), strict=True)
+    )
     return {
         "eval_s": seconds,
         "eval_window": list(window_shape(model)),
@@ -394,10 +439,9 @@ def run_worker(task: Mapping[str, Any]) -> dict[str, Any]:
         return row | {"voxels": math.prod(window_shape(build_paper_model(method, patch)))}
     if section == "flops":
         return train_step_flops(method, patch, batch) | eval_window_flops(method, patch)
-    images, label = load_case(Path(task["case"]))
     if section == "data":
-        paper = build_paper_model(method, patch).patch_size
-        return data_pipeline_seconds(method, images, label, paper, batch, int(task.get("samples", 5)))
+        return data_pipeline_seconds(method, Path(task["case"]), batch, int(task.get("samples", 5)), patch)
+    images, label = load_case(Path(task["case"]))
     row = evaluate_case(method, images, label, patch)
     return row | {"eval_peak_rss_gb": _peak_rss_gb()}
 
@@ -468,19 +512,51 @@ def measure(method: str, section: str, args: argparse.Namespace) -> dict[str, An
             "case": str(args.case) if args.case else None, "samples": args.samples}  # fmt: skip
     if section in ("data", "eval") and not (args.case and Path(args.case).is_dir()):
         return {"method": method, "skipped": f"no case folder ({args.case or 'give --case'})"}
-    if section != "train" or args.patch:
+    if section not in ("train", "flops") or args.patch:
         return {"method": method} | run_subprocess(base | {"patch": args.patch}, args.mem_limit_gb, args.timeout_s)
     from brats_core.registry import make_config
 
     config = make_config(method, "paper")
     shape = (getattr(config, "patch_depth", config.patch_size), config.patch_size, config.patch_size)
 
-    def run(patch: int, checkpointing: bool) -> dict[str, Any]:
+    def run(patch: int, checkpointing: bool = False) -> dict[str, Any]:
         task = base | {"patch": patch, "checkpointing": checkpointing}
         return run_subprocess(task, args.mem_limit_gb, args.timeout_s)
 
+    if section == "flops":
+        return {"method": method} | flops_search(run, max(shape), list(shape))
     row = fit_search(run, method, max(shape), math.prod(shape), method in CHECKPOINTING)
     return {"method": method} | row
+
+
+FLOP_KEYS = ("train_flops", "train_scan_flops", "window_flops", "window_15_flops")
+
+
+def flops_search(run: Callable[[int], dict[str, Any]], paper_side: int, paper_shape: list[int]) -> dict[str, Any]:
+    """The FLOPs at the paper window (``run(0)``), or, when counting there runs out of memory, at the two largest
+    :func:`step_down` windows that fit, extrapolated to the paper window linearly in voxels (exact for the
+    convolutions and matrix products, which are proportional to voxels; said in ``flops_extrapolated``)."""
+    row = run(0)
+    if not row.get("oom"):
+        return row
+    fits: list[dict[str, Any]] = []
+    for side in step_down(paper_side):
+        found = run(side)
+        if found.get("oom"):
+            continue
+        if "error" in found:
+            return found
+        fits.append(found)
+        if len(fits) == 2:
+            break
+    if not fits:
+        return {"error": "no window down to 32 fits in the memory limit"}
+    voxels = math.prod(paper_shape)
+    out = dict(fits[0]) | {"window": paper_shape}
+    for key in FLOP_KEYS:
+        out[key], how = extrapolate([(math.prod(f["window"]), f[key]) for f in fits], voxels)
+    sides = " and ".join("×".join(map(str, f["window"])) for f in fits)
+    return out | {"flops_extrapolated": f"{how} from {sides}"}
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -500,8 +576,47 @@ def _status(row: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _cpu_step(row: Mapping[str, Any]) -> str:
+    if (s := _status(row)) is not None or not row:
+        return s or ""
+    if "extrapolated_rss_gb" in row:
+        return (f"does not fit: about {row['extrapolated_rss_gb']:.0f} GB and {row['extrapolated_step_s']:.0f} s "
+                f"(largest fit {row['largest_fit']})")  # fmt: skip
+    return f"{row['step_s']:.0f} s, {row['peak_rss_gb']:.1f} GB" + (
+        " (checkpointing)" if row.get("checkpointing") else ""
+    )
+
+
+def summary(rows: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """One row per method: the paper schedule, its GPU-hours (estimate), the loader workers for that GPU step, the
+    CPU training step at paper size and the CPU evaluation of one case and of the :data:`N_TEST` test cases."""
+    gpu = " ".join(STEP_GPU)
+    out = ["## Summary", "",
+           f"| method | optimiser steps | GPU-hours, one H100 / one A100 (TF32, estimate) | loader workers @ {gpu} "
+           f"step (estimate) | CPU training step at paper size | CPU evaluation per case | {N_TEST} test cases |",
+           "|---|---:|---|---:|---|---:|---:|"]  # fmt: skip
+    methods = list(dict.fromkeys(m for section in rows.values() for m in section))
+    for m in methods:
+        flops, data = rows.get("flops", {}).get(m, {}), rows.get("data", {}).get(m, {})
+        train, ev = rows.get("train", {}).get(m, {}), rows.get("eval", {}).get(m, {})
+        bill = flops.get("bill")
+        steps = f"{bill['steps']:,}" if bill else ""
+        hours = (f"{_span(bill['gpu_hours']['H100 tf32'])} / {_span(bill['gpu_hours']['A100 tf32'])}"
+                 if bill else "")  # fmt: skip
+        workers = "–".join(map(str, data.get("workers_gpu_step", []))) or (_status(data) or "")
+        case = f"{ev['eval_s'] / 60:.1f} min" if "eval_s" in ev else (_status(ev) or "")
+        test = f"{ev['eval_s'] * N_TEST / 3600:.0f} h" if "eval_s" in ev else ""
+        out.append(f"| {train.get('display', m)} | {steps} | {hours} | {workers} | {_cpu_step(train)} | {case} | "
+                   f"{test} |")  # fmt: skip
+    return [*out, ""]
+
+
+def _span(hours: Sequence[float]) -> str:
+    return f"{hours[0]:,.0f}–{hours[1]:,.0f} h"
+
+
 def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse.Namespace) -> str:
-    """The report: one table per section run, rows per method (``rows[section][method]``)."""
+    """The report: a summary, then one table per section run, rows per method (``rows[section][method]``)."""
     lo, hi = min(args.utilisation), max(args.utilisation)
     out = [
         "# Paper-scale cost per method (`benchmarks/paper_scale.py`)",
@@ -509,6 +624,7 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
         f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
         f"memory limit {args.mem_limit_gb} GB (RLIMIT_AS), window: {'paper' if not args.patch else f'{args.patch}³'}.",
         "",
+        *summary(rows),
     ]
     if "train" in rows:
         out += ["## Training step (CPU)", "",
@@ -527,26 +643,28 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
     if "data" in rows:
         steps = ", ".join(f"@{t:g} s" for t in args.step_times)
         out += ["## Data pipeline (one worker)", "",
-                f"| method | patch | batch | s per sample | workers @ CPU step | workers {steps} |",
-                "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+                f"| method | patch | batch | s per sample | workers @ CPU step | workers {steps} | "
+                f"workers @ {' '.join(STEP_GPU)} step (estimate) |",
+                "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
         for m, r in rows["data"].items():
             if (s := _status(r)) is not None:
-                out.append(f"| {m} | | | {s} | | |")
+                out.append(f"| {m} | | | {s} | | | |")
                 continue
+            gpu = "–".join(map(str, r.get("workers_gpu_step", [])))
             out.append(f"| {m} | {r['data_patch']} | {r['data_batch']} | {r['sample_s']:.3f} | "
-                       f"{r.get('workers_cpu_step', '')} | {', '.join(map(str, r['workers']))} |")  # fmt: skip
+                       f"{r.get('workers_cpu_step', '')} | {', '.join(map(str, r['workers']))} | {gpu} |")  # fmt: skip
         out.append("")
     if "eval" in rows:
-        out += ["## 15-scenario evaluation of the case (CPU)", "",
-                "| method | window | case shape | windows | s | peak RSS GB | full-modality Dice |",
-                "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        out += ["## 15-scenario evaluation of the case (CPU; untrained weights: time and memory only)", "",
+                "| method | window | case shape | windows | s | peak RSS GB |",
+                "|---|---|---|---:|---:|---:|"]  # fmt: skip
         for m, r in rows["eval"].items():
             if (s := _status(r)) is not None:
-                out.append(f"| {m} | | | | {s} | | |")
+                out.append(f"| {m} | | | | {s} | |")
                 continue
             window, shape = "×".join(map(str, r["eval_window"])), "×".join(map(str, r["case_shape"]))
             out.append(f"| {m} | {window} | {shape} | {r['windows']} | {r['eval_s']:.1f} | "
-                       f"{r['eval_peak_rss_gb']:.2f} | {r['dice_full']:.3f} |")  # fmt: skip
+                       f"{r['eval_peak_rss_gb']:.2f} |")  # fmt: skip
         out.append("")
     if "flops" in rows:
         gpus = [f"{g} {p}" for g, peaks in PEAK_TFLOPS.items() for p in peaks]
@@ -568,20 +686,15 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
                        f"{r['window_flops'] / 1e9:,.1f} | {r['window_15_flops'] / 1e9:,.1f} | {bill['steps']:,} | "
                        f"{bill['pflop']:,.1f} | {hours} |")  # fmt: skip
         out.append("")
+        out += [f"- {m}: counting at the paper window ran out of memory; FLOPs extrapolated, {r['flops_extrapolated']}."
+                for m, r in rows["flops"].items() if "flops_extrapolated" in r]  # fmt: skip
     return "\n".join(out)
 
 
 def finish(rows: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> None:
-    """Derived columns: loader workers from the step times, the compute bill from the FLOPs (and the case's
-    windows when the eval section ran, else the evaluation is left out of the bill)."""
-    for m, r in rows.get("data", {}).items():
-        if "sample_s" not in r:
-            continue
-        r["workers"] = [workers_needed(r["sample_s"], r["data_batch"], t) for t in args.step_times]
-        step = rows.get("train", {}).get(m, {})
-        step_s = step.get("extrapolated_step_s", step.get("step_s"))
-        if step_s:
-            r["workers_cpu_step"] = workers_needed(r["sample_s"], r["data_batch"], step_s)
+    """Derived columns: the compute bill from the FLOPs (and the case's windows when the eval section ran, else the
+    evaluation is left out of the bill), the H100 step time it implies, and the loader workers that keep pace with
+    the measured CPU step, with each ``--step_times`` and with that H100 step."""
     for m, r in rows.get("flops", {}).items():
         if "train_flops" not in r:
             continue
@@ -590,6 +703,19 @@ def finish(rows: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace)
         phases = paper_schedule(m)
         r["schedule"] = [dataclasses.asdict(p) for p in phases]
         r["bill"] = compute_bill(r["train_flops"], phases, case, args.utilisation) | {"eval_included": bool(case)}
+        peak = PEAK_TFLOPS[STEP_GPU[0]][STEP_GPU[1]] * 1e12
+        r["gpu_step_s"] = [r["train_flops"] / (peak * u) for u in (max(args.utilisation), min(args.utilisation))]
+    for m, r in rows.get("data", {}).items():
+        if "sample_s" not in r:
+            continue
+        r["workers"] = [workers_needed(r["sample_s"], r["data_batch"], t) for t in args.step_times]
+        step = rows.get("train", {}).get(m, {})
+        step_s = step.get("extrapolated_step_s", step.get("step_s"))
+        if step_s:
+            r["workers_cpu_step"] = workers_needed(r["sample_s"], r["data_batch"], step_s)
+        gpu_step = rows.get("flops", {}).get(m, {}).get("gpu_step_s")
+        if gpu_step:
+            r["workers_gpu_step"] = [workers_needed(r["sample_s"], r["data_batch"], s) for s in gpu_step]
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -610,7 +736,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mem_limit_gb", type=float, default=22.0, help="address-space limit of each measurement")
     p.add_argument("--timeout_s", type=float, default=None, help="give up on a measurement after this long")
-    p.add_argument("--utilisation", type=_csv(float), default=[0.3, 0.5], help="range of GPU utilisation (MFU)")
+    p.add_argument(
+        "--utilisation",
+        type=_csv(float),
+        default=list(UTILISATION),
+        help="range of GPU utilisation (fraction of peak) for the GPU-hours (default: 0.05,0.2)",
+    )
     p.add_argument("--step_times", type=_csv(float), default=[0.5, 1.0], help="step times (s) for the loader workers")
     p.add_argument(
         "--merge",

@@ -234,3 +234,18 @@ def test_the_layer_check_catches_upward_imports(tmp_path: Path) -> None:
     assert upward_imports(source, "brats_core.utils.bad") == set()  # ``...engine`` leaves the package: not resolved
     source.write_text("from .io import x\ndef f():\n    from ..engine.training import Trainer\n")
     assert upward_imports(source, "brats_core.utils.bad") == {"brats_core.engine.training"}
+
+
+def test_readme_layout_names_every_package_and_module() -> None:
+    """The README's Layout section matches the tree: each sub-package of ``brats_core`` and each of its modules."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    core = REPO / "brats_core"
+    for path in sorted(core.rglob("*.py")):
+        if path.name == "__init__.py" or "ops" in path.relative_to(core).parts:
+            continue
+        name = path.name if path.parent == core else path.stem
+        assert name in layout, f"README Layout does not mention brats_core/{path.relative_to(core)}"
+    for package in sorted(p for p in core.iterdir() if (p / "__init__.py").is_file()):
+        assert f"{package.name}/" in layout, f"README Layout does not mention brats_core/{package.name}/"
+        assert package.name in {prefix.split(".")[1] for prefix in LAYERS if prefix.count(".") == 1}

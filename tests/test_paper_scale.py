@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats_core.data.synthetic import make_synthetic_case
+from brats_core.data.synthetic import make_synthetic_case, write_synthetic_case
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "brats_sample" / "BraTS-SAMPLE-00000-000"
@@ -143,11 +143,16 @@ def _synthetic(side: int = 32):
     return images, label
 
 
-def test_data_pipeline_on_synthetic_data():
+@pytest.mark.parametrize(("method", "batch", "window"), [("sfusion", 2, "32³"), ("shaspec", 2, "32×32×32"),
+                                                         ("m3ae", 1, "32³")])  # fmt: skip
+def test_data_pipeline_on_a_synthetic_case_folder(tmp_path, method, batch, window):
+    """Each pipeline from the raw case folder, as the method's training prepares and reads it (M3AE: one item, its
+    two copies of a window, per step)."""
     images, label = _synthetic(40)
-    row = ps.data_pipeline_seconds("sfusion", images, label, patch=32, batch=2, samples=2)
-    assert row["sample_s"] > 0 and row["data_patch"] == 32 and row["data_batch"] == 2
-    assert "skipped" in ps.data_pipeline_seconds("mam", images, label, patch=32, batch=1)
+    case = write_synthetic_case(tmp_path, "BraTS-GLI-00001-000", images, label)
+    row = ps.data_pipeline_seconds(method, case, batch=2, samples=2, patch=32)
+    assert row["sample_s"] > 0 and row["data_patch"] == window and row["data_batch"] == batch
+    assert "skipped" in ps.data_pipeline_seconds("mam", case, batch=1, patch=32)
 
 
 def test_evaluation_of_a_synthetic_case():
@@ -156,6 +161,16 @@ def test_evaluation_of_a_synthetic_case():
     row = ps.evaluate_case("uhved", images, label, patch=32)
     assert row["windows"] == 1 and row["eval_window"] == [32, 32, 32] and row["eval_s"] > 0
     assert 0.0 <= row["dice_full"] <= 1.0
+
+
+def test_evaluation_of_a_crop_shorter_than_the_window():
+    """M3AE's brain box of the sample case is 127 slices deep under a 128³ window: the evaluator pads the crop, and
+    the window count follows the padded volume (it raised before)."""
+    images, label = _synthetic(24)
+    torch.set_num_threads(2)
+    row = ps.evaluate_case("m3ae", images, label, patch=32)
+    assert row["eval_window"] == [32, 32, 32] and row["windows"] == 1
+    assert all(d < 32 for d in row["case_shape"])
 
 
 def test_imfuse_flops_at_a_tiny_patch():
@@ -187,9 +202,9 @@ def test_report_columns_and_json(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="the real sample case (../shared/data/brats_sample) is absent")
 def test_data_pipeline_on_the_sample_case_at_the_paper_patch():
-    images, label = ps.load_case(SAMPLE)
-    row = ps.data_pipeline_seconds("imfuse", images, label, patch=128, batch=1, samples=2)
-    assert row["sample_s"] > 0 and math.isfinite(row["sample_s"])
+    row = ps.data_pipeline_seconds("imfuse", SAMPLE, batch=1, samples=2)
+    assert row["sample_s"] > 0 and math.isfinite(row["sample_s"]) and row["data_patch"] == "128³"
+    _, label = ps.load_case(SAMPLE)
     assert np.asarray(label).shape == (240, 240, 155)
 
 
@@ -211,16 +226,28 @@ def test_merge_combines_runs_in_method_order_and_recomputes_the_bill(tmp_path):
     data = {"sample_s": 2.0, "data_patch": 128, "data_batch": 1}
     mam = _report(tmp_path / "mam.json", {"train": {"mam": train}, "flops": {"mam": flops}})
     imfuse = _report(tmp_path / "imfuse.json", {"train": {"imfuse": train | {"method": "imfuse"}},
-                                                "data": {"imfuse": data}})  # fmt: skip
+                                                "data": {"imfuse": data}, "flops": {"imfuse": flops}})  # fmt: skip
     out = tmp_path / "all.md"
-    assert ps.main(["--merge", str(mam), str(imfuse), "--out", str(out), "--step_times", "0.5"]) == 0
+    argv = ["--merge", str(mam), str(imfuse), "--out", str(out), "--step_times", "0.5", "--utilisation", "0.1,0.2"]
+    assert ps.main(argv) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert list(report["rows"]["train"]) == ["imfuse", "mam"]  # the methods' order, not the files'
     assert report["rows"]["flops"]["mam"]["bill"]["steps"] == 75_000
     assert report["rows"]["data"]["imfuse"]["workers"] == [4]  # 2 s per sample, a 0.5 s step
     assert report["rows"]["data"]["imfuse"]["workers_cpu_step"] == 1  # the measured 10 s CPU step
     assert report["step_times"] == [0.5] and report["threads"] == 2
-    assert "| imfuse | 128 | 1 | 2.000 | 1 | 4 |" in out.read_text()
+    # an H100 (494 TFLOP/s in TF32) at 20 % and 10 % of peak takes 2e12 / (494e12 · u) s per step
+    h100_steps = [2e12 / (494e12 * u) for u in (0.2, 0.1)]
+    assert report["rows"]["flops"]["imfuse"]["gpu_step_s"] == pytest.approx(h100_steps)
+    workers = [math.ceil(2.0 / s) for s in h100_steps]
+    assert report["rows"]["data"]["imfuse"]["workers_gpu_step"] == workers == [99, 50]  # ⌈2 s · 494e12 · u / 2e12⌉
+    text = out.read_text()
+    assert f"| imfuse | 128 | 1 | 2.000 | 1 | 4 | {workers[0]}–{workers[1]} |" in text
+    # the summary: 75,000 MaM steps of 2 TFLOP = 150 PFLOP; an H100 in TF32 at 20 % / 10 % of 494 TFLOP/s
+    h100 = [150e15 / (494e12 * u) / 3600 for u in (0.2, 0.1)]
+    assert report["rows"]["flops"]["mam"]["bill"]["gpu_hours"]["H100 tf32"] == pytest.approx(h100)
+    (mam_row,) = [line for line in text.splitlines() if line.startswith("| mam | 75,000 |")]
+    assert f"| {h100[0]:,.0f}–{h100[1]:,.0f} h / " in mam_row and "| 10 s, 3.0 GB |" in mam_row
 
 
 def test_merge_refuses_runs_of_other_settings_and_foreign_files(tmp_path):
@@ -233,3 +260,24 @@ def test_merge_refuses_runs_of_other_settings_and_foreign_files(tmp_path):
     with pytest.raises(ps.UsageError, match="junk.json: not a JSON file written by benchmarks/paper_scale.py"):
         ps.main(["--merge", str(junk), "--out", str(tmp_path / "m.md")])
     assert not (tmp_path / "m.md").exists()
+
+
+def test_flops_search_extrapolates_when_the_paper_window_does_not_fit():
+    """Counting at 128³ runs out of memory: counted at 112³ and 96³, extrapolated linearly in voxels; a network
+    whose FLOPs are proportional to voxels gets its exact 128³ count back."""
+    per_voxel = {"train_flops": 30.0, "train_scan_flops": 0.0, "window_flops": 10.0, "window_15_flops": 60.0}
+
+    def run(side: int) -> dict:
+        if side in (0, 128, 112 + 16):
+            return {"oom": True}
+        return {"window": [side] * 3} | {k: v * side**3 for k, v in per_voxel.items()}
+
+    row = ps.flops_search(run, 128, [128, 128, 128])
+    assert row["window"] == [128, 128, 128]
+    for key, value in per_voxel.items():
+        assert row[key] == pytest.approx(value * 128**3)
+    assert row["flops_extrapolated"] == "linear in voxels through two patches from 112×112×112 and 96×96×96"
+    assert ps.flops_search(lambda side: {"oom": True}, 64, [64] * 3) == {
+        "error": "no window down to 32 fits in the memory limit"
+    }
+    assert ps.flops_search(lambda side: {"train_flops": 1, "window": [64] * 3}, 64, [64] * 3)["train_flops"] == 1

@@ -214,12 +214,11 @@ def test_repo_is_the_repository_root() -> None:
 
 _COSTS = {
     "threads": 2,
-    "utilisation": [0.3, 0.5],
-    "step_times": [0.5, 1.0],
+    "utilisation": [0.05, 0.2],
     "rows": {
         "flops": {"imfuse": {"bill": {"steps": 875_000, "pflop": 1234.4,
                                       "gpu_hours": {"H100 tf32": [11.2, 18.7], "A100 tf32": [35.1, 58.6]}}}},
-        "data": {"imfuse": {"sample_s": 0.6, "workers": [2, 1]}},
+        "data": {"imfuse": {"sample_s": 0.6, "workers_gpu_step": [20, 5]}},
         "eval": {"imfuse": {"eval_s": 600.0}},
     },
 }  # fmt: skip
@@ -228,8 +227,8 @@ _COSTS = {
 def test_cost_lines_state_the_measured_figures_and_their_assumptions() -> None:
     (line,) = reproduce.cost_lines("imfuse", _COSTS)
     assert "875,000 optimiser steps, 1,234 PFLOP: one H100 11–19 h, one A100 35–59 h" in line
-    assert "(TF32; estimate at 30%–50% of peak)" in line
-    assert "2 loader worker(s) keep pace with a 0.5 s step" in line
+    assert "(estimate: TF32 at 5%–20% of peak)" in line
+    assert "5–20 loader workers to keep pace with that H100 step" in line
     assert "evaluation 10 min per case on 2 CPU threads" in line
     assert reproduce.cost_lines("mmformer", _COSTS) == ["# cost: not measured by benchmarks/paper_scale.py"]
     assert reproduce.cost_lines("imfuse", None) == []
@@ -244,7 +243,7 @@ def test_plan_shows_costs_from_the_report_and_survives_a_damaged_one(tmp_path, m
     at = plan.index(next(line for line in plan if line.startswith("# ---- imfuse")))
     assert plan[at + 1].startswith("# cost (measured by benchmarks/paper_scale.py): 875,000 optimiser steps")
     assert "# cost: not measured by benchmarks/paper_scale.py" in plan
-    for damaged in ("{not json", '{"rows": 3}', "[]"):
+    for damaged in ("{not json", '{"rows": 3}', "[]", '{"rows": {}}'):
         report.write_text(damaged)
         assert not [line for line in reproduce.print_plan(["imfuse"], ctx).splitlines() if "cost" in line]
     report.unlink()

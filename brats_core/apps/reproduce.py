@@ -582,41 +582,43 @@ commands)."""
 
 def read_costs(path: Path | None = None) -> Mapping[str, Any] | None:
     """The report of ``benchmarks/paper_scale.py`` (default :data:`PAPER_COSTS`; ``{"rows": {section: {method:
-    row}}, …}``); None when the file is absent or not such a report (the commands are printed without the figures)."""
+    row}}, "utilisation": [lo, hi], …}``); None when the file is absent or not such a report (the commands are then
+    printed without the figures)."""
     try:
         report = json.loads((path or PAPER_COSTS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return report if isinstance(report, dict) and isinstance(report.get("rows"), dict) else None
+    if not (isinstance(report, dict) and isinstance(report.get("rows"), dict) and report.get("utilisation")):
+        return None
+    return report
 
 
-def _hours(hours: Sequence[float]) -> str:
-    return f"{hours[0]:,.0f}–{hours[1]:,.0f} h"
+def _range(values: Sequence[float], unit: str = "") -> str:
+    low, high = f"{min(values):,.0f}", f"{max(values):,.0f}"
+    return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
 
 
 def cost_lines(method: str, report: Mapping[str, Any] | None) -> list[str]:
     """Comment lines with ``method``'s paper-scale figures: the schedule's optimiser steps, the GPU-hours estimated
-    from its FLOPs, the loader workers a fast GPU needs and the CPU evaluation time of one case."""
+    from its FLOPs, the loader workers that keep the estimated H100 step busy and the CPU evaluation of one case."""
     if report is None:
         return []
     rows = {section: report["rows"].get(section, {}).get(method, {}) for section in ("flops", "data", "eval")}
     parts = []
     bill = rows["flops"].get("bill")
     if bill:
-        utilisation = report.get("utilisation", [0.3, 0.5])
-        hours = bill["gpu_hours"]
+        hours, utilisation = bill["gpu_hours"], report["utilisation"]
         parts.append(
-            f"{bill['steps']:,} optimiser steps, {bill['pflop']:,.0f} PFLOP: one H100 {_hours(hours['H100 tf32'])}, "
-            f"one A100 {_hours(hours['A100 tf32'])} (TF32; estimate at {min(utilisation):.0%}–{max(utilisation):.0%} "
-            "of peak)"
+            f"{bill['steps']:,} optimiser steps, {bill['pflop']:,.0f} PFLOP: "
+            f"one H100 {_range(hours['H100 tf32'], ' h')}, one A100 {_range(hours['A100 tf32'], ' h')} "
+            f"(estimate: TF32 at {min(utilisation):.0%}–"
+            f"{max(utilisation):.0%} of peak)"
         )
-    workers, step_times = rows["data"].get("workers"), report.get("step_times")
-    if workers and step_times:
-        parts.append(f"{workers[0]} loader worker(s) keep pace with a {step_times[0]:g} s step")
+    if rows["data"].get("workers_gpu_step"):
+        parts.append(f"{_range(rows['data']['workers_gpu_step'])} loader workers to keep pace with that H100 step")
     if "eval_s" in rows["eval"]:
-        parts.append(
-            f"evaluation {rows['eval']['eval_s'] / 60:.0f} min per case on {report.get('threads', 2)} CPU threads"
-        )
+        minutes = rows["eval"]["eval_s"] / 60
+        parts.append(f"evaluation {minutes:.0f} min per case on {report.get('threads', 2)} CPU threads")
     if not parts:
         return ["# cost: not measured by benchmarks/paper_scale.py"]
     return ["# cost (measured by benchmarks/paper_scale.py): " + "; ".join(parts)]
