@@ -43,6 +43,7 @@ import json
 import math
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -465,8 +466,10 @@ def run_subprocess(task: Mapping[str, Any], mem_limit_gb: float, timeout_s: floa
         return {"error": f"timed out after {timeout_s} s"}
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
-    if done.returncode < 0 or any(mark in done.stderr for mark in _OOM_MARKS):
-        return {"oom": True}
+    if done.returncode == -signal.SIGKILL or any(mark in done.stderr for mark in _OOM_MARKS):
+        return {"oom": True}  # an allocation refused under the limit, or the kernel's OOM killer
+    if done.returncode < 0:
+        return {"error": f"killed by {signal.Signals(-done.returncode).name}"}
     return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
 
 

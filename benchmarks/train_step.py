@@ -124,9 +124,10 @@ def build_paper_model(method: str, patch: int = 0, **extra: Any) -> Any:
 
 
 def window_shape(model: Any) -> tuple[int, int, int]:
-    """The training window ``(D, H, W)`` of a model (ShaSpec's is ``patch_depth × patch × patch``)."""
+    """The training window of a model in the canonical ``(X, Y, Z)`` order of its input (ShaSpec's paper window is
+    160 × 160 × 80: ``patch_size`` is a tuple where the window is not a cube)."""
     p = model.patch_size
-    return (getattr(model.config, "patch_depth", p), p, p)
+    return tuple(int(s) for s in p) if isinstance(p, tuple) else (p, p, p)  # type: ignore[return-value]
 
 
 def random_batch(batch: int, shape: Sequence[int], gen: torch.Generator) -> dict[str, torch.Tensor]:

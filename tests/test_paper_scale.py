@@ -281,3 +281,26 @@ def test_flops_search_extrapolates_when_the_paper_window_does_not_fit():
         "error": "no window down to 32 fits in the memory limit"
     }
     assert ps.flops_search(lambda side: {"train_flops": 1, "window": [64] * 3}, 64, [64] * 3)["train_flops"] == 1
+
+
+def test_window_of_the_non_cubic_paper_shaspec():
+    """ShaSpec's paper window is 160 × 160 × 80 (its ``patch_size`` is a tuple): the random batch and the window
+    count take it as it is (a nested tuple failed in ``torch.randn`` before)."""
+    model = ps.build_paper_model("shaspec")
+    assert ps.window_shape(model) == (160, 160, 80)
+    batch = ps.random_batch(1, ps.window_shape(model), torch.Generator().manual_seed(0))
+    assert batch["image"].shape == (1, 4, 160, 160, 80) and batch["label"].shape == (1, 160, 160, 80)
+
+
+@pytest.mark.parametrize(("code", "stderr", "row"), [
+    (-9, "", {"oom": True}),  # the kernel's OOM killer
+    (-15, "", {"error": "killed by SIGTERM"}),  # stopped by someone: not a memory verdict
+    (1, "Traceback …\nMemoryError\n", {"oom": True}),
+    (1, "Traceback …\nValueError: bad\n", {"error": "ValueError: bad"}),
+])  # fmt: skip
+def test_worker_exit_is_classified(monkeypatch, code, stderr, row):
+    import subprocess
+
+    done = subprocess.CompletedProcess([], code, stdout="", stderr=stderr)
+    monkeypatch.setattr(ps.subprocess, "run", lambda *a, **k: done)
+    assert ps.run_subprocess({"section": "flops", "method": "mam"}, mem_limit_gb=1.0) == row
