@@ -68,6 +68,7 @@ from benchmarks.train_step import (
     random_batch,
     window_shape,
 )
+from brats_core.apps.reproduce import format_range
 from brats_core.utils.cli import UsageError, run_main
 from brats_core.utils.io import atomic_path
 
@@ -84,7 +85,7 @@ UTILISATION = (0.05, 0.2)
 """Assumed range of the fraction of a GPU's peak that a training step reaches. 3D segmentation networks at batch 1–3
 spend much of a step in memory-bound layers (normalisation, activations, the Mamba scan), far from the tensor-core
 peak: nnU-Net's documentation gives 48.5 s per 250-iteration epoch for its 3D U-Net on an A100 with random inputs,
-which by this script's count of that network (MaM is nnU-Net's: 1.06 MFLOP per voxel of a training sample) and its
+which by this script's count of that network (MaM is nnU-Net's: about 1.1 MFLOP per voxel of a training sample) and its
 batch of two patches of 2–2.5 million voxels is roughly 5–10 % of the A100's fp16 peak."""
 
 N_TRAIN = 875
@@ -92,7 +93,7 @@ N_TRAIN = 875
 N_TRAIN_SFUSION = 872
 N_TEST = 251
 """Test cases of the split: the evaluation bill is 251 × the case's 15-scenario evaluation."""
-MAM_EPOCHS, MAM_ITERATIONS = 500, 150  # nnU-Net trainer defaults kept by MaM/trainer.py (its recipe passes none)
+MAM_EPOCHS, MAM_ITERATIONS = 500, 150  # upstream MaM's trainer (MaM/trainer.py), not nnU-Net's 1000 × 250
 STEP_GPU = ("H100", "tf32")
 """The GPU and precision of the estimated step time that the loader must keep pace with (the paper recipes train
 without ``--amp``: convolutions run in TF32, PyTorch's default on these GPUs)."""
@@ -272,6 +273,12 @@ def paper_schedule(method: str, n_train: int = N_TRAIN) -> list[Phase]:
             phases.append(Phase(step.name, MAM_EPOCHS * MAM_ITERATIONS, "nnU-Net trainer: 500 epochs × 150"))
             continue
         steps = _flag(flags, "--num_steps")
+        if steps is not None and "--reload_from_checkpoint" in step.args:
+            # ShaSpec's second stage continues the warm-up's global iteration counter up to --num_steps: from the
+            # warm-up's best checkpoint, so at least the difference (exactly it when that checkpoint is the last)
+            done = sum(p.steps for p in phases)
+            phases.append(Phase(step.name, int(steps) - done, f"global iterations {done:,} → {int(steps):,}"))
+            continue
         if steps is not None:
             phases.append(Phase(step.name, int(steps)))
             continue
@@ -375,7 +382,7 @@ def data_pipeline_seconds(method: str, case_dir: Path, batch: int, samples: int 
             crop = (model.config.patch_depth, model.config.patch_size, model.config.patch_size)
             cases = prepare_cache(case_dir.parent, [case_dir.name], root)
             data = ShaSpecTrainDataset(root, cases, crop, mode="random", random_scale=True, random_mirror=True)
-            window = "×".join(map(str, crop))
+            window = "×".join(map(str, window_shape(model)))  # canonical (X, Y, Z), as the training table
         elif method == "m3ae":
             from m3ae.data import FinetuneDataset, preprocess_case
             from m3ae.model import completion_array
@@ -604,18 +611,15 @@ def summary(rows: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
         train, ev = rows.get("train", {}).get(m, {}), rows.get("eval", {}).get(m, {})
         bill = flops.get("bill")
         steps = f"{bill['steps']:,}" if bill else ""
-        hours = (f"{_span(bill['gpu_hours']['H100 tf32'])} / {_span(bill['gpu_hours']['A100 tf32'])}"
+        hours = (f"{format_range(bill['gpu_hours']['H100 tf32'], ' h')} / "
+                 f"{format_range(bill['gpu_hours']['A100 tf32'], ' h')}"
                  if bill else "")  # fmt: skip
-        workers = "–".join(map(str, data.get("workers_gpu_step", []))) or (_status(data) or "")
+        workers = format_range(data["workers_gpu_step"]) if "workers_gpu_step" in data else (_status(data) or "")
         case = f"{ev['eval_s'] / 60:.1f} min" if "eval_s" in ev else (_status(ev) or "")
         test = f"{ev['eval_s'] * N_TEST / 3600:.0f} h" if "eval_s" in ev else ""
         out.append(f"| {train.get('display', m)} | {steps} | {hours} | {workers} | {_cpu_step(train)} | {case} | "
                    f"{test} |")  # fmt: skip
     return [*out, ""]
-
-
-def _span(hours: Sequence[float]) -> str:
-    return f"{hours[0]:,.0f}–{hours[1]:,.0f} h"
 
 
 def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse.Namespace) -> str:
@@ -653,7 +657,7 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
             if (s := _status(r)) is not None:
                 out.append(f"| {m} | | | {s} | | | |")
                 continue
-            gpu = "–".join(map(str, r.get("workers_gpu_step", [])))
+            gpu = format_range(r["workers_gpu_step"]) if "workers_gpu_step" in r else ""
             out.append(f"| {m} | {r['data_patch']} | {r['data_batch']} | {r['sample_s']:.3f} | "
                        f"{r.get('workers_cpu_step', '')} | {', '.join(map(str, r['workers']))} | {gpu} |")  # fmt: skip
         out.append("")
@@ -673,7 +677,7 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
         gpus = [f"{g} {p}" for g, peaks in PEAK_TFLOPS.items() for p in peaks]
         out += ["## FLOPs and compute bill (estimate)", "",
                 f"FlopCounterMode counts; Mamba scans analytic (9·b·d·L·n + 2·b·d·L forward, backward 2×). GPU-hours "
-                f"at {hi:.0%}–{lo:.0%} of peak, peaks assumed (TFLOP/s): "
+                f"at {lo:.0%}–{hi:.0%} of peak, peaks assumed (TFLOP/s): "
                 + "; ".join(f"{g} {p} {v:g}" for g, peaks in PEAK_TFLOPS.items() for p, v in peaks.items()) + ".",
                 "",
                 "| method | train step GFLOP (scan) | window GFLOP | window × 15 GFLOP | steps | PFLOP | "
@@ -684,7 +688,7 @@ def markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]], args: argparse
                 out.append(f"| {m} | {s} |" + " |" * (5 + len(gpus)))
                 continue
             bill = r["bill"]
-            hours = " | ".join(f"{h[0]:,.3g}–{h[1]:,.3g}" for h in bill["gpu_hours"].values())
+            hours = " | ".join(format_range(h) for h in bill["gpu_hours"].values())
             out.append(f"| {m} | {r['train_flops'] / 1e9:,.1f} ({r['train_scan_flops'] / 1e9:,.1f}) | "
                        f"{r['window_flops'] / 1e9:,.1f} | {r['window_15_flops'] / 1e9:,.1f} | {bill['steps']:,} | "
                        f"{bill['pflop']:,.1f} | {hours} |")  # fmt: skip

@@ -225,7 +225,9 @@ _COSTS = {
 
 
 def test_cost_lines_state_the_measured_figures_and_their_assumptions() -> None:
-    (line,) = reproduce.cost_lines("imfuse", _COSTS)
+    head, *lines = reproduce.cost_lines("imfuse", _COSTS)
+    assert head == "# cost (measured by benchmarks/paper_scale.py):" and all(x.startswith("#   ") for x in lines)
+    line = " ".join(lines)
     assert "875,000 optimiser steps, 1,234 PFLOP: one H100 11–19 h, one A100 35–59 h" in line
     assert "(estimate: TF32 at 5%–20% of peak)" in line
     assert "5–20 loader workers to keep pace with that H100 step" in line
@@ -241,10 +243,27 @@ def test_plan_shows_costs_from_the_report_and_survives_a_damaged_one(tmp_path, m
     report.write_text(json.dumps(_COSTS))
     plan = reproduce.print_plan(["imfuse", "mmformer"], ctx).splitlines()
     at = plan.index(next(line for line in plan if line.startswith("# ---- imfuse")))
-    assert plan[at + 1].startswith("# cost (measured by benchmarks/paper_scale.py): 875,000 optimiser steps")
+    assert plan[at + 1] == "# cost (measured by benchmarks/paper_scale.py):"
+    assert plan[at + 2].startswith("#   875,000 optimiser steps")
     assert "# cost: not measured by benchmarks/paper_scale.py" in plan
     for damaged in ("{not json", '{"rows": 3}', "[]", '{"rows": {}}'):
         report.write_text(damaged)
         assert not [line for line in reproduce.print_plan(["imfuse"], ctx).splitlines() if "cost" in line]
     report.unlink()
     assert reproduce.read_costs() is None
+
+
+def test_format_range() -> None:
+    assert reproduce.format_range([20, 5]) == "5–20" and reproduce.format_range([3, 3]) == "3"
+    assert reproduce.format_range([0.42, 0.84], " h") == "0.4–0.8 h"
+    assert reproduce.format_range([7.04, 28.1], " h") == "7.0–28 h"
+    assert reproduce.format_range([1234.4, 4937.7], " h") == "1,234–4,938 h"
+
+
+def test_the_committed_report_covers_every_method() -> None:
+    """``benchmarks/paper_scale.json`` (the paper-size measurements) gives each landed method a cost line."""
+    report = reproduce.read_costs()
+    assert report is not None, f"{reproduce.PAPER_COSTS} is missing or damaged"
+    for method in LANDED:
+        text = "\n".join(reproduce.cost_lines(method, report))
+        assert "optimiser steps" in text and "min per case" in text, (method, text)

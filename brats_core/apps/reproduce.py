@@ -593,9 +593,15 @@ def read_costs(path: Path | None = None) -> Mapping[str, Any] | None:
     return report
 
 
-def _range(values: Sequence[float], unit: str = "") -> str:
-    low, high = f"{min(values):,.0f}", f"{max(values):,.0f}"
-    return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
+def format_range(values: Sequence[float], unit: str = "") -> str:
+    """``low–high`` (or one value when they print alike): integers as they are, other numbers with one decimal
+    below 10 and none above."""
+
+    def one(v: float) -> str:
+        return f"{v:,}" if isinstance(v, int) else f"{v:.1f}" if v < 10 else f"{v:,.0f}"
+
+    low, high = one(min(values)), one(max(values))
+    return (low if low == high else f"{low}–{high}") + unit
 
 
 def cost_lines(method: str, report: Mapping[str, Any] | None) -> list[str]:
@@ -610,18 +616,20 @@ def cost_lines(method: str, report: Mapping[str, Any] | None) -> list[str]:
         hours, utilisation = bill["gpu_hours"], report["utilisation"]
         parts.append(
             f"{bill['steps']:,} optimiser steps, {bill['pflop']:,.0f} PFLOP: "
-            f"one H100 {_range(hours['H100 tf32'], ' h')}, one A100 {_range(hours['A100 tf32'], ' h')} "
+            f"one H100 {format_range(hours['H100 tf32'], ' h')}, one A100 {format_range(hours['A100 tf32'], ' h')} "
             f"(estimate: TF32 at {min(utilisation):.0%}–"
             f"{max(utilisation):.0%} of peak)"
         )
     if rows["data"].get("workers_gpu_step"):
-        parts.append(f"{_range(rows['data']['workers_gpu_step'])} loader workers to keep pace with that H100 step")
+        parts.append(
+            f"{format_range(rows['data']['workers_gpu_step'])} loader workers to keep pace with that H100 step"
+        )
     if "eval_s" in rows["eval"]:
         minutes = rows["eval"]["eval_s"] / 60
         parts.append(f"evaluation {minutes:.0f} min per case on {report.get('threads', 2)} CPU threads")
     if not parts:
         return ["# cost: not measured by benchmarks/paper_scale.py"]
-    return ["# cost (measured by benchmarks/paper_scale.py): " + "; ".join(parts)]
+    return ["# cost (measured by benchmarks/paper_scale.py):", *(f"#   {part}" for part in parts)]
 
 
 def print_plan(methods: Sequence[str], ctx: Context) -> str:
