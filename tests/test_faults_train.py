@@ -365,8 +365,11 @@ def test_ctrl_c_in_the_demo_is_one_line_per_process(data, tmp_path):
         f"sys.argv = ['demo.py']\nraise SystemExit(run_main(lambda: demo.run_step({train!r}) or 0))\n"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a job started in the background by a shell (`cmd &`) inherits SIGINT ignored, and an ignored signal stays
+    # ignored across exec: the demo gets the terminal's default, so the test does not depend on how pytest started
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env)  # fmt: skip
+                            text=True, start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         err = ""
         deadline = time.monotonic() + 240
