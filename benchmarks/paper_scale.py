@@ -26,7 +26,9 @@ space limit of ``--mem_limit_gb`` through ``RLIMIT_AS``):
   sees: it runs outside the counter and is counted analytically, :func:`scan_flops`, with its backward as twice its
   forward. From them the compute bill of each paper schedule (``brats_core.apps.reproduce.RECIPES``): total PFLOP and
   GPU-hours at :data:`PEAK_TFLOPS` and the ``--utilisation`` range (:data:`UTILISATION`: 5–20 % of peak). These
-  hours are an estimate, not a measurement: ``benchmarks/gpu_check.py`` measures steps on a real GPU.
+  hours are an estimate, not a measurement: ``benchmarks/gpu_check.py`` measures steps on a real GPU. When counting
+  at the paper window runs out of memory, the FLOPs are counted at the two largest smaller windows that fit and
+  extrapolated linearly in voxels (said in the report).
 
 ``--patch N`` overrides every window side for a quick run (ShaSpec's crop becomes N³). Without ``--case`` (or when
 the folder is absent) the ``data`` and ``eval`` sections are skipped with the reason. Output: a Markdown table per
@@ -485,6 +487,22 @@ def step_down(paper: int) -> list[int]:
     return [p for p in range(paper - paper % 16, 31, -16) if p < paper]
 
 
+def two_largest_fits(run: Callable[[int], dict[str, Any]], paper_side: int) -> list[dict[str, Any]] | dict[str, Any]:
+    """``run(side)`` at the :func:`step_down` sides until two fit in memory (one when only the last fits): their
+    rows, largest first; or the first error row, or an error row when none fits."""
+    fits: list[dict[str, Any]] = []
+    for side in step_down(paper_side):
+        row = run(side)
+        if row.get("oom"):
+            continue
+        if "error" in row:
+            return row
+        fits.append(row)
+        if len(fits) == 2:
+            break
+    return fits or {"error": "no window down to 32 fits in the memory limit"}
+
+
 def fit_search(run: Callable[[int, bool], dict[str, Any]], method: str, paper_side: int, paper_voxels: int,
                can_checkpoint: bool) -> dict[str, Any]:  # fmt: skip
     """``run(patch, checkpointing)`` at the paper size (patch 0), then with checkpointing when offered, then at
@@ -496,18 +514,9 @@ def fit_search(run: Callable[[int, bool], dict[str, Any]], method: str, paper_si
         row = run(0, True)
         if not row.get("oom"):
             return row | {"checkpointing": True}
-    fits: list[dict[str, Any]] = []
-    for side in step_down(paper_side):
-        row = run(side, can_checkpoint)
-        if row.get("oom"):
-            continue
-        if "error" in row:
-            return row
-        fits.append(row)
-        if len(fits) == 2:
-            break
-    if not fits:
-        return {"method": method, "error": "no patch down to 32 fits in the memory limit"}
+    fits = two_largest_fits(lambda side: run(side, can_checkpoint), paper_side)
+    if isinstance(fits, dict):
+        return {"method": method} | fits
     rss, how = extrapolate([(r["voxels"], r["peak_rss_gb"]) for r in fits], paper_voxels)
     step, _ = extrapolate([(fits[0]["voxels"], fits[0]["step_s"])], paper_voxels)
     return fits[0] | {
@@ -549,18 +558,9 @@ def flops_search(run: Callable[[int], dict[str, Any]], paper_side: int, paper_sh
     row = run(0)
     if not row.get("oom"):
         return row
-    fits: list[dict[str, Any]] = []
-    for side in step_down(paper_side):
-        found = run(side)
-        if found.get("oom"):
-            continue
-        if "error" in found:
-            return found
-        fits.append(found)
-        if len(fits) == 2:
-            break
-    if not fits:
-        return {"error": "no window down to 32 fits in the memory limit"}
+    fits = two_largest_fits(run, paper_side)
+    if isinstance(fits, dict):
+        return fits
     voxels = math.prod(paper_shape)
     out = dict(fits[0]) | {"window": paper_shape}
     for key in FLOP_KEYS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +246,10 @@ def test_readme_layout_names_every_package_and_module() -> None:
         if path.name == "__init__.py" or "ops" in path.relative_to(core).parts:
             continue
         name = path.name if path.parent == core else path.stem
-        assert name in layout, f"README Layout does not mention brats_core/{path.relative_to(core)}"
+        # a whole word: ``io`` must not be found inside ``evaluation``
+        assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", layout), (
+            f"README Layout lacks {path.relative_to(core)}"
+        )
     for package in sorted(p for p in core.iterdir() if (p / "__init__.py").is_file()):
-        assert f"{package.name}/" in layout, f"README Layout does not mention brats_core/{package.name}/"
+        assert re.search(rf"(?<![\w]){package.name}/", layout), f"README Layout does not mention {package.name}/"
         assert package.name in {prefix.split(".")[1] for prefix in LAYERS if prefix.count(".") == 1}
